@@ -1,0 +1,157 @@
+"""In-memory image data for ddpm.py: folders of pictures (or built-in demo faces) as uint8 (N, C, H, W).
+
+to_model / to_uint8 are the only two conversions between stored pixels and the model's [-1, 1].
+"""
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from rich.progress import Progress
+from torch import Tensor
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
+
+
+class DataError(Exception):
+    """Bad input data; the message is one line that says what to change."""
+
+
+def to_model(x: Tensor) -> Tensor:
+    """uint8 pixels 0..255 -> float32 in [-1, 1]."""
+    return x.float() / 127.5 - 1.0
+
+
+def to_uint8(x: Tensor) -> Tensor:
+    """float in [-1, 1] (values outside are clipped) -> uint8 pixels 0..255."""
+    return ((x.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def list_images(folders: list[str]) -> list[str]:
+    """Every file with an image extension under the folders (recursively), sorted per folder."""
+    paths = []
+    for folder in folders:
+        if not os.path.isdir(folder):
+            raise DataError(f"data folder not found: {folder}")
+        for root, dirs, files in os.walk(folder, followlinks=True):
+            dirs.sort()
+            paths += [os.path.join(root, f) for f in sorted(files)
+                      if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
+    return paths
+
+
+def load_image(path: str, size: int, channels: int) -> np.ndarray:
+    """Decode one image, flatten transparency onto white, resize the shorter side, centre-crop.
+
+    Returns uint8 (channels, size, size).
+    """
+    with Image.open(path) as im:
+        im.load()
+        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+            rgba = im.convert("RGBA")
+            im = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            im.alpha_composite(rgba)
+        im = im.convert("RGB" if channels == 3 else "L")
+    w, h = im.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    im = im.resize((nw, nh), Image.BICUBIC, reducing_gap=3.0)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    im = im.crop((left, top, left + size, top + size))
+    arr = np.asarray(im, dtype=np.uint8)
+    return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
+
+
+def load_folders(folders: list[str], size: int, channels: int, warn=print) -> Tensor:
+    """Decode every image under the folders (all cores, progress bar) -> uint8 (N, C, size, size).
+
+    Files that are not images by extension are ignored; files that fail to decode are skipped with
+    one warning line naming them; no usable image at all raises DataError.
+    """
+    paths = list_images(folders)
+    if not paths:
+        raise DataError(f"no image files (.jpg, .png, ...) in {', '.join(folders)}")
+
+    def decode(path):
+        try:
+            return load_image(path, size, channels)
+        except Exception:  # any decoder failure means "not a usable image"
+            return None
+
+    images, bad = [], []
+    with ThreadPoolExecutor(os.cpu_count()) as pool, Progress(transient=True) as progress:
+        task = progress.add_task(f"loading {len(paths)} images", total=len(paths))
+        for path, arr in zip(paths, pool.map(decode, paths, chunksize=64)):
+            (bad.append(path) if arr is None else images.append(arr))
+            progress.advance(task)
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        warn(f"warning: skipped {len(bad)} file(s) that could not be decoded: {shown}")
+    if not images:
+        raise DataError(f"none of the {len(paths)} image files in {', '.join(folders)} could be read")
+    return torch.from_numpy(np.stack(images))
+
+
+def demo_faces(n: int, size: int, channels: int = 3, seed: int = 0) -> Tensor:
+    """n procedurally drawn cartoon faces, the same for the same seed -> uint8 (n, C, size, size).
+
+    Random background, skin tone, face position and size, hair colour and style, eye colour.
+    """
+    rng = np.random.default_rng(seed)
+    s = 4 * size  # draw large, then downsample for anti-aliasing
+    out = np.empty((n, channels, size, size), dtype=np.uint8)
+    hair_colours = [(20, 20, 20), (230, 200, 90), (200, 60, 40), (60, 90, 200), (240, 150, 190),
+                    (110, 70, 40), (90, 180, 90), (235, 235, 240)]
+    eye_colours = [(40, 90, 200), (200, 40, 40), (40, 150, 60), (150, 60, 180), (200, 140, 30)]
+    for i in range(n):
+        bg = tuple(int(c) for c in rng.integers(60, 230, 3))
+        im = Image.new("RGB", (s, s), bg)
+        d = ImageDraw.Draw(im)
+        cx, cy = s * (0.5 + rng.uniform(-0.08, 0.08)), s * (0.55 + rng.uniform(-0.06, 0.06))
+        r = s * rng.uniform(0.26, 0.34)  # face radius
+        hair = hair_colours[rng.integers(len(hair_colours))]
+        eye = eye_colours[rng.integers(len(eye_colours))]
+        skin = tuple(int(c) for c in np.array([255, 222, 196]) - rng.integers(0, 40))
+        long_hair = rng.random() < 0.5
+        if long_hair:  # hair behind the face, down to the shoulders
+            d.rectangle((cx - 1.25 * r, cy - 0.3 * r, cx + 1.25 * r, cy + 1.3 * r), fill=hair)
+        d.ellipse((cx - 1.25 * r, cy - 1.35 * r, cx + 1.25 * r, cy + 0.6 * r), fill=hair)
+        d.ellipse((cx - r, cy - 0.9 * r, cx + r, cy + 1.05 * r), fill=skin)
+        d.chord((cx - 1.1 * r, cy - 1.3 * r, cx + 1.1 * r, cy - 0.05 * r), 180, 360, fill=hair)
+        for side in (-1, 1):  # big anime eyes: white, iris, highlight
+            ex, ey, ew, eh = cx + side * 0.4 * r, cy + 0.22 * r, 0.22 * r, 0.3 * r
+            d.ellipse((ex - ew, ey - eh, ex + ew, ey + eh), fill=(255, 255, 255))
+            d.ellipse((ex - 0.8 * ew, ey - 0.75 * eh, ex + 0.8 * ew, ey + eh), fill=eye)
+            d.ellipse((ex - 0.5 * ew, ey - 0.6 * eh, ex, ey - 0.1 * eh), fill=(255, 255, 255))
+        d.arc((cx - 0.18 * r, cy + 0.5 * r, cx + 0.18 * r, cy + 0.72 * r), 20, 160,
+              fill=(150, 50, 60), width=max(1, s // 64))
+        im = im.resize((size, size), Image.LANCZOS).convert("RGB" if channels == 3 else "L")
+        arr = np.asarray(im)
+        out[i] = arr[None] if channels == 1 else arr.transpose(2, 0, 1)
+    return torch.from_numpy(out)
+
+
+class ImageDataset:
+    """All training images as one uint8 (N, C, H, W) tensor; batches are shuffled, flipped, scaled."""
+
+    def __init__(self, images: Tensor, device: torch.device):
+        assert images.dtype == torch.uint8 and images.ndim == 4, "images: uint8 (N, C, H, W)"
+        self.images = images.to(device)  # the whole set lives on the training device
+        self.device = device
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def num_batches(self, batch_size: int) -> int:
+        return math.ceil(len(self) / batch_size)
+
+    def batches(self, batch_size: int, generator: torch.Generator):
+        """One epoch of float batches (B, C, H, W) in [-1, 1], random order and random h-flips."""
+        order = torch.randperm(len(self), generator=generator).to(self.device)
+        for i in range(0, len(self), batch_size):
+            x = self.images[order[i:i + batch_size]]
+            flip = (torch.rand(len(x), generator=generator) < 0.5).to(self.device)
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            yield to_model(x)

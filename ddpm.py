@@ -1,0 +1,453 @@
+"""ddpm.py: train a denoising diffusion model on a folder of images, then draw new ones.
+
+Follows Ho et al. 2020, "Denoising Diffusion Probabilistic Models" (DDPM): Algorithm 1 to train,
+Algorithm 2 to sample. `python ddpm.py --help` lists every option.
+"""
+# Notation (Ho et al. 2020). Paper steps t = 1..T are Python indices t = 0..T-1 (paper t = index + 1).
+#   betas[t]      beta_t, the variance added at step t            alphas[t] = 1 - betas[t]
+#   alpha_bars[t] prod_{s <= t} alphas[s]                        x_t = q_sample(x_0, t, eps)  (Eq. 4)
+#   p_sample      one ancestral step x_t -> x_{t-1} (Algorithm 2, sigma_t^2 = posterior variance)
+#   forward(x_0)  the simple loss ||eps - eps_theta(x_t, t)||^2 (Algorithm 1)
+# Images are float (B, C, H, W) in [-1, 1] inside the model; data.to_model / to_uint8 convert.
+import argparse
+import contextlib
+import math
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import Tensor
+from torchvision.utils import save_image
+
+from data import DataError, ImageDataset, demo_faces, load_folders, to_model, to_uint8
+from unet import UNet
+
+CKPT_FORMAT = 1
+MODEL_FLAGS = ("img_channels", "num_channels", "channel_multiples", "has_attn", "num_blocks", "dropout")
+DIFFUSION_FLAGS = ("img_size", "timesteps", "beta_min", "beta_max")
+
+
+class UserError(Exception):
+    """Bad flags, files or checkpoints: printed as one line, exit code 2."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Diffusion
+
+
+def linear_betas(T: int, beta_1: float, beta_T: float) -> Tensor:
+    """beta_t for t = 1..T, evenly spaced from beta_1 to beta_T (Ho et al. 2020, Sec. 4). (T,) f64."""
+    return torch.linspace(beta_1, beta_T, T, dtype=torch.float64)
+
+
+def gather(a: Tensor, t: Tensor) -> Tensor:
+    """a[t] shaped to broadcast over images: a: (T,), t: (B,) -> (B, 1, 1, 1)."""
+    return a[t][:, None, None, None]
+
+
+class GaussianDiffusion(nn.Module):
+    """The DDPM forward process q and the learned reverse process p_theta around an eps-model."""
+
+    def __init__(self, model: nn.Module, img_size: int, timesteps: int = 1000,
+                 beta_min: float = 1e-4, beta_max: float = 0.02):
+        super().__init__()
+        assert 0 < beta_min < beta_max < 1, "need 0 < beta_min < beta_max < 1"
+        self.model, self.img_size, self.T = model, img_size, timesteps
+        betas = linear_betas(timesteps, beta_min, beta_max)  # (T,) float64 for the products
+        alpha_bars = torch.cumprod(1.0 - betas, dim=0)
+        alpha_bars_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bars[:-1]])
+        # beta~_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) * beta_t (Eq. 7); 0 at the last step.
+        posterior_var = betas * (1.0 - alpha_bars_prev) / (1.0 - alpha_bars)
+        # Coefficients are formed in float64 (1 - alpha_bar_t is ~1e-4 at t = 1) and stored float32.
+        for name, value in [
+                ("betas", betas), ("alphas", 1.0 - betas), ("alpha_bars", alpha_bars),
+                ("alpha_bars_prev", alpha_bars_prev), ("posterior_var", posterior_var),
+                ("sqrt_alpha_bars", alpha_bars.sqrt()),
+                ("sqrt_one_minus_alpha_bars", (1.0 - alpha_bars).sqrt()),
+                ("eps_coef", betas / (1.0 - alpha_bars).sqrt()),  # beta_t / sqrt(1 - alpha_bar_t)
+                ("recip_sqrt_alphas", (1.0 - betas).rsqrt()),
+                ("posterior_std", posterior_var.sqrt())]:
+            self.register_buffer(name, value.float(), persistent=False)
+
+    def q_sample(self, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+        """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps (Eq. 4). x0, eps: (B, C, H, W)."""
+        return gather(self.sqrt_alpha_bars, t) * x0 + gather(self.sqrt_one_minus_alpha_bars, t) * eps
+
+    def p_sample(self, xt: Tensor, t: Tensor, eps: Tensor, noise: Tensor | None = None) -> Tensor:
+        """One ancestral step x_t -> x_{t-1} given the predicted eps (Algorithm 2, line 4):
+
+        x_{t-1} = (x_t - beta_t / sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_t) + sigma_t z,
+        with sigma_t^2 = beta~_t (the posterior variance, Sec. 3.2), which is 0 at t = 1 (index 0).
+        """
+        if noise is None:
+            noise = torch.randn_like(xt)
+        mean = gather(self.recip_sqrt_alphas, t) * (xt - gather(self.eps_coef, t) * eps.float())
+        return mean + gather(self.posterior_std, t) * noise
+
+    def forward(self, x0: Tensor) -> Tensor:
+        """Algorithm 1: mean ||eps - eps_theta(sqrt(ab_t) x0 + sqrt(1 - ab_t) eps, t)||^2, t uniform."""
+        t = torch.randint(0, self.T, (x0.shape[0],), device=x0.device)  # (B,)
+        eps = torch.randn_like(x0)
+        return F.mse_loss(self.model(self.q_sample(x0, t, eps), t).float(), eps)
+
+    @torch.no_grad()
+    def sample(self, x_T: Tensor, strip_every: int = 0, track=iter):
+        """Algorithm 2 from x_T: (B, C, H, W) noise -> x_0, and the frames [x_T, x_t every
+        strip_every steps, ..., x_0] of the reverse chain (just [x_T] if strip_every is 0)."""
+        x, frames = x_T, [x_T]
+        for t in track(range(self.T - 1, -1, -1)):
+            tt = torch.full((len(x),), t, device=x.device, dtype=torch.long)
+            x = self.p_sample(x, tt, self.model(x, tt))
+            if strip_every and t % strip_every == 0:
+                frames.append(x)
+        return x, frames
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def str2bool(s: str) -> bool:
+    """'t'/'f' (or true/false, yes/no, 1/0) -> bool; argparse's type=bool would take 'f' as True."""
+    v = s.lower()
+    if v in ("t", "true", "y", "yes", "1"):
+        return True
+    if v in ("f", "false", "n", "no", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected t or f, got {s!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Train a DDPM on a folder of images (--train), or draw samples from a "
+                    "checkpoint (--loadckpt).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--data-folders", nargs="+", metavar="DIR",
+                   help="image folders (searched recursively), merged into one training set")
+    g.add_argument("--demo", action="store_true",
+                   help="train on built-in procedurally drawn cartoon faces instead of folders")
+    g.add_argument("--demo-images", type=int, default=4096, help="how many demo faces to draw")
+    g.add_argument("--img-channels", type=int, default=3, choices=[1, 3],
+                   help="3 = RGB, 1 = grayscale")
+    g.add_argument("--img-size", type=int, default=64,
+                   help="images are resized (shorter side) and centre-cropped to this square")
+    g = p.add_argument_group("model (stored in the checkpoint)")
+    g.add_argument("--num-channels", type=int, default=64, help="UNet base width")
+    g.add_argument("--channel-multiples", type=int, nargs="+", default=[1, 2, 4, 8],
+                   help="width multiple per resolution level")
+    g.add_argument("--has-attn", type=str2bool, nargs="+", default=[False, False, True, True],
+                   metavar="t|f", help="self-attention per resolution level, one per multiple")
+    g.add_argument("--num-blocks", type=int, default=2, help="residual blocks per resolution")
+    g.add_argument("--dropout", type=float, default=0.0, help="dropout inside residual blocks")
+    g.add_argument("--timesteps", type=int, default=1000, help="diffusion steps T")
+    g.add_argument("--beta-min", type=float, default=1e-4, help="beta_1 of the linear schedule")
+    g.add_argument("--beta-max", type=float, default=0.02, help="beta_T of the linear schedule")
+    g = p.add_argument_group("training and sampling")
+    g.add_argument("--train", action="store_true", help="train (otherwise: sample from --loadckpt)")
+    g.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this")
+    g.add_argument("--epochs", type=int, default=5, help="epochs to train in this run")
+    g.add_argument("--batch-size", type=int, default=64,
+                   help="training batch size; number of samples drawn when sampling")
+    g.add_argument("--ckpt-save-dir", default="ckpt", help="checkpoint folder")
+    g.add_argument("--save-dir", default="output", help="folder for samples and pictures")
+    g.add_argument("--loadckpt", metavar="PATH",
+                   help="checkpoint to sample from, or to resume training from; a bare name is "
+                        "also looked up in --ckpt-save-dir")
+    g.add_argument("--seed", type=int, default=None,
+                   help="seed every RNG: the same seed gives the same samples (on one device)")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N")
+    return p
+
+
+UNSET = object()
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, set[str]]:
+    """The parsed flags, and the names of the flags the user actually typed."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    names = vars(parser.parse_args([])).keys()
+    typed = parser.parse_args(argv, namespace=argparse.Namespace(**{k: UNSET for k in names}))
+    return args, {k for k, v in vars(typed).items() if v is not UNSET}
+
+
+def check_args(a: argparse.Namespace) -> None:
+    """Reject flag values that cannot work, with a message that says what to change."""
+    for name in ("img_size", "num_channels", "num_blocks", "timesteps", "epochs", "batch_size",
+                 "demo_images"):
+        if getattr(a, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(a, name)}")
+    if any(m <= 0 for m in a.channel_multiples):
+        raise UserError(f"--channel-multiples must be positive, got {a.channel_multiples}")
+    if len(a.has_attn) != len(a.channel_multiples):
+        raise UserError(f"--has-attn needs one t/f per --channel-multiples entry "
+                        f"({len(a.channel_multiples)}), got {len(a.has_attn)}")
+    f = 2 ** (len(a.channel_multiples) - 1)
+    if a.img_size % f:
+        raise UserError(f"--img-size {a.img_size} must be divisible by {f} for "
+                        f"{len(a.channel_multiples)} levels; change it or use fewer multiples")
+    if not 0 < a.beta_min < a.beta_max < 1:
+        raise UserError(f"need 0 < --beta-min < --beta-max < 1, got {a.beta_min}, {a.beta_max}")
+    if not 0 <= a.dropout < 1:
+        raise UserError(f"--dropout must be in [0, 1), got {a.dropout}")
+    if a.lr <= 0:
+        raise UserError(f"--lr must be positive, got {a.lr}")
+    if a.train and not a.demo and not a.data_folders and not a.loadckpt:
+        raise UserError("--train needs --data-folders DIR (or --demo for built-in faces)")
+    if a.train and not a.demo and not a.data_folders:
+        raise UserError("resuming with --loadckpt needs the --data-folders to train on (or --demo)")
+    if not a.train and not a.loadckpt:
+        raise UserError("nothing to do: give --train to train, or --loadckpt PATH to sample")
+
+
+def pick_device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown --device {name!r}: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name}: no CUDA GPU is visible; use --device cpu")
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) here")
+    elif device.type != "cpu":
+        raise UserError(f"--device {name}: only cpu and cuda are supported")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# Program
+
+
+class Program:
+    """Owns the device, data, model, optimizer and output paths of one run."""
+
+    def __init__(self, args: argparse.Namespace, typed: set[str]):
+        self.args, self.console = args, Console(highlight=False)
+        a = args
+        self.console.print("config: " + " ".join(f"{k}={v}" for k, v in vars(a).items()))
+        self.device = pick_device(a.device)
+        # Mixed precision on CUDA only: bf16 where supported, else fp16 with loss scaling.
+        self.amp_dtype = None
+        if self.device.type == "cuda":
+            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if a.seed is not None:
+            seed_everything(a.seed)
+        self.data_gen = torch.Generator().manual_seed(
+            a.seed if a.seed is not None else random.randrange(2**63))
+        self.epoch, self.step = 0, 0  # epochs and optimizer steps completed
+
+        ckpt = self.read_checkpoint(a.loadckpt) if a.loadckpt else None
+        if ckpt:  # the checkpoint's architecture wins; a typed flag that disagrees is an error
+            stored = {**ckpt["model_config"], **ckpt["diffusion_config"]}
+            for k in MODEL_FLAGS + DIFFUSION_FLAGS:
+                if k in typed and list_or(getattr(a, k)) != list_or(stored[k]):
+                    raise UserError(f"--{k.replace('_', '-')} {getattr(a, k)} contradicts the "
+                                    f"checkpoint ({stored[k]}); drop the flag")
+                setattr(a, k, stored[k])
+        self.model_config = {k: list_or(getattr(a, k)) for k in MODEL_FLAGS}
+        self.diffusion_config = {k: getattr(a, k) for k in DIFFUSION_FLAGS}
+        self.model = UNet(**self.model_config).to(self.device)
+        self.diffusion = GaussianDiffusion(self.model, **self.diffusion_config).to(self.device)
+        ab_T = self.diffusion.alpha_bars[-1].item()
+        if ab_T > 1e-3:
+            self.console.print(f"warning: alpha_bar_T = {ab_T:.3g}, so x_T is not pure noise and "
+                               f"samples will be off; raise --beta-max (about 0.02 * 1000 / T)")
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=a.lr,
+                                          fused=self.device.type == "cuda")
+        self.scaler = torch.amp.GradScaler(self.device.type,
+                                           enabled=self.amp_dtype == torch.float16)
+        if ckpt:
+            self.model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.epoch, self.step = ckpt["epoch"], ckpt["step"]
+            if ckpt.get("data_rng") is not None and a.seed is None:
+                self.data_gen.set_state(ckpt["data_rng"])
+        for folder in (a.save_dir, a.ckpt_save_dir if a.train else None):
+            try:
+                if folder:
+                    os.makedirs(folder, exist_ok=True)
+            except OSError as e:
+                raise UserError(f"cannot create folder {folder}: {e.strerror}") from None
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def progress(self, *fields: str) -> Progress:
+        return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeRemainingColumn(), *(TextColumn(f"{{task.fields[{f}]}}") for f in fields),
+                        console=self.console, transient=True)
+
+    def read_checkpoint(self, path: str) -> dict:
+        """Load a ddpm.py checkpoint safely (weights_only: opening it never runs code)."""
+        if not os.path.exists(path) and os.path.dirname(path) == "":
+            path = os.path.join(self.args.ckpt_save_dir, path)
+        if not os.path.isfile(path):
+            raise UserError(f"checkpoint not found: {self.args.loadckpt} "
+                            f"(also looked in {self.args.ckpt_save_dir}/)")
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise UserError(f"cannot read checkpoint {path}: damaged or not a ddpm.py checkpoint "
+                            f"({type(e).__name__})") from None
+        if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
+            raise UserError(f"{path} is not a ddpm.py checkpoint (format {CKPT_FORMAT})")
+        self.console.print(f"loaded {path} (epoch {ckpt['epoch']}, step {ckpt['step']})")
+        return ckpt
+
+    def save_checkpoint(self, epoch_index: int) -> str:
+        """Write ckpt-{epoch_index % 5}.pth atomically: temp file, flush, fsync, rename."""
+        path = os.path.join(self.args.ckpt_save_dir, f"ckpt-{epoch_index % 5}.pth")
+        state = {"format": CKPT_FORMAT, "model_config": self.model_config,
+                 "diffusion_config": self.diffusion_config, "model": self.model.state_dict(),
+                 "optimizer": self.optimizer.state_dict(), "epoch": self.epoch, "step": self.step,
+                 "data_rng": self.data_gen.get_state()}
+        tmp = path + ".tmp"
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return path
+
+    def save_grid(self, images: Tensor, name: str, nrow: int) -> None:
+        """images: (N, C, H, W) in [-1, 1] -> one PNG grid in --save-dir."""
+        save_image(to_uint8(images).float() / 255, os.path.join(self.args.save_dir, name),
+                   nrow=nrow, padding=1)
+
+    @torch.inference_mode()
+    def draw(self, n: int, strip_every: int = 0, desc: str = "sampling"):
+        """n samples (Algorithm 2) with a progress bar -> x_0 (n, C, H, W) and the strip frames."""
+        c, s = self.model_config["img_channels"], self.diffusion_config["img_size"]
+        self.model.eval()
+        x_T = torch.randn(n, c, s, s, device=self.device)
+        with self.progress() as progress, self.autocast():
+            track = lambda steps: progress.track(steps, total=self.diffusion.T, description=desc)
+            x0, frames = self.diffusion.sample(x_T, strip_every, track)
+        self.model.train()
+        return x0, frames
+
+    def save_reverse_strip(self, frames: list[Tensor], name: str, rows: int = 8) -> None:
+        """Rows = samples, columns = x_T, ..., x_0 of the reverse chain."""
+        strip = torch.stack([f[:rows].float() for f in frames], dim=1)  # (rows, cols, C, H, W)
+        self.save_grid(strip.flatten(0, 1), name, nrow=len(frames))
+
+    def save_forward_strip(self, images: Tensor, name: str = "forward-steps.png") -> None:
+        """Rows = real images, columns = x_t at t = 0, T/10 - 1, ..., T - 1 (same eps per row)."""
+        T = self.diffusion.T
+        ts = sorted({0, *(k * T // 10 - 1 for k in range(1, 11))} - {-1})
+        x0 = images.to(self.device)  # (R, C, H, W) in [-1, 1]
+        eps = torch.randn_like(x0)
+        cols = [self.diffusion.q_sample(x0, torch.full((len(x0),), t, device=self.device), eps)
+                for t in ts]
+        self.save_grid(torch.stack(cols, dim=1).flatten(0, 1), name, nrow=len(ts))
+
+    # -- the two commands ----------------------------------------------------------------------
+
+    def load_data(self) -> ImageDataset:
+        a = self.args
+        if a.demo:
+            images = demo_faces(a.demo_images, a.img_size, a.img_channels, seed=0)
+        else:
+            images = load_folders(a.data_folders, a.img_size, a.img_channels,
+                                  warn=self.console.print)
+        self.console.print(f"training set: {len(images)} images of {tuple(images.shape[1:])}")
+        return ImageDataset(images, self.device)
+
+    def train(self) -> None:
+        a, strip_every = self.args, max(1, self.diffusion.T // 10)
+        data = self.load_data()
+        self.save_forward_strip(to_model(data.images[:4]))
+        self.save_reverse_strip(self.draw(8, strip_every, "run-before strip")[1], "run-before.png")
+        params = list(self.model.parameters())
+        first = self.epoch
+        try:
+            with self.progress("info") as progress:
+                epochs = progress.add_task("epochs", total=a.epochs, info="")
+                for e in range(first, first + a.epochs):
+                    batches = progress.add_task(f"epoch {e}", total=data.num_batches(a.batch_size),
+                                                info="")
+                    t0, seen, loss_sum = time.time(), 0, torch.zeros((), device=self.device)
+                    for i, x0 in enumerate(data.batches(a.batch_size, self.data_gen)):
+                        # Training step: loss -> backward -> clip -> step.
+                        with self.autocast():
+                            loss = self.diffusion(x0)
+                        self.optimizer.zero_grad(set_to_none=True)
+                        self.scaler.scale(loss).backward()
+                        self.scaler.unscale_(self.optimizer)
+                        nn.utils.clip_grad_norm_(params, a.grad_clip)
+                        self.scaler.step(self.optimizer)
+                        self.scaler.update()
+                        self.step, seen = self.step + 1, seen + len(x0)
+                        loss_sum += loss.detach()
+                        if i % 10 == 0:  # the only host-device sync: to show the figures
+                            info = f"loss {loss.item():.4f}  {seen / (time.time() - t0):.0f} img/s"
+                            progress.update(batches, info=info)
+                            progress.update(epochs, info=info)
+                        progress.advance(batches)
+                    self.epoch = e + 1
+                    path = self.save_checkpoint(e)
+                    secs = time.time() - t0
+                    progress.remove_task(batches)
+                    progress.advance(epochs)
+                    self.console.print(f"epoch {e}: mean loss {loss_sum.item() / (i + 1):.4f}, "
+                                       f"{secs:.1f}s, {seen / secs:.0f} img/s, saved {path}")
+        except KeyboardInterrupt:
+            path = self.save_checkpoint(self.epoch)  # the epoch in progress restarts on resume
+            self.console.print(f"interrupted: saved {path} (epoch {self.epoch}, step {self.step})")
+        self.save_reverse_strip(self.draw(8, strip_every, "run-after strip")[1], "run-after.png")
+        self.console.print(f"pictures in {a.save_dir}/: forward-steps.png, run-before.png, "
+                           f"run-after.png")
+
+    def sample(self) -> None:
+        a = self.args
+        x0, frames = self.draw(a.batch_size, max(1, self.diffusion.T // 10))
+        for i, img in enumerate(x0):
+            self.save_grid(img[None], f"ddpm-{i}.png", nrow=1)
+        self.save_grid(x0, "ddpm-all.png", nrow=math.ceil(math.sqrt(len(x0))))
+        self.save_reverse_strip(frames, "reverse-steps.png")
+        self.console.print(f"wrote {len(x0)} samples to {a.save_dir}/ddpm-*.png, "
+                           f"ddpm-all.png and reverse-steps.png")
+
+    def run(self) -> None:
+        self.train() if self.args.train else self.sample()
+
+
+def list_or(v):
+    """Tuples and lists compare equal as lists (checkpoint configs store lists)."""
+    return list(v) if isinstance(v, (list, tuple)) else v
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, typed = parse_args(argv)
+    try:
+        check_args(args)
+        Program(args, typed).run()
+    except (UserError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""The real command line, end to end, on tiny generated images: train, resume, sample, errors."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+DDPM = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ddpm.py")
+TINY = ["--img-size", "16", "--num-channels", "8", "--channel-multiples", "1", "2",
+        "--has-attn", "f", "t", "--num-blocks", "1", "--timesteps", "20", "--beta-min", "0.005",
+        "--beta-max", "0.5", "--batch-size", "8"]
+
+
+def ddpm(cwd, *args):
+    return subprocess.run([sys.executable, DDPM, *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+
+
+def png_size(path):
+    with Image.open(path) as im:
+        return im.size
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A folder of 12 tiny pictures and a 2-epoch tiny model trained on it (in ckpt/, output/)."""
+    root = tmp_path_factory.mktemp("run")
+    rng = np.random.default_rng(0)
+    (root / "faces").mkdir()
+    for i in range(12):
+        arr = rng.integers(0, 256, (20 + i, 24, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(root / "faces" / f"{i}.png")
+    r = ddpm(root, "--train", "--data-folders", "faces", "--epochs", "2", "--seed", "0", *TINY)
+    assert r.returncode == 0, r.stderr
+    return root, r
+
+
+def test_training_writes_checkpoints_and_pictures_of_the_right_size(trained):
+    root, r = trained
+    assert "epoch 0: mean loss" in r.stdout and "epoch 1: mean loss" in r.stdout
+    assert sorted(os.listdir(root / "ckpt")) == ["ckpt-0.pth", "ckpt-1.pth"]
+    # 16-px tiles with 1-px padding: 11 columns (t = 0, 1, 3, ..., 19 / x_T, ..., x_0).
+    assert png_size(root / "output" / "forward-steps.png") == (11 * 17 + 1, 4 * 17 + 1)
+    for name in ("run-before.png", "run-after.png"):
+        assert png_size(root / "output" / name) == (11 * 17 + 1, 8 * 17 + 1)
+
+
+def test_checkpoint_describes_itself_and_loads_without_code(trained):
+    root, _ = trained
+    ckpt = torch.load(root / "ckpt" / "ckpt-1.pth", weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["step"] == 4  # 12 images / batch 8 = 2 steps per epoch
+    assert ckpt["model_config"]["num_channels"] == 8
+    assert ckpt["model_config"]["has_attn"] == [False, True]
+    assert ckpt["diffusion_config"] == {"img_size": 16, "timesteps": 20, "beta_min": 0.005,
+                                        "beta_max": 0.5}
+
+
+def test_sampling_from_the_checkpoint_alone_writes_64_images_and_the_strip(trained):
+    root, _ = trained
+    r = ddpm(root, "--loadckpt", "ckpt-1.pth", "--seed", "1")  # bare name: found in ckpt/
+    assert r.returncode == 0, r.stderr
+    out = root / "output"
+    for i in range(64):
+        assert png_size(out / f"ddpm-{i}.png") == (16, 16)
+    assert png_size(out / "ddpm-all.png") == (8 * 17 + 1, 8 * 17 + 1)
+    assert png_size(out / "reverse-steps.png") == (11 * 17 + 1, 8 * 17 + 1)
+    first = np.asarray(Image.open(out / "ddpm-all.png"))
+    assert first.std() > 1  # not a blank picture
+
+    # The same seed gives the same samples; another seed gives others.
+    assert ddpm(root, "--loadckpt", "ckpt-1.pth", "--seed", "1").returncode == 0
+    assert np.array_equal(np.asarray(Image.open(out / "ddpm-all.png")), first)
+    assert ddpm(root, "--loadckpt", "ckpt-1.pth", "--seed", "2").returncode == 0
+    assert not np.array_equal(np.asarray(Image.open(out / "ddpm-all.png")), first)
+
+
+def test_resume_continues_the_epoch_count(trained):
+    root, _ = trained
+    r = ddpm(root, "--train", "--data-folders", "faces", "--loadckpt", "ckpt/ckpt-1.pth",
+             "--epochs", "1", "--batch-size", "8", "--save-dir", "out2")
+    assert r.returncode == 0, r.stderr
+    assert "epoch 2: mean loss" in r.stdout
+    resumed = torch.load(root / "ckpt" / "ckpt-2.pth", weights_only=True)
+    before = torch.load(root / "ckpt" / "ckpt-1.pth", weights_only=True)
+    assert resumed["epoch"] == 3 and resumed["step"] == 6
+    assert resumed["model_config"] == before["model_config"]
+    adam_steps = [s["step"].item() for s in resumed["optimizer"]["state"].values()]
+    assert set(adam_steps) == {6.0}  # Adam's own count went on from 4, not from 0
+
+
+def test_a_flag_that_contradicts_the_checkpoint_is_a_one_line_error(trained):
+    root, _ = trained
+    r = ddpm(root, "--loadckpt", "ckpt-1.pth", "--num-channels", "32")
+    assert r.returncode == 2
+    assert r.stderr.strip() == "error: --num-channels 32 contradicts the checkpoint (8); drop the flag"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--loadckpt", "missing.pth"], "checkpoint not found"),
+    (["--train"], "--train needs --data-folders"),
+    (["--train", "--demo", "--has-attn", "t"], "--has-attn needs one t/f per"),
+    (["--train", "--demo", "--img-size", "20"], "must be divisible by 8"),
+    (["--train", "--demo", "--beta-min", "0.1", "--beta-max", "0.01"], "--beta-min < --beta-max"),
+    (["--train", "--data-folders", "nowhere"], "data folder not found"),
+    ([], "nothing to do"),
+])
+def test_bad_input_is_a_one_line_error_with_exit_code_2(tmp_path, args, message):
+    r = ddpm(tmp_path, *args)
+    assert r.returncode == 2 and message in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_a_checkpoint_with_pickled_code_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    torch.save({"format": 1, "payload": Evil()}, tmp_path / "evil.pth")
+    r = ddpm(tmp_path, "--loadckpt", "evil.pth")
+    assert r.returncode == 2 and "cannot read checkpoint" in r.stderr
+    assert not marker.exists()

@@ -1,0 +1,94 @@
+"""Loading folders of real files (mixed sizes and modes, broken files), batches and conversions."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data import DataError, ImageDataset, demo_faces, load_folders, to_model, to_uint8
+
+
+def test_uint8_to_model_and_back_is_exact_for_every_value():
+    x = torch.arange(256, dtype=torch.uint8)
+    m = to_model(x)
+    assert m.min().item() == -1.0 and m.max().item() == 1.0
+    assert torch.equal(to_uint8(m), x)
+    assert to_uint8(torch.tensor([-3.0, 3.0])).tolist() == [0, 255]  # out of range is clipped
+
+
+def make_mixed_folder(root):
+    """Five usable images of assorted sizes and modes, one corrupt JPEG, one text file."""
+    (root / "sub").mkdir(parents=True)
+    wide = np.zeros((16, 48, 3), np.uint8)  # red | green | blue thirds: the centre crop is green
+    wide[:, :16, 0], wide[:, 16:32, 1], wide[:, 32:, 2] = 255, 255, 255
+    Image.fromarray(wide).save(root / "a_wide.png")
+    Image.fromarray(np.full((64, 64), 77, np.uint8), "L").save(root / "b_gray.jpg", quality=100)
+    rgba = np.zeros((20, 20, 4), np.uint8)  # fully transparent: must come out white
+    Image.fromarray(rgba, "RGBA").save(root / "c_rgba.png")
+    pal = Image.new("P", (30, 40))
+    pal.putpalette([0, 0, 255] * 256)
+    pal.save(root / "d_palette.gif")
+    Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(root / "sub" / "e_nested.bmp")
+    (root / "f_broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    (root / "notes.txt").write_text("not an image")
+
+
+def test_load_folders_decodes_mixed_files_and_names_what_it_skipped(tmp_path):
+    make_mixed_folder(tmp_path / "imgs")
+    warnings = []
+    x = load_folders([str(tmp_path / "imgs")], 16, 3, warn=warnings.append)
+    assert x.dtype == torch.uint8 and x.shape == (5, 3, 16, 16)
+    assert len(warnings) == 1 and "f_broken.jpg" in warnings[0] and "1 file" in warnings[0]
+    wide, gray, rgba, pal, nested = x
+    assert (wide[1] == 255).all() and (wide[0] == 0).all() and (wide[2] == 0).all()
+    assert (gray - 77).abs().max() <= 1 and torch.equal(gray[0], gray[2])
+    assert (rgba == 255).all()
+    assert pal[2].float().mean() > 250 and pal[0].float().mean() < 5
+    assert (nested == 200).all()
+
+
+def test_grayscale_loading_gives_one_channel(tmp_path):
+    make_mixed_folder(tmp_path / "imgs")
+    x = load_folders([str(tmp_path / "imgs")], 8, 1, warn=lambda s: None)
+    assert x.shape == (5, 1, 8, 8)
+
+
+def test_folders_are_merged(tmp_path):
+    for name in ("one", "two"):
+        (tmp_path / name).mkdir()
+        Image.new("RGB", (10, 10)).save(tmp_path / name / "x.png")
+    assert len(load_folders([str(tmp_path / "one"), str(tmp_path / "two")], 8, 3)) == 2
+
+
+def test_no_usable_image_is_a_clear_error(tmp_path):
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.png").write_bytes(b"nope")
+    with pytest.raises(DataError, match="could be read"):
+        load_folders([str(tmp_path / "bad")], 8, 3, warn=lambda s: None)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no image files"):
+        load_folders([str(tmp_path / "empty")], 8, 3)
+    with pytest.raises(DataError, match="not found"):
+        load_folders([str(tmp_path / "missing")], 8, 3)
+
+
+def test_an_epoch_of_batches_holds_every_image_once_some_flipped():
+    n = 40
+    images = torch.randint(0, 256, (n, 3, 4, 4), dtype=torch.uint8)
+    ds = ImageDataset(images, torch.device("cpu"))
+    batches = list(ds.batches(16, torch.Generator().manual_seed(0)))
+    assert [len(b) for b in batches] == [16, 16, 8] == [16] * (ds.num_batches(16) - 1) + [8]
+    got = to_uint8(torch.cat(batches))
+    flipped = 0
+    for img in images:
+        same = (got == img).flatten(1).all(1)
+        mirrored = (got == img.flip(-1)).flatten(1).all(1)
+        assert (same | mirrored).sum() == 1
+        flipped += int(mirrored.any() and not same.any())
+    assert 5 < flipped < 35
+
+
+def test_demo_faces_are_deterministic_and_varied():
+    a, b = demo_faces(8, 32, seed=3), demo_faces(8, 32, seed=3)
+    assert a.shape == (8, 3, 32, 32) and torch.equal(a, b)
+    assert not torch.equal(a[0], a[1])
+    assert demo_faces(2, 16, channels=1).shape == (2, 1, 16, 16)

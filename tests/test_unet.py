@@ -1,0 +1,98 @@
+"""The UNet: shapes for several configurations and attention that stays within one image."""
+import pytest
+import torch
+import torch.nn as nn
+
+import unet
+from unet import AttnBlock, UNet, timestep_embedding
+
+
+def randomise_zero_init(model):
+    """Zero-initialised layers make outputs trivially independent; give them real weights."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if (p == 0).all():
+                p.normal_(0, 0.1)
+    return model
+
+
+@pytest.mark.parametrize("channels,size,cfg", [
+    (1, 32, dict(num_channels=16, channel_multiples=(1, 2), has_attn=(False, True), num_blocks=1)),
+    (3, 32, dict(num_channels=16, channel_multiples=(1, 2, 2), has_attn=(False, True, False))),
+    (3, 64, dict(num_channels=16, channel_multiples=(1, 2, 4, 8), has_attn=(False, False, True, True))),
+    (1, 64, dict(num_channels=24, channel_multiples=(1, 3), has_attn=(True, False), num_blocks=1)),
+])
+def test_unet_returns_the_input_shape(channels, size, cfg):
+    m = UNet(channels, **cfg)
+    x = torch.randn(2, channels, size, size)
+    out = m(x, torch.tensor([0, 999]))
+    assert out.shape == x.shape
+
+
+def test_image_size_not_divisible_by_the_downsampling_factor_is_refused():
+    m = UNet(3, 8, (1, 2, 2), (False, False, False), 1)
+    with pytest.raises(AssertionError, match="divisible by 4"):
+        m(torch.randn(1, 3, 18, 18), torch.zeros(1, dtype=torch.long))
+
+
+def batch_mixing(model, i=0, j=1):
+    """How much image i's output moves when only image j of the batch changes."""
+    torch.manual_seed(1)
+    x, t = torch.randn(3, 3, 16, 16), torch.tensor([5, 5, 5])
+    with torch.no_grad():
+        out = model(x, t)
+        x2 = x.clone()
+        x2[j] = torch.randn(3, 16, 16)
+        out2 = model(x2, t)
+    return (out2[i] - out[i]).abs().max().item(), (out2[j] - out[j]).abs().max().item()
+
+
+def test_attention_does_not_mix_images_in_a_batch():
+    m = randomise_zero_init(UNet(3, 16, (1, 2), (True, True), 1)).eval()
+    other, own = batch_mixing(m)
+    assert own > 1e-3  # the changed image's output did change
+    assert other < 1e-5  # every other image's did not
+
+
+class BatchMixingAttn(nn.Module):
+    """The reference program's bug: (B, HW, C) into MultiheadAttention without batch_first."""
+
+    def __init__(self, ch):
+        super().__init__()
+        self.norm, self.mha = nn.GroupNorm(1, ch), nn.MultiheadAttention(ch, 1)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        h = self.norm(x).reshape(B, C, H * W).transpose(1, 2)  # (B, HW, C) read as (L, N, E)
+        return x + self.mha(h, h, h)[0].transpose(1, 2).reshape(B, C, H, W)
+
+
+def test_the_batch_mixing_check_catches_the_reference_bug(monkeypatch):
+    monkeypatch.setattr(unet, "AttnBlock", BatchMixingAttn)
+    m = randomise_zero_init(UNet(3, 16, (1, 2), (True, True), 1)).eval()
+    other, _ = batch_mixing(m)
+    assert other > 1e-3
+
+
+def test_attention_block_starts_as_the_identity():
+    x = torch.randn(2, 64, 8, 8) * 3 + 1
+    assert torch.equal(AttnBlock(64)(x), x)
+
+
+def test_attention_residual_is_added_to_the_block_input_not_the_normalised_one():
+    # GroupNorm ignores a constant shift of its input, so x + c must come out shifted by exactly c;
+    # adding the residual to norm(x) instead would swallow the shift.
+    block = randomise_zero_init(AttnBlock(32))
+    x = torch.randn(2, 32, 4, 4)
+    with torch.no_grad():
+        shift = block(x + 5.0) - block(x)
+    assert torch.allclose(shift, torch.full_like(shift, 5.0), atol=1e-4)
+
+
+def test_timestep_embedding_is_cos_sin_of_geometric_frequencies():
+    emb = timestep_embedding(torch.tensor([0, 1, 500]), 16)
+    assert emb.shape == (3, 16)
+    assert torch.equal(emb[0], torch.cat([torch.ones(8), torch.zeros(8)]))
+    assert emb[1, 0].item() == pytest.approx(torch.cos(torch.tensor(1.0)).item())  # frequency 1
+    assert not torch.allclose(emb[1], emb[2])
