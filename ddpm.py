@@ -11,6 +11,7 @@ Algorithm 2 to sample. `python ddpm.py --help` lists every option.
 # Images are float (B, C, H, W) in [-1, 1] inside the model; data.to_model / to_uint8 convert.
 import argparse
 import contextlib
+import copy
 import math
 import os
 import random
@@ -31,7 +32,8 @@ from unet import UNet
 
 CKPT_FORMAT = 1
 MODEL_FLAGS = ("img_channels", "num_channels", "channel_multiples", "has_attn", "num_blocks", "dropout")
-DIFFUSION_FLAGS = ("img_size", "timesteps", "beta_min", "beta_max")
+DIFFUSION_FLAGS = ("img_size", "timesteps", "beta_min", "beta_max", "schedule", "prediction")
+DEFAULT_STEPS = {"ddpm": 0, "ddim": 50, "dpm++": 20}  # 0: all T steps
 
 
 class UserError(Exception):
@@ -47,22 +49,41 @@ def linear_betas(T: int, beta_1: float, beta_T: float) -> Tensor:
     return torch.linspace(beta_1, beta_T, T, dtype=torch.float64)
 
 
+def cosine_betas(T: int, s: float = 0.008, max_beta: float = 0.999) -> Tensor:
+    """beta_t = min(1 - alpha_bar_t / alpha_bar_{t-1}, max_beta) with alpha_bar_t = f(t) / f(0),
+    f(t) = cos^2((t / T + s) / (1 + s) * pi / 2) (Nichol & Dhariwal 2021, Eq. 17). (T,) f64."""
+    f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
+    return (1.0 - f[1:] / f[:-1]).clamp(max=max_beta)
+
+
 def gather(a: Tensor, t: Tensor) -> Tensor:
     """a[t] shaped to broadcast over images: a: (T,), t: (B,) -> (B, 1, 1, 1)."""
     return a[t][:, None, None, None]
 
 
+def spaced_timesteps(T: int, n: int) -> list[int]:
+    """n indices from T-1 down, evenly spaced and ending at T/n - 1 ("trailing" spacing, Lin et al.
+    2024, Table 2): the first step always starts from pure noise; n = T gives T-1, ..., 0."""
+    return sorted({round(T - i * T / n) - 1 for i in range(n)}, reverse=True)
+
+
 class GaussianDiffusion(nn.Module):
-    """The DDPM forward process q and the learned reverse process p_theta around an eps-model."""
+    """The DDPM forward process q and the learned reverse process p_theta around a network that
+    predicts eps (Ho et al. 2020) or v = sqrt(ab) eps - sqrt(1 - ab) x0 (Salimans & Ho 2022)."""
 
     def __init__(self, model: nn.Module, img_size: int, timesteps: int = 1000,
-                 beta_min: float = 1e-4, beta_max: float = 0.02):
+                 beta_min: float = 1e-4, beta_max: float = 0.02, schedule: str = "linear",
+                 prediction: str = "eps", min_snr_gamma: float = 0.0):
         super().__init__()
         assert 0 < beta_min < beta_max < 1, "need 0 < beta_min < beta_max < 1"
+        assert schedule in ("linear", "cosine") and prediction in ("eps", "v")
         self.model, self.img_size, self.T = model, img_size, timesteps
-        betas = linear_betas(timesteps, beta_min, beta_max)  # (T,) float64 for the products
+        self.prediction, self.min_snr_gamma = prediction, min_snr_gamma
+        betas = (linear_betas(timesteps, beta_min, beta_max) if schedule == "linear"
+                 else cosine_betas(timesteps))  # (T,) float64 for the products
         alpha_bars = torch.cumprod(1.0 - betas, dim=0)
         alpha_bars_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bars[:-1]])
+        self.ab64 = alpha_bars  # float64 on the CPU: samplers read step coefficients from it
         # beta~_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) * beta_t (Eq. 7); 0 at the last step.
         posterior_var = betas * (1.0 - alpha_bars_prev) / (1.0 - alpha_bars)
         # Coefficients are formed in float64 (1 - alpha_bar_t is ~1e-4 at t = 1) and stored float32.
@@ -80,6 +101,21 @@ class GaussianDiffusion(nn.Module):
         """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps (Eq. 4). x0, eps: (B, C, H, W)."""
         return gather(self.sqrt_alpha_bars, t) * x0 + gather(self.sqrt_one_minus_alpha_bars, t) * eps
 
+    def v_target(self, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+        """v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0 (Salimans & Ho 2022, Sec. 4)."""
+        return gather(self.sqrt_alpha_bars, t) * eps - gather(self.sqrt_one_minus_alpha_bars, t) * x0
+
+    def eps_and_x0(self, xt: Tensor, t: Tensor, out: Tensor) -> tuple[Tensor, Tensor]:
+        """The network output (eps or v) at x_t -> (eps, x0_hat), both (B, C, H, W) float32.
+
+        eps: x0 = (x_t - sqrt(1 - ab) eps) / sqrt(ab);  v: x0 = sqrt(ab) x_t - sqrt(1 - ab) v,
+        eps = sqrt(1 - ab) x_t + sqrt(ab) v.
+        """
+        a, s, out = gather(self.sqrt_alpha_bars, t), gather(self.sqrt_one_minus_alpha_bars, t), out.float()
+        if self.prediction == "eps":
+            return out, (xt - s * out) / a
+        return s * xt + a * out, a * xt - s * out
+
     def p_sample(self, xt: Tensor, t: Tensor, eps: Tensor, noise: Tensor | None = None) -> Tensor:
         """One ancestral step x_t -> x_{t-1} given the predicted eps (Algorithm 2, line 4):
 
@@ -91,27 +127,94 @@ class GaussianDiffusion(nn.Module):
         mean = gather(self.recip_sqrt_alphas, t) * (xt - gather(self.eps_coef, t) * eps.float())
         return mean + gather(self.posterior_std, t) * noise
 
+    @staticmethod
+    def ddim_step(eps: Tensor, x0: Tensor, ab_t: float, ab_s: float, eta: float,
+                  noise: Tensor) -> Tensor:
+        """x_t -> x_s, s < t (Song et al. 2021, Eq. 12), from the predicted eps and x0:
+
+        x_s = sqrt(ab_s) x0 + sqrt(1 - ab_s - sigma^2) eps + sigma z,
+        sigma = eta sqrt((1 - ab_s) / (1 - ab_t)) sqrt(1 - ab_t / ab_s); ab_s = 1 is the clean end.
+        """
+        sigma = eta * math.sqrt((1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s))
+        return math.sqrt(ab_s) * x0 + math.sqrt(max(1 - ab_s - sigma**2, 0.0)) * eps + sigma * noise
+
+    @staticmethod
+    def dpm_solver_step(xt: Tensor, x0: Tensor, x0_prev: Tensor | None, ab_t: float, ab_s: float,
+                        h_prev: float | None) -> tuple[Tensor, float]:
+        """DPM-Solver++(2M) x_t -> x_s in data-prediction form (Lu et al. 2022, Algorithm 2).
+
+        With alpha = sqrt(ab), sigma = sqrt(1 - ab), lambda = log(alpha / sigma), h = lambda_s -
+        lambda_t: x_s = sigma_s / sigma_t x_t - alpha_s (e^{-h} - 1) D, where D = x0 (first order)
+        or D = (1 + 1/(2r)) x0 - 1/(2r) x0_prev with r = h_prev / h (second order).
+        Returns x_s and h. The step to the clean end (ab_s = 1, lambda_s = inf) gives D = x0.
+        """
+        if ab_s >= 1.0:
+            return x0, math.inf
+        lam = lambda ab: 0.5 * (math.log(ab) - math.log1p(-ab))
+        h = lam(ab_s) - lam(ab_t)
+        D = x0
+        if x0_prev is not None:
+            r = h_prev / h
+            D = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_prev
+        x_s = math.sqrt((1 - ab_s) / (1 - ab_t)) * xt - math.sqrt(ab_s) * math.expm1(-h) * D
+        return x_s, h
+
     def forward(self, x0: Tensor) -> Tensor:
-        """Algorithm 1: mean ||eps - eps_theta(sqrt(ab_t) x0 + sqrt(1 - ab_t) eps, t)||^2, t uniform."""
+        """Algorithm 1: mean ||target - net(sqrt(ab_t) x0 + sqrt(1 - ab_t) eps, t)||^2, t uniform;
+        target eps or v, weighted by min(SNR, gamma) / SNR (or / (SNR + 1) for v) if gamma > 0
+        (min-SNR-gamma, Hang et al. 2023)."""
         t = torch.randint(0, self.T, (x0.shape[0],), device=x0.device)  # (B,)
         eps = torch.randn_like(x0)
-        return F.mse_loss(self.model(self.q_sample(x0, t, eps), t).float(), eps)
+        out = self.model(self.q_sample(x0, t, eps), t).float()
+        target = eps if self.prediction == "eps" else self.v_target(x0, t, eps)
+        mse = (out - target).pow(2).mean(dim=(1, 2, 3))  # (B,)
+        if self.min_snr_gamma > 0:
+            snr = self.alpha_bars[t] / (1 - self.alpha_bars[t])
+            mse = mse * snr.clamp(max=self.min_snr_gamma) / (snr if self.prediction == "eps" else snr + 1)
+        return mse.mean()
 
     @torch.no_grad()
-    def sample(self, x_T: Tensor, strip_every: int = 0, track=iter):
-        """Algorithm 2 from x_T: (B, C, H, W) noise -> x_0, and the frames [x_T, x_t every
-        strip_every steps, ..., x_0] of the reverse chain (just [x_T] if strip_every is 0)."""
-        x, frames = x_T, [x_T]
-        for t in track(range(self.T - 1, -1, -1)):
+    def sample(self, x_T: Tensor, sampler: str = "ddpm", steps: int = 0, eta: float = 0.0,
+               model: nn.Module | None = None, strips: int = 0, track=iter):
+        """x_T: (B, C, H, W) noise -> x_0 with the ancestral sampler (all T steps, Algorithm 2),
+        DDIM or DPM-Solver++(2M) on `steps` respaced timesteps, using `model` (default: self.model).
+
+        Also returns the frames [x_T, ..., x_0]: about `strips` evenly spaced states of the chain.
+        """
+        model = model or self.model
+        ts = list(range(self.T - 1, -1, -1)) if sampler == "ddpm" else spaced_timesteps(self.T, steps)
+        every = max(1, len(ts) // strips) if strips else 0
+        x, frames, x0_prev, h_prev = x_T, [x_T], None, None
+        for i, t in enumerate(track(ts)):
             tt = torch.full((len(x),), t, device=x.device, dtype=torch.long)
-            x = self.p_sample(x, tt, self.model(x, tt))
-            if strip_every and t % strip_every == 0:
+            eps, x0 = self.eps_and_x0(x, tt, model(x, tt))
+            ab_t = self.ab64[t].item()
+            ab_s = self.ab64[ts[i + 1]].item() if i + 1 < len(ts) else 1.0
+            if sampler == "ddpm":
+                x = self.p_sample(x, tt, eps)
+            elif sampler == "ddim":
+                x = self.ddim_step(eps, x0, ab_t, ab_s, eta, torch.randn_like(x))
+            else:
+                x, h_prev = self.dpm_solver_step(x, x0, x0_prev, ab_t, ab_s, h_prev)
+                x0_prev = x0
+            if every and ((len(ts) - 1 - i) % every == 0):
                 frames.append(x)
         return x, frames
 
 
 # ----------------------------------------------------------------------------------------------
 # Command line
+
+
+def ema_decay(step: int, max_decay: float) -> float:
+    """EMA decay at optimizer step `step` (1, 2, ...), warmed up: min(max_decay, (1+step)/(10+step))."""
+    return min(max_decay, (1 + step) / (10 + step))
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, for every parameter."""
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
 
 
 def str2bool(s: str) -> bool:
@@ -150,10 +253,27 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--timesteps", type=int, default=1000, help="diffusion steps T")
     g.add_argument("--beta-min", type=float, default=1e-4, help="beta_1 of the linear schedule")
     g.add_argument("--beta-max", type=float, default=0.02, help="beta_T of the linear schedule")
+    g.add_argument("--schedule", default="linear", choices=["linear", "cosine"],
+                   help="noise schedule: linear betas (Ho et al.) or cosine alpha_bar (Nichol & "
+                        "Dhariwal; ignores --beta-min/--beta-max)")
+    g.add_argument("--prediction", default="eps", choices=["eps", "v"],
+                   help="what the network predicts: the noise eps, or v (Salimans & Ho 2022)")
     g = p.add_argument_group("training and sampling")
     g.add_argument("--train", action="store_true", help="train (otherwise: sample from --loadckpt)")
     g.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate")
     g.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this")
+    g.add_argument("--min-snr-gamma", type=float, default=0.0,
+                   help="min-SNR-gamma loss weighting (Hang et al. 2023; 5 is typical); 0 = off")
+    g.add_argument("--ema-decay", type=float, default=0.9999,
+                   help="EMA decay of the weights; warms up as min(decay, (1 + step) / (10 + step))")
+    g.add_argument("--raw-weights", action="store_true",
+                   help="sample with the raw weights instead of their EMA")
+    g.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim", "dpm++"],
+                   help="ancestral DDPM (all T steps), DDIM or DPM-Solver++(2M) (respaced steps)")
+    g.add_argument("--sample-steps", type=int, default=None,
+                   help="steps for ddim / dpm++ (default 50 / 20); ddpm always takes all T")
+    g.add_argument("--eta", type=float, default=0.0,
+                   help="DDIM noise: 0 = deterministic, 1 = ancestral-like")
     g.add_argument("--epochs", type=int, default=5, help="epochs to train in this run")
     g.add_argument("--batch-size", type=int, default=64,
                    help="training batch size; number of samples drawn when sampling")
@@ -200,6 +320,13 @@ def check_args(a: argparse.Namespace) -> None:
         raise UserError(f"need 0 < --beta-min < --beta-max < 1, got {a.beta_min}, {a.beta_max}")
     if not 0 <= a.dropout < 1:
         raise UserError(f"--dropout must be in [0, 1), got {a.dropout}")
+    if a.sample_steps is not None and a.sample_steps <= 0:
+        raise UserError(f"--sample-steps must be positive, got {a.sample_steps}")
+    if a.sampler == "ddpm" and a.sample_steps:
+        raise UserError("--sampler ddpm always takes all T steps; use --sampler ddim or dpm++ "
+                        "with --sample-steps")
+    if not 0 <= a.ema_decay < 1:
+        raise UserError(f"--ema-decay must be in [0, 1), got {a.ema_decay}")
     if a.lr <= 0:
         raise UserError(f"--lr must be positive, got {a.lr}")
     if a.train and not a.demo and not a.data_folders and not a.loadckpt:
@@ -255,7 +382,8 @@ class Program:
 
         ckpt = self.read_checkpoint(a.loadckpt) if a.loadckpt else None
         if ckpt:  # the checkpoint's architecture wins; a typed flag that disagrees is an error
-            stored = {**ckpt["model_config"], **ckpt["diffusion_config"]}
+            stored = {"schedule": "linear", "prediction": "eps",  # older checkpoints lack these
+                      **ckpt["model_config"], **ckpt["diffusion_config"]}
             for k in MODEL_FLAGS + DIFFUSION_FLAGS:
                 if k in typed and list_or(getattr(a, k)) != list_or(stored[k]):
                     raise UserError(f"--{k.replace('_', '-')} {getattr(a, k)} contradicts the "
@@ -264,7 +392,9 @@ class Program:
         self.model_config = {k: list_or(getattr(a, k)) for k in MODEL_FLAGS}
         self.diffusion_config = {k: getattr(a, k) for k in DIFFUSION_FLAGS}
         self.model = UNet(**self.model_config).to(self.device)
-        self.diffusion = GaussianDiffusion(self.model, **self.diffusion_config).to(self.device)
+        self.diffusion = GaussianDiffusion(self.model, **self.diffusion_config,
+                                           min_snr_gamma=a.min_snr_gamma).to(self.device)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False)  # the weights we sample with
         ab_T = self.diffusion.alpha_bars[-1].item()
         if ab_T > 1e-3:
             self.console.print(f"warning: alpha_bar_T = {ab_T:.3g}, so x_T is not pure noise and "
@@ -275,6 +405,7 @@ class Program:
                                            enabled=self.amp_dtype == torch.float16)
         if ckpt:
             self.model.load_state_dict(ckpt["model"])
+            self.ema.load_state_dict(ckpt.get("ema", ckpt["model"]))
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.epoch, self.step = ckpt["epoch"], ckpt["step"]
             if ckpt.get("data_rng") is not None and a.seed is None:
@@ -320,7 +451,7 @@ class Program:
         path = os.path.join(self.args.ckpt_save_dir, f"ckpt-{epoch_index % 5}.pth")
         state = {"format": CKPT_FORMAT, "model_config": self.model_config,
                  "diffusion_config": self.diffusion_config, "model": self.model.state_dict(),
-                 "optimizer": self.optimizer.state_dict(), "epoch": self.epoch, "step": self.step,
+                 "ema": self.ema.state_dict(), "optimizer": self.optimizer.state_dict(), "epoch": self.epoch, "step": self.step,
                  "data_rng": self.data_gen.get_state()}
         tmp = path + ".tmp"
         with open(tmp, "wb") as f:
@@ -336,15 +467,19 @@ class Program:
                    nrow=nrow, padding=1)
 
     @torch.inference_mode()
-    def draw(self, n: int, strip_every: int = 0, desc: str = "sampling"):
-        """n samples (Algorithm 2) with a progress bar -> x_0 (n, C, H, W) and the strip frames."""
+    def draw(self, n: int, desc: str = "sampling"):
+        """n samples with the chosen sampler and weights, with a progress bar
+        -> x_0 (n, C, H, W) and about 10 frames of the reverse chain."""
+        a = self.args
         c, s = self.model_config["img_channels"], self.diffusion_config["img_size"]
-        self.model.eval()
+        model = self.model if a.raw_weights else self.ema
+        model.eval()
+        steps = a.sample_steps or DEFAULT_STEPS[a.sampler]
         x_T = torch.randn(n, c, s, s, device=self.device)
         with self.progress() as progress, self.autocast():
-            track = lambda steps: progress.track(steps, total=self.diffusion.T, description=desc)
-            x0, frames = self.diffusion.sample(x_T, strip_every, track)
-        self.model.train()
+            track = lambda ts: progress.track(ts, description=f"{desc} ({a.sampler})")
+            x0, frames = self.diffusion.sample(x_T, a.sampler, steps, a.eta, model, 10, track)
+        model.train()
         return x0, frames
 
     def save_reverse_strip(self, frames: list[Tensor], name: str, rows: int = 8) -> None:
@@ -375,10 +510,10 @@ class Program:
         return ImageDataset(images, self.device)
 
     def train(self) -> None:
-        a, strip_every = self.args, max(1, self.diffusion.T // 10)
+        a = self.args
         data = self.load_data()
         self.save_forward_strip(to_model(data.images[:4]))
-        self.save_reverse_strip(self.draw(8, strip_every, "run-before strip")[1], "run-before.png")
+        self.save_reverse_strip(self.draw(8, "run-before strip")[1], "run-before.png")
         params = list(self.model.parameters())
         first = self.epoch
         try:
@@ -399,6 +534,7 @@ class Program:
                         self.scaler.step(self.optimizer)
                         self.scaler.update()
                         self.step, seen = self.step + 1, seen + len(x0)
+                        update_ema(self.ema, self.model, ema_decay(self.step, a.ema_decay))
                         loss_sum += loss.detach()
                         if i % 10 == 0:  # the only host-device sync: to show the figures
                             info = f"loss {loss.item():.4f}  {seen / (time.time() - t0):.0f} img/s"
@@ -415,13 +551,13 @@ class Program:
         except KeyboardInterrupt:
             path = self.save_checkpoint(self.epoch)  # the epoch in progress restarts on resume
             self.console.print(f"interrupted: saved {path} (epoch {self.epoch}, step {self.step})")
-        self.save_reverse_strip(self.draw(8, strip_every, "run-after strip")[1], "run-after.png")
+        self.save_reverse_strip(self.draw(8, "run-after strip")[1], "run-after.png")
         self.console.print(f"pictures in {a.save_dir}/: forward-steps.png, run-before.png, "
                            f"run-after.png")
 
     def sample(self) -> None:
         a = self.args
-        x0, frames = self.draw(a.batch_size, max(1, self.diffusion.T // 10))
+        x0, frames = self.draw(a.batch_size)
         for i, img in enumerate(x0):
             self.save_grid(img[None], f"ddpm-{i}.png", nrow=1)
         self.save_grid(x0, "ddpm-all.png", nrow=math.ceil(math.sqrt(len(x0))))

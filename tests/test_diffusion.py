@@ -128,7 +128,7 @@ def test_sample_runs_T_steps_and_records_the_strip():
     torch.manual_seed(0)
     d = make_diffusion(20)
     x_T = torch.randn(2, 1, 8, 8)
-    x0, frames = d.sample(x_T, strip_every=2)
+    x0, frames = d.sample(x_T, "ddpm", strips=10)
     assert len(frames) == 11  # x_T, then x_t for t = 18, 16, ..., 2 (paper), then x_0
     assert frames[0] is x_T and torch.equal(frames[-1], x0)
     assert torch.isfinite(x0).all()

@@ -1,0 +1,187 @@
+"""DDIM, DPM-Solver++(2M), the cosine schedule, v-prediction and EMA against closed forms."""
+import math
+
+import pytest
+import torch
+
+from ddpm import (GaussianDiffusion, Program, cosine_betas, ema_decay, parse_args, spaced_timesteps,
+                  update_ema)
+from unet import UNet
+
+
+def diffusion(T=1000, schedule="linear", prediction="eps", model=None):
+    return GaussianDiffusion(model or torch.nn.Identity(), 4, T, 1e-4, 0.02, schedule, prediction)
+
+
+class Oracle(torch.nn.Module):
+    """Returns the true eps (or v) of x_t for one known x0: a perfect denoiser of that image."""
+
+    def __init__(self, d, x0):
+        super().__init__()
+        self.d, self.x0 = d, x0
+
+    def forward(self, xt, t):
+        a = self.d.sqrt_alpha_bars[t][:, None, None, None]
+        s = self.d.sqrt_one_minus_alpha_bars[t][:, None, None, None]
+        eps = (xt - a * self.x0) / s
+        return eps if self.d.prediction == "eps" else a * eps - s * self.x0
+
+
+def test_spaced_timesteps_run_from_T_minus_1_to_0():
+    assert spaced_timesteps(1000, 5) == [999, 799, 599, 399, 199]
+    assert spaced_timesteps(10, 10) == list(range(9, -1, -1))
+
+
+def test_ddim_with_eta_1_on_the_full_sequence_is_the_ancestral_step():
+    torch.manual_seed(0)
+    d = diffusion()
+    xt, eps, z = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4)
+    for t in (0, 1, 37, 500, 999):
+        tt = torch.full((3,), t)
+        _, x0 = d.eps_and_x0(xt, tt, eps)
+        ab_t, ab_s = d.ab64[t].item(), (d.ab64[t - 1].item() if t > 0 else 1.0)
+        ddim_mean = d.ddim_step(eps, x0, ab_t, ab_s, 1.0, torch.zeros_like(xt))
+        ancestral_mean = d.p_sample(xt, tt, eps, noise=torch.zeros_like(xt))
+        assert torch.allclose(ddim_mean, ancestral_mean, atol=2e-4, rtol=1e-4), t
+        ddim_noise = d.ddim_step(eps, x0, ab_t, ab_s, 1.0, z) - ddim_mean
+        assert torch.allclose(ddim_noise, d.posterior_std[t] * z, atol=1e-6), t
+
+
+def test_ddim_with_eta_0_is_deterministic_given_x_T():
+    torch.manual_seed(0)
+    model = UNet(1, 8, (1, 2), (False, True), 1).eval()
+    d = GaussianDiffusion(model, 8, 100)
+    x_T = torch.randn(2, 1, 8, 8)
+    torch.manual_seed(1)
+    a, _ = d.sample(x_T, "ddim", 10, eta=0.0)
+    torch.manual_seed(2)
+    b, _ = d.sample(x_T, "ddim", 10, eta=0.0)
+    assert torch.equal(a, b)
+    torch.manual_seed(3)
+    c, _ = d.sample(x_T, "ddim", 10, eta=1.0)
+    assert not torch.allclose(a, c)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+@pytest.mark.parametrize("sampler,steps", [("ddim", 4), ("dpm++", 4), ("ddpm", 0)])
+def test_a_perfect_denoiser_recovers_x0(sampler, steps, schedule, prediction):
+    torch.manual_seed(0)
+    x0 = torch.rand(2, 3, 4, 4) * 2 - 1
+    d = diffusion(100 if sampler == "ddpm" else 1000, schedule, prediction)
+    out, frames = d.sample(torch.randn_like(x0), sampler, steps, model=Oracle(d, x0), strips=10)
+    assert torch.allclose(out, x0, atol=1e-4)
+    assert torch.equal(frames[-1], out)
+
+
+def gaussian_data_ode_error(sampler, steps, c=0.5):
+    """Data x0 ~ N(0, c^2): E[x0 | x_t] is linear and the probability-flow ODE is solvable in
+    closed form (x0 = c x_T / sqrt(ab c^2 + 1 - ab)), so a sampler's error is measurable."""
+    d = diffusion()
+
+    class Exact(torch.nn.Module):
+        def forward(self, xt, t):
+            ab = d.ab64[t].double()[:, None, None, None]
+            x0_hat = ab.sqrt() * c**2 / (ab * c**2 + 1 - ab) * xt.double()
+            return ((xt.double() - ab.sqrt() * x0_hat) / (1 - ab).sqrt()).float()
+
+    ab_T = d.ab64[-1].item()
+    x_T = torch.ones(1, 1, 1, 1)
+    out, _ = d.sample(x_T, sampler, steps, model=Exact())
+    return abs(out.item() - c / math.sqrt(ab_T * c**2 + 1 - ab_T))
+
+
+def test_dpm_solver_pp_is_more_accurate_than_ddim_on_the_probability_flow_ode():
+    ddim = {n: gaussian_data_ode_error("ddim", n) for n in (10, 20, 50)}
+    dpm = {n: gaussian_data_ode_error("dpm++", n) for n in (10, 20, 50)}
+    assert ddim[50] < ddim[20] < ddim[10] and dpm[50] < dpm[20] < dpm[10]
+    assert dpm[10] < ddim[10] and dpm[20] < ddim[20] / 2 and dpm[50] < ddim[50] / 20
+
+
+def test_dpm_solver_2m_step_matches_the_d0_d1_form():
+    # The same update written as in the DPM-Solver++ reference code: D0 = m0, D1 = (m0 - m1) / r0,
+    # x_t = (sigma_t / sigma_s) x - alpha_t (e^{-h} - 1) D0 - 0.5 alpha_t (e^{-h} - 1) D1.
+    torch.manual_seed(0)
+    x, m0, m1 = torch.randn(3, 4), torch.randn(3, 4), torch.randn(3, 4)
+    ab_prev2, ab_prev, ab_t = 0.2, 0.35, 0.6
+    lam = lambda ab: math.log(math.sqrt(ab) / math.sqrt(1 - ab))
+    h, h0 = lam(ab_t) - lam(ab_prev), lam(ab_prev) - lam(ab_prev2)
+    r0 = h0 / h
+    D0, D1 = m0, (m0 - m1) / r0
+    alpha_t, sigma_t, sigma_s = math.sqrt(ab_t), math.sqrt(1 - ab_t), math.sqrt(1 - ab_prev)
+    ref = (sigma_t / sigma_s * x - alpha_t * (math.exp(-h) - 1) * D0
+           - 0.5 * alpha_t * (math.exp(-h) - 1) * D1)
+    ours, h_ours = GaussianDiffusion.dpm_solver_step(x, m0, m1, ab_prev, ab_t, h0)
+    assert h_ours == pytest.approx(h)
+    assert torch.allclose(ours, ref, atol=1e-6)
+
+
+def test_cosine_alpha_bar_matches_its_closed_form():
+    T, s = 1000, 0.008
+    betas = cosine_betas(T)
+    assert (betas > 0).all() and (betas <= 0.999).all()
+    ab = torch.cumprod(1 - betas, 0)
+    f = lambda t: math.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2
+    unclipped = int((betas < 0.999).sum())  # only the last steps hit the clip
+    assert unclipped > 990
+    for t in (1, 10, 500, 900, unclipped):  # paper step t = index t - 1
+        assert ab[t - 1].item() == pytest.approx(f(t) / f(0), rel=1e-9)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_v_eps_and_x0_round_trip(schedule):
+    torch.manual_seed(0)
+    d = diffusion(schedule=schedule, prediction="v")
+    x0, eps = torch.rand(4, 3, 4, 4) * 2 - 1, torch.randn(4, 3, 4, 4)
+    t = torch.tensor([0, 10, 500, 998])
+    xt = d.q_sample(x0, t, eps)
+    eps_hat, x0_hat = d.eps_and_x0(xt, t, d.v_target(x0, t, eps))
+    assert torch.allclose(eps_hat, eps, atol=1e-4) and torch.allclose(x0_hat, x0, atol=1e-4)
+    d.prediction = "eps"
+    eps_hat, x0_hat = d.eps_and_x0(xt, t, eps)
+    assert torch.equal(eps_hat, eps) and torch.allclose(x0_hat, x0, atol=1e-3)
+
+
+def test_min_snr_gamma_weights_the_loss_by_min_snr_gamma_over_snr():
+    class Zero(torch.nn.Module):
+        def forward(self, x, t):
+            return torch.zeros_like(x)
+
+    x0 = torch.zeros(512, 1, 2, 2)
+    losses = {}
+    for gamma in (0.0, 1.0):
+        torch.manual_seed(0)
+        losses[gamma] = GaussianDiffusion(Zero(), 2, 1000, min_snr_gamma=gamma)(x0).item()
+    torch.manual_seed(0)
+    d = GaussianDiffusion(Zero(), 2, 1000)
+    t = torch.randint(0, 1000, (512,))
+    eps = torch.randn_like(x0)
+    snr = d.alpha_bars[t] / (1 - d.alpha_bars[t])
+    expected = (eps.pow(2).mean((1, 2, 3)) * snr.clamp(max=1.0) / snr).mean().item()
+    assert losses[0.0] == pytest.approx(eps.pow(2).mean().item(), rel=1e-5)
+    assert losses[1.0] == pytest.approx(expected, rel=1e-5)
+
+
+def test_ema_warm_up_follows_its_formula():
+    assert ema_decay(1, 0.9999) == pytest.approx(2 / 11)
+    assert ema_decay(90, 0.9999) == pytest.approx(91 / 100)
+    assert ema_decay(10**7, 0.9999) == 0.9999
+    ema, model = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    before = ema.weight.detach().clone()
+    update_ema(ema, model, 0.75)
+    assert torch.allclose(ema.weight, 0.75 * before + 0.25 * model.weight)
+
+
+def test_an_ema_checkpoint_round_trips(tmp_path):
+    flags = ["--train", "--demo", "--img-size", "8", "--num-channels", "8", "--channel-multiples",
+             "1", "--has-attn", "f", "--timesteps", "10", "--beta-max", "0.5",
+             "--ckpt-save-dir", str(tmp_path / "ckpt"), "--save-dir", str(tmp_path / "out")]
+    p = Program(*parse_args(flags))
+    with torch.no_grad():
+        for w in p.ema.parameters():
+            w.normal_()
+    p.save_checkpoint(0)
+    q = Program(*parse_args(flags + ["--loadckpt", str(tmp_path / "ckpt" / "ckpt-0.pth")]))
+    for a, b in zip(p.ema.state_dict().values(), q.ema.state_dict().values()):
+        assert torch.equal(a, b)
+    assert not torch.equal(next(q.ema.parameters()), next(q.model.parameters()))
