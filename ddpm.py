@@ -175,10 +175,14 @@ class GaussianDiffusion(nn.Module):
 
     @torch.no_grad()
     def sample(self, x_T: Tensor, sampler: str = "ddpm", steps: int = 0, eta: float = 0.0,
-               model: nn.Module | None = None, strips: int = 0, track=iter):
+               model: nn.Module | None = None, strips: int = 0, clip_x0: bool = True, track=iter):
         """x_T: (B, C, H, W) noise -> x_0 with the ancestral sampler (all T steps, Algorithm 2),
         DDIM or DPM-Solver++(2M) on `steps` respaced timesteps, using `model` (default: self.model).
 
+        clip_x0 clips the predicted x0 to the data range [-1, 1] and re-derives eps from it
+        (eps = (x_t - sqrt(ab) x0) / sqrt(1 - ab)), as Ho et al.'s and Nichol & Dhariwal's code do:
+        without it, a partly trained model's small eps errors at large t (amplified by
+        1 / sqrt(ab_t)) drive the chain off to saturated colours.
         Also returns the frames [x_T, ..., x_0]: about `strips` evenly spaced states of the chain.
         """
         model = model or self.model
@@ -188,6 +192,9 @@ class GaussianDiffusion(nn.Module):
         for i, t in enumerate(track(ts)):
             tt = torch.full((len(x),), t, device=x.device, dtype=torch.long)
             eps, x0 = self.eps_and_x0(x, tt, model(x, tt))
+            if clip_x0:
+                x0 = x0.clamp(-1.0, 1.0)
+                eps = (x - gather(self.sqrt_alpha_bars, tt) * x0) / gather(self.sqrt_one_minus_alpha_bars, tt)
             ab_t = self.ab64[t].item()
             ab_s = self.ab64[ts[i + 1]].item() if i + 1 < len(ts) else 1.0
             if sampler == "ddpm":
@@ -272,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ancestral DDPM (all T steps), DDIM or DPM-Solver++(2M) (respaced steps)")
     g.add_argument("--sample-steps", type=int, default=None,
                    help="steps for ddim / dpm++ (default 50 / 20); ddpm always takes all T")
+    g.add_argument("--clip-x0", type=str2bool, default=True, metavar="t|f",
+                   help="clip the predicted x0 to [-1, 1] at every sampling step (as Ho et al.'s "
+                        "code does); keeps partly trained models from drifting")
     g.add_argument("--eta", type=float, default=0.0,
                    help="DDIM noise: 0 = deterministic, 1 = ancestral-like")
     g.add_argument("--epochs", type=int, default=5, help="epochs to train in this run")
@@ -478,7 +488,8 @@ class Program:
         x_T = torch.randn(n, c, s, s, device=self.device)
         with self.progress() as progress, self.autocast():
             track = lambda ts: progress.track(ts, description=f"{desc} ({a.sampler})")
-            x0, frames = self.diffusion.sample(x_T, a.sampler, steps, a.eta, model, 10, track)
+            x0, frames = self.diffusion.sample(x_T, a.sampler, steps, a.eta, model, 10, a.clip_x0,
+                                               track)
         model.train()
         return x0, frames
 

@@ -185,3 +185,18 @@ def test_an_ema_checkpoint_round_trips(tmp_path):
     for a, b in zip(p.ema.state_dict().values(), q.ema.state_dict().values()):
         assert torch.equal(a, b)
     assert not torch.equal(next(q.ema.parameters()), next(q.model.parameters()))
+
+
+@pytest.mark.parametrize("sampler,steps", [("ddpm", 0), ("ddim", 10), ("dpm++", 10)])
+def test_clipping_x0_keeps_a_bad_model_inside_the_data_range(sampler, steps):
+    class Zero(torch.nn.Module):  # eps = 0 everywhere: x0_hat = x_t / sqrt(ab) explodes
+        def forward(self, x, t):
+            return torch.zeros_like(x)
+
+    torch.manual_seed(0)
+    d = GaussianDiffusion(Zero(), 4, 100, 1e-4, 0.2)
+    x_T = torch.randn(4, 3, 4, 4)
+    clipped, _ = d.sample(x_T, sampler, steps, model=Zero(), clip_x0=True)
+    assert clipped.abs().max() <= 1.0 + 1e-5
+    raw, _ = d.sample(x_T, sampler, steps, model=Zero(), clip_x0=False)
+    assert raw.abs().max() > 2.0

