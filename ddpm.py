@@ -27,6 +27,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import Tensor
 from torchvision.utils import save_image
 
+import evaluate
 from data import DataError, ImageDataset, demo_faces, load_folders, to_model, to_uint8
 from unet import UNet
 
@@ -296,6 +297,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seed every RNG: the same seed gives the same samples (on one device)")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda or cuda:N")
+    g = p.add_argument_group("quality (FID / KID against the --data-folders)")
+    g.add_argument("--eval-fid", type=int, default=0, metavar="N",
+                   help="with --loadckpt: draw N samples and print FID and KID against the "
+                        "training images, and write nearest.png (instead of the 64 samples)")
+    g.add_argument("--eval-every", type=int, default=0, metavar="K",
+                   help="while training: measure FID every K epochs, keep the best as best.pth")
+    g.add_argument("--eval-samples", type=int, default=1000,
+                   help="samples per FID measurement during training")
+    g.add_argument("--fid-cache", default="fid-cache",
+                   help="folder for the cached Inception features of the training images")
     return p
 
 
@@ -335,6 +346,10 @@ def check_args(a: argparse.Namespace) -> None:
     if a.sampler == "ddpm" and a.sample_steps:
         raise UserError("--sampler ddpm always takes all T steps; use --sampler ddim or dpm++ "
                         "with --sample-steps")
+    if (a.eval_fid or a.eval_every) and not a.data_folders:
+        raise UserError("FID is measured against image folders: give --data-folders DIR")
+    if min(a.eval_fid, a.eval_every) < 0 or a.eval_samples < 2:
+        raise UserError("--eval-fid and --eval-every must be >= 0, --eval-samples >= 2")
     if not 0 <= a.ema_decay < 1:
         raise UserError(f"--ema-decay must be in [0, 1), got {a.ema_decay}")
     if a.lr <= 0:
@@ -389,6 +404,7 @@ class Program:
         self.data_gen = torch.Generator().manual_seed(
             a.seed if a.seed is not None else random.randrange(2**63))
         self.epoch, self.step = 0, 0  # epochs and optimizer steps completed
+        self.best_fid = math.inf
 
         ckpt = self.read_checkpoint(a.loadckpt) if a.loadckpt else None
         if ckpt:  # the checkpoint's architecture wins; a typed flag that disagrees is an error
@@ -418,6 +434,7 @@ class Program:
             self.ema.load_state_dict(ckpt.get("ema", ckpt["model"]))
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.epoch, self.step = ckpt["epoch"], ckpt["step"]
+            self.best_fid = ckpt.get("best_fid", math.inf)
             if ckpt.get("data_rng") is not None and a.seed is None:
                 self.data_gen.set_state(ckpt["data_rng"])
         for folder in (a.save_dir, a.ckpt_save_dir if a.train else None):
@@ -456,13 +473,13 @@ class Program:
         self.console.print(f"loaded {path} (epoch {ckpt['epoch']}, step {ckpt['step']})")
         return ckpt
 
-    def save_checkpoint(self, epoch_index: int) -> str:
-        """Write ckpt-{epoch_index % 5}.pth atomically: temp file, flush, fsync, rename."""
-        path = os.path.join(self.args.ckpt_save_dir, f"ckpt-{epoch_index % 5}.pth")
+    def save_checkpoint(self, epoch_index: int, name: str = "") -> str:
+        """Write ckpt-{epoch_index % 5}.pth (or `name`) atomically: temp file, fsync, rename."""
+        path = os.path.join(self.args.ckpt_save_dir, name or f"ckpt-{epoch_index % 5}.pth")
         state = {"format": CKPT_FORMAT, "model_config": self.model_config,
                  "diffusion_config": self.diffusion_config, "model": self.model.state_dict(),
                  "ema": self.ema.state_dict(), "optimizer": self.optimizer.state_dict(), "epoch": self.epoch, "step": self.step,
-                 "data_rng": self.data_gen.get_state()}
+                 "best_fid": self.best_fid, "data_rng": self.data_gen.get_state()}
         tmp = path + ".tmp"
         with open(tmp, "wb") as f:
             torch.save(state, f)
@@ -508,6 +525,27 @@ class Program:
                 for t in ts]
         self.save_grid(torch.stack(cols, dim=1).flatten(0, 1), name, nrow=len(ts))
 
+    def evaluate(self, n: int) -> dict:
+        """FID and KID of n samples against the --data-folders, and nearest.png of 8 samples."""
+        a, c, s = self.args, self.model_config["img_channels"], self.diffusion_config["img_size"]
+        net = evaluate.InceptionFeatures(self.device)
+        ref, ref_paths = evaluate.reference_features(a.data_folders, s, c, net, a.fid_cache,
+                                                     self.console)
+        samples = torch.cat([to_uint8(self.draw(min(a.batch_size, n - i), f"{i}/{n} samples")[0])
+                             .cpu() for i in range(0, n, a.batch_size)])
+        feats = evaluate.extract(samples, net, a.batch_size, progress="sample features")
+        result = evaluate.score(feats, ref)
+        copy = evaluate.nearest_report(os.path.join(a.save_dir, "nearest.png"), samples[:8],
+                                       feats[:8], ref, ref_paths, s, c)
+        steps = "all T" if a.sampler == "ddpm" else a.sample_steps or DEFAULT_STEPS[a.sampler]
+        self.console.print(
+            f"FID {result['fid']:.2f}, KID {result['kid'] * 1e3:.2f} ± "
+            f"{result['kid_std'] * 1e3:.2f} (x 1e-3): {n} samples ({a.sampler}, {steps} steps, "
+            f"eta {a.eta}, {'raw' if a.raw_weights else 'EMA'} weights) vs {len(ref)} training "
+            f"images; {copy['share']:.0%} of 8 samples are closer to a training image than "
+            f"the median training-image neighbour ({copy['train_median']:.2f})")
+        return result
+
     # -- the two commands ----------------------------------------------------------------------
 
     def load_data(self) -> ImageDataset:
@@ -520,51 +558,66 @@ class Program:
         self.console.print(f"training set: {len(images)} images of {tuple(images.shape[1:])}")
         return ImageDataset(images, self.device)
 
+    def train_step(self, x0: Tensor) -> Tensor:
+        """One step of Algorithm 1: loss -> backward -> clip -> Adam -> EMA. x0: (B, C, H, W)."""
+        with self.autocast():
+            loss = self.diffusion(x0)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        nn.utils.clip_grad_norm_(self.model.parameters(), self.args.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.step += 1
+        update_ema(self.ema, self.model, ema_decay(self.step, self.args.ema_decay))
+        return loss.detach()
+
+    def end_epoch(self, e: int, loss: float, seen: int, secs: float) -> None:
+        """Checkpoint, metrics.jsonl + loss.png, FID every --eval-every epochs, one line."""
+        a = self.args
+        self.epoch = e + 1
+        path = self.save_checkpoint(e)
+        record = {"epoch": e, "step": self.step, "loss": loss, "lr": a.lr,
+                  "img_per_s": seen / secs, "seconds": secs}
+        if a.eval_every and (e + 1) % a.eval_every == 0:
+            record.update(self.evaluate(a.eval_samples))
+            if record["fid"] < self.best_fid:
+                self.best_fid = record["fid"]
+                self.save_checkpoint(e, "best.pth")
+        records = evaluate.append_metrics(os.path.join(a.save_dir, "metrics.jsonl"), record)
+        evaluate.plot_curves(records, os.path.join(a.save_dir, "loss.png"))
+        self.console.print(f"epoch {e}: mean loss {loss:.4f}, {secs:.1f}s, "
+                           f"{seen / secs:.0f} img/s, saved {path}")
+
     def train(self) -> None:
         a = self.args
         data = self.load_data()
         self.save_forward_strip(to_model(data.images[:4]))
         self.save_reverse_strip(self.draw(8, "run-before strip")[1], "run-before.png")
-        params = list(self.model.parameters())
-        first = self.epoch
         try:
             with self.progress("info") as progress:
                 epochs = progress.add_task("epochs", total=a.epochs, info="")
-                for e in range(first, first + a.epochs):
-                    batches = progress.add_task(f"epoch {e}", total=data.num_batches(a.batch_size),
-                                                info="")
+                for e in range(self.epoch, self.epoch + a.epochs):
+                    n = data.num_batches(a.batch_size)
+                    batches = progress.add_task(f"epoch {e}", total=n, info="")
                     t0, seen, loss_sum = time.time(), 0, torch.zeros((), device=self.device)
                     for i, x0 in enumerate(data.batches(a.batch_size, self.data_gen)):
-                        # Training step: loss -> backward -> clip -> step.
-                        with self.autocast():
-                            loss = self.diffusion(x0)
-                        self.optimizer.zero_grad(set_to_none=True)
-                        self.scaler.scale(loss).backward()
-                        self.scaler.unscale_(self.optimizer)
-                        nn.utils.clip_grad_norm_(params, a.grad_clip)
-                        self.scaler.step(self.optimizer)
-                        self.scaler.update()
-                        self.step, seen = self.step + 1, seen + len(x0)
-                        update_ema(self.ema, self.model, ema_decay(self.step, a.ema_decay))
-                        loss_sum += loss.detach()
+                        loss = self.train_step(x0)
+                        seen, loss_sum = seen + len(x0), loss_sum + loss
                         if i % 10 == 0:  # the only host-device sync: to show the figures
                             info = f"loss {loss.item():.4f}  {seen / (time.time() - t0):.0f} img/s"
                             progress.update(batches, info=info)
                             progress.update(epochs, info=info)
                         progress.advance(batches)
-                    self.epoch = e + 1
-                    path = self.save_checkpoint(e)
-                    secs = time.time() - t0
                     progress.remove_task(batches)
+                    self.end_epoch(e, loss_sum.item() / n, seen, time.time() - t0)
                     progress.advance(epochs)
-                    self.console.print(f"epoch {e}: mean loss {loss_sum.item() / (i + 1):.4f}, "
-                                       f"{secs:.1f}s, {seen / secs:.0f} img/s, saved {path}")
         except KeyboardInterrupt:
             path = self.save_checkpoint(self.epoch)  # the epoch in progress restarts on resume
             self.console.print(f"interrupted: saved {path} (epoch {self.epoch}, step {self.step})")
         self.save_reverse_strip(self.draw(8, "run-after strip")[1], "run-after.png")
         self.console.print(f"pictures in {a.save_dir}/: forward-steps.png, run-before.png, "
-                           f"run-after.png")
+                           f"run-after.png, loss.png; metrics.jsonl")
 
     def sample(self) -> None:
         a = self.args
@@ -577,7 +630,12 @@ class Program:
                            f"ddpm-all.png and reverse-steps.png")
 
     def run(self) -> None:
-        self.train() if self.args.train else self.sample()
+        if self.args.train:
+            self.train()
+        elif self.args.eval_fid:
+            self.evaluate(self.args.eval_fid)
+        else:
+            self.sample()
 
 
 def list_or(v):

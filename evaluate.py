@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import hashlib
 import importlib.util
+import json
 import os
 import sys
 import warnings
@@ -213,6 +214,50 @@ def save_nearest_picture(path: str, samples_uint8: Tensor, neighbours_uint8: Ten
     right = make_grid(neighbours_uint8.flatten(0, 1).float() / 255, nrow=k, padding=2, pad_value=1)
     gap = torch.ones(3, left.shape[1], max(2, samples_uint8.shape[-1] // 4))  # white
     save_image(torch.cat([left, gap, right], dim=2), path)
+
+
+def score(sample_feats: np.ndarray, ref_feats: np.ndarray) -> dict:
+    """FID and KID (mean, std over subsets) of sample features (n, 2048) against the reference's."""
+    kid_mean, kid_std = kid(sample_feats, ref_feats)
+    return {"fid": frechet_distance(*stats(sample_feats), *stats(ref_feats)), "kid": kid_mean,
+            "kid_std": kid_std}
+
+
+def nearest_report(path: str, samples_uint8: Tensor, sample_feats, ref_feats, ref_paths: list[str],
+                   img_size: int, channels: int, k: int = 3) -> dict:
+    """Save the picture of each sample beside its k nearest training images (only those k images
+    per sample are decoded again) and return copy_score's figures."""
+    idx, _ = nearest(sample_feats, ref_feats, k)
+    neighbours = torch.stack([torch.stack([torch.from_numpy(
+        data.load_image(ref_paths[j], img_size, channels)) for j in row]) for row in idx])
+    save_nearest_picture(path, samples_uint8, neighbours)
+    return copy_score(sample_feats, ref_feats)
+
+
+def append_metrics(path: str, record: dict) -> list[dict]:
+    """Append one JSON record to a .jsonl file; return every record in it."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_curves(records: list[dict], path: str) -> None:
+    """Mean training loss per epoch (and FID where measured) -> a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no window
+    import matplotlib.pyplot as plt
+    fid = [(r["epoch"], r["fid"]) for r in records if r.get("fid") is not None]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot([r["epoch"] for r in records], [r["loss"] for r in records], "o-", label="loss")
+    ax.set(xlabel="epoch", ylabel="mean training loss", yscale="log")
+    if fid:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*fid), "s--", color="tab:red", label="FID")
+        ax2.set_ylabel("FID", color="tab:red")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:

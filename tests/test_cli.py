@@ -1,4 +1,5 @@
 """The real command line, end to end, on tiny generated images: train, resume, sample, errors."""
+import json
 import os
 import subprocess
 import sys
@@ -46,6 +47,10 @@ def test_training_writes_checkpoints_and_pictures_of_the_right_size(trained):
     assert png_size(root / "output" / "forward-steps.png") == (11 * 17 + 1, 4 * 17 + 1)
     for name in ("run-before.png", "run-after.png"):
         assert png_size(root / "output" / name) == (11 * 17 + 1, 8 * 17 + 1)
+    records = [json.loads(line) for line in open(root / "output" / "metrics.jsonl")]
+    assert [(r["epoch"], r["step"]) for r in records] == [(0, 2), (1, 4)]
+    assert all(r["loss"] > 0 and r["img_per_s"] > 0 and r["seconds"] > 0 for r in records)
+    assert png_size(root / "output" / "loss.png") == (600, 350)
 
 
 def test_checkpoint_describes_itself_and_loads_without_code(trained):
@@ -55,7 +60,8 @@ def test_checkpoint_describes_itself_and_loads_without_code(trained):
     assert ckpt["model_config"]["num_channels"] == 8
     assert ckpt["model_config"]["has_attn"] == [False, True]
     assert ckpt["diffusion_config"] == {"img_size": 16, "timesteps": 20, "beta_min": 0.005,
-                                        "beta_max": 0.5}
+                                        "beta_max": 0.5, "schedule": "linear", "prediction": "eps"}
+    assert set(ckpt) >= {"model", "ema", "optimizer", "epoch", "step", "data_rng"}
 
 
 def test_sampling_from_the_checkpoint_alone_writes_64_images_and_the_strip(trained):
@@ -124,3 +130,24 @@ def test_a_checkpoint_with_pickled_code_is_refused_without_running_it(tmp_path):
     r = ddpm(tmp_path, "--loadckpt", "evil.pth")
     assert r.returncode == 2 and "cannot read checkpoint" in r.stderr
     assert not marker.exists()
+
+
+def test_eval_fid_scores_samples_and_reuses_the_cached_training_features(trained):
+    pytest.importorskip("scipy")
+    root, _ = trained
+    args = ["--loadckpt", "ckpt-1.pth", "--eval-fid", "10", "--data-folders", "faces",
+            "--batch-size", "5", "--save-dir", "eval", "--fid-cache", "cache", "--seed", "0"]
+    first = ddpm(root, *args)
+    if "not installed" in first.stderr:
+        pytest.skip(first.stderr)
+    assert first.returncode == 0, first.stderr
+    assert "cached features of 12 images" in first.stdout
+    fid = float(first.stdout.split("FID ")[1].split(",")[0])
+    assert fid > 0 and "10 samples (ddpm, all T steps" in first.stdout
+    # nearest.png: 8 rows of 16-px tiles; each sample, a gap, then its 3 nearest training images.
+    w, h = png_size(root / "eval" / "nearest.png")
+    assert h == 8 * 18 + 2 and w == 18 + 2 + 4 + 3 * 18 + 2
+    second = ddpm(root, *args)
+    assert second.returncode == 0 and "cached features" not in second.stdout
+    assert float(second.stdout.split("FID ")[1].split(",")[0]) == pytest.approx(fid, rel=1e-6)
+    assert len(os.listdir(root / "cache")) == 1
