@@ -2,6 +2,7 @@
 
 to_model / to_uint8 are the only two conversions between stored pixels and the model's [-1, 1].
 """
+import hashlib
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -64,16 +65,50 @@ def load_image(path: str, size: int, channels: int) -> np.ndarray:
     return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
 
 
-def load_folders(folders: list[str], size: int, channels: int, warn=print) -> Tensor:
+def folder_key(folders: list[str], size: int, channels: int, salt: str = "") -> tuple[str, list]:
+    """A key that changes when any image file under the folders is added, removed or modified
+    (sha256 of each path, size and mtime, plus size, channels and salt), and the image paths."""
+    paths, key = list_images(folders), hashlib.sha256(f"{salt}|{size}|{channels}".encode())
+    for p in paths:
+        st = os.stat(p)
+        key.update(f"|{os.path.abspath(p)}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return key.hexdigest()[:32], paths
+
+
+def load_folders(folders: list[str], size: int, channels: int, warn=print,
+                 cache_dir: str | None = None) -> Tensor:
     """Decode every image under the folders (all cores, progress bar) -> uint8 (N, C, size, size).
 
     Files that are not images by extension are ignored; files that fail to decode are skipped with
-    one warning line naming them; no usable image at all raises DataError.
+    one warning line naming them; no usable image at all raises DataError. With cache_dir, the
+    decoded set is kept in cache_dir/images-<folder_key>.npz and read back on the next start.
     """
-    paths = list_images(folders)
+    key, paths = folder_key(folders, size, channels, "decoded v1")
     if not paths:
         raise DataError(f"no image files (.jpg, .png, ...) in {', '.join(folders)}")
+    cache = cache_dir and os.path.join(cache_dir, f"images-{key}.npz")
+    if cache and os.path.isfile(cache):
+        with np.load(cache) as z:
+            images, bad = z["images"], list(z["skipped"])
+    else:
+        images, bad = decode_all(paths, size, channels)
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        warn(f"warning: skipped {len(bad)} file(s) that could not be decoded: {shown}")
+    if not len(images):
+        raise DataError(f"none of the {len(paths)} image files in {', '.join(folders)} could be read")
+    if cache and not os.path.isfile(cache):
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = f"{cache}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
+            np.savez(f, images=images, skipped=np.array(bad, dtype=str))
+        os.replace(tmp, cache)
+    return torch.from_numpy(images)
 
+
+def decode_all(paths: list[str], size: int, channels: int) -> tuple[np.ndarray, list[str]]:
+    """Decode images on all cores with a progress bar -> uint8 (N, C, size, size) and the paths
+    that failed to decode."""
     def decode(path):
         try:
             return load_image(path, size, channels)
@@ -86,12 +121,8 @@ def load_folders(folders: list[str], size: int, channels: int, warn=print) -> Te
         for path, arr in zip(paths, pool.map(decode, paths, chunksize=64)):
             (bad.append(path) if arr is None else images.append(arr))
             progress.advance(task)
-    if bad:
-        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-        warn(f"warning: skipped {len(bad)} file(s) that could not be decoded: {shown}")
-    if not images:
-        raise DataError(f"none of the {len(paths)} image files in {', '.join(folders)} could be read")
-    return torch.from_numpy(np.stack(images))
+    empty = np.empty((0, channels, size, size), np.uint8)
+    return (np.stack(images) if images else empty), bad
 
 
 def demo_faces(n: int, size: int, channels: int = 3, seed: int = 0) -> Tensor:
@@ -148,10 +179,26 @@ class ImageDataset:
         return math.ceil(len(self) / batch_size)
 
     def batches(self, batch_size: int, generator: torch.Generator):
-        """One epoch of float batches (B, C, H, W) in [-1, 1], random order and random h-flips."""
-        order = torch.randperm(len(self), generator=generator).to(self.device)
-        for i in range(0, len(self), batch_size):
-            x = self.images[order[i:i + batch_size]]
-            flip = (torch.rand(len(x), generator=generator) < 0.5).to(self.device)
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        """One epoch of float batches (B, C, H, W) in [-1, 1], random order and random h-flips,
+        gathered, flipped and scaled on the device in whole-batch operations."""
+        for idx, flip in batch_plan(len(self), batch_size, generator):
+            x = self.images[idx.to(self.device)]
+            x = torch.where(flip.to(self.device)[:, None, None, None], x.flip(-1), x)
             yield to_model(x)
+
+    def plain_batches(self, batch_size: int, generator: torch.Generator):
+        """The same batches the per-image way (a DataLoader-style reference): one image at a time
+        is converted and flipped on the CPU, then stacked and copied to the device."""
+        images = self.images.cpu()
+        for idx, flip in batch_plan(len(self), batch_size, generator):
+            items = [to_model(images[i]).flip(-1) if f else to_model(images[i])
+                     for i, f in zip(idx.tolist(), flip.tolist())]
+            yield torch.stack(items).to(self.device)
+
+
+def batch_plan(n: int, batch_size: int, generator: torch.Generator):
+    """An epoch's random order and flips: (indices (B,), flip (B,) bool) per batch, on the CPU."""
+    order = torch.randperm(n, generator=generator)
+    for i in range(0, n, batch_size):
+        idx = order[i:i + batch_size]
+        yield idx, torch.rand(len(idx), generator=generator) < 0.5

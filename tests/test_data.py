@@ -1,4 +1,6 @@
 """Loading folders of real files (mixed sizes and modes, broken files), batches and conversions."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -92,3 +94,31 @@ def test_demo_faces_are_deterministic_and_varied():
     assert a.shape == (8, 3, 32, 32) and torch.equal(a, b)
     assert not torch.equal(a[0], a[1])
     assert demo_faces(2, 16, channels=1).shape == (2, 1, 16, 16)
+
+
+def test_the_decoded_set_is_cached_bit_for_bit_and_rebuilt_when_a_file_changes(tmp_path, monkeypatch):
+    import data
+    make_mixed_folder(tmp_path / "imgs")
+    folder, cache = [str(tmp_path / "imgs")], str(tmp_path / "cache")
+    fresh = load_folders(folder, 16, 3, warn=lambda s: None, cache_dir=cache)
+    warnings = []
+    with monkeypatch.context() as m:
+        m.setattr(data, "load_image", lambda *a: pytest.fail("decoded although cached"))
+        cached = load_folders(folder, 16, 3, warn=warnings.append, cache_dir=cache)
+    assert torch.equal(cached, fresh) and cached.dtype == torch.uint8
+    assert len(warnings) == 1 and "f_broken.jpg" in warnings[0]  # the skip is still reported
+    # Change one file: the cache key changes and the set is decoded again.
+    Image.fromarray(np.full((32, 32, 3), 10, np.uint8)).save(tmp_path / "imgs" / "sub" / "e_nested.bmp")
+    os.utime(tmp_path / "imgs" / "sub" / "e_nested.bmp", ns=(1, 1))
+    rebuilt = load_folders(folder, 16, 3, warn=lambda s: None, cache_dir=cache)
+    assert (rebuilt[4] == 10).all() and torch.equal(rebuilt[:4], fresh[:4])
+    assert len(os.listdir(cache)) == 2
+
+
+def test_device_batches_equal_the_per_image_path_batch_for_batch():
+    images = torch.randint(0, 256, (50, 3, 8, 8), dtype=torch.uint8)
+    ds = ImageDataset(images, torch.device("cpu"))
+    fast = list(ds.batches(16, torch.Generator().manual_seed(5)))
+    plain = list(ds.plain_batches(16, torch.Generator().manual_seed(5)))
+    assert len(fast) == len(plain) == 4
+    assert all(torch.equal(f, p) for f, p in zip(fast, plain))
