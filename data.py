@@ -36,20 +36,41 @@ def list_images(folders: list[str]) -> list[str]:
     for folder in folders:
         if not os.path.isdir(folder):
             raise DataError(f"data folder not found: {folder}")
+        seen = set()  # real paths of visited folders: a symlink loop is walked once
         for root, dirs, files in os.walk(folder, followlinks=True):
-            dirs.sort()
+            seen.add(os.path.realpath(root))
+            dirs[:] = sorted(d for d in dirs if os.path.realpath(os.path.join(root, d)) not in seen)
             paths += [os.path.join(root, f) for f in sorted(files)
                       if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
     return paths
 
 
-def load_image(path: str, size: int, channels: int) -> np.ndarray:
-    """Decode one image, flatten transparency onto white, resize the shorter side, centre-crop.
+class SkipImage(Exception):
+    """A file that is not used for training; the message is the reason."""
 
-    Returns uint8 (channels, size, size).
+
+def load_image(path: str, size: int, channels: int, keep_small: bool = False) -> np.ndarray:
+    """Decode one image (the first frame of an animation), flatten transparency onto white,
+    resize the shorter side to `size`, centre-crop. Returns uint8 (channels, size, size).
+
+    Raises SkipImage for an image smaller than `size` unless keep_small (then it is upscaled).
     """
-    with Image.open(path) as im:
-        im.load()
+    try:
+        im = Image.open(path)
+    except PermissionError:
+        raise SkipImage("could not be read (permission denied)") from None
+    except Exception:  # any decoder failure means "not a usable image"
+        raise SkipImage("could not be decoded") from None
+    with im:
+        if min(im.size) < size and not keep_small:
+            raise SkipImage(f"smaller than {size} px")
+        im.draft("RGB" if channels == 3 else "L", (size, size))  # big JPEGs: decode at 1/2..1/8
+        try:
+            im.load()
+        except Exception:
+            raise SkipImage("could not be decoded") from None
+        if im.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit grey: keep the top 8 bits
+            im = Image.fromarray((np.asarray(im, dtype=np.int64) // 257).clip(0, 255).astype(np.uint8))
         if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
             rgba = im.convert("RGBA")
             im = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -76,50 +97,61 @@ def folder_key(folders: list[str], size: int, channels: int, salt: str = "") -> 
 
 
 def load_folders(folders: list[str], size: int, channels: int, warn=print,
-                 cache_dir: str | None = None) -> Tensor:
+                 cache_dir: str | None = None, keep_small: bool = False) -> Tensor:
     """Decode every image under the folders (all cores, progress bar) -> uint8 (N, C, size, size).
 
     Files that are not images by extension are ignored; files that fail to decode are skipped with
-    one warning line naming them; no usable image at all raises DataError. With cache_dir, the
+    one warning line that counts and names them by reason (undecodable, unreadable, smaller than
+    `size` unless keep_small); no usable image at all raises DataError. With cache_dir, the
     decoded set is kept in cache_dir/images-<folder_key>.npz and read back on the next start.
     """
-    key, paths = folder_key(folders, size, channels, "decoded v1")
+    key, paths = folder_key(folders, size, channels, f"decoded v2 keep_small={keep_small}")
     if not paths:
         raise DataError(f"no image files (.jpg, .png, ...) in {', '.join(folders)}")
     cache = cache_dir and os.path.join(cache_dir, f"images-{key}.npz")
     if cache and os.path.isfile(cache):
         with np.load(cache) as z:
-            images, bad = z["images"], list(z["skipped"])
+            images, bad = z["images"], [tuple(s.split("|", 1)) for s in z["skipped"]]
     else:
-        images, bad = decode_all(paths, size, channels)
+        images, bad = decode_all(paths, size, channels, keep_small)
     if bad:
-        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-        warn(f"warning: skipped {len(bad)} file(s) that could not be decoded: {shown}")
+        warn(f"warning: used {len(images)} of {len(paths)} image files, skipped {len(bad)}: "
+             + skip_summary(bad))
     if not len(images):
         raise DataError(f"none of the {len(paths)} image files in {', '.join(folders)} could be read")
     if cache and not os.path.isfile(cache):
         os.makedirs(cache_dir, exist_ok=True)
         tmp = f"{cache}.{os.getpid()}.tmp"
         with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
-            np.savez(f, images=images, skipped=np.array(bad, dtype=str))
+            np.savez(f, images=images, skipped=np.array([f"{r}|{p}" for p, r in bad], dtype=str))
         os.replace(tmp, cache)
     return torch.from_numpy(images)
 
 
-def decode_all(paths: list[str], size: int, channels: int) -> tuple[np.ndarray, list[str]]:
-    """Decode images on all cores with a progress bar -> uint8 (N, C, size, size) and the paths
-    that failed to decode."""
+def skip_summary(bad: list[tuple[str, str]]) -> str:
+    """[(path, reason)] -> '2 could not be decoded (a.jpg, b.png); 1 smaller than 64 px (c.png)'."""
+    by_reason = {}
+    for path, reason in bad:
+        by_reason.setdefault(reason, []).append(path)
+    return "; ".join(f"{len(ps)} {r} ({', '.join(ps[:3])}{', ...' if len(ps) > 3 else ''})"
+                     for r, ps in by_reason.items())
+
+
+def decode_all(paths: list[str], size: int, channels: int,
+               keep_small: bool = False) -> tuple[np.ndarray, list[tuple[str, str]]]:
+    """Decode images on all cores with a progress bar -> uint8 (N, C, size, size) and the
+    (path, reason) of every file skipped."""
     def decode(path):
         try:
-            return load_image(path, size, channels)
-        except Exception:  # any decoder failure means "not a usable image"
-            return None
+            return load_image(path, size, channels, keep_small)
+        except SkipImage as e:
+            return str(e)
 
     images, bad = [], []
     with ThreadPoolExecutor(os.cpu_count()) as pool, Progress(transient=True) as progress:
         task = progress.add_task(f"loading {len(paths)} images", total=len(paths))
         for path, arr in zip(paths, pool.map(decode, paths, chunksize=64)):
-            (bad.append(path) if arr is None else images.append(arr))
+            (bad.append((path, arr)) if isinstance(arr, str) else images.append(arr))
             progress.advance(task)
     empty = np.empty((0, channels, size, size), np.uint8)
     return (np.stack(images) if images else empty), bad

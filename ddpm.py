@@ -250,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="3 = RGB, 1 = grayscale")
     g.add_argument("--img-size", type=int, default=64,
                    help="images are resized (shorter side) and centre-cropped to this square")
+    g.add_argument("--keep-small", action="store_true",
+                   help="upscale images smaller than --img-size instead of skipping them")
     g = p.add_argument_group("model (stored in the checkpoint)")
     g.add_argument("--num-channels", type=int, default=64, help="UNet base width")
     g.add_argument("--channel-multiples", type=int, nargs="+", default=[1, 2, 4, 8],
@@ -558,7 +560,8 @@ class Program:
             images = demo_faces(a.demo_images, a.img_size, a.img_channels, seed=0)
         else:
             images = load_folders(a.data_folders, a.img_size, a.img_channels,
-                                  warn=self.console.print, cache_dir=a.cache_dir)
+                                  warn=self.console.print, cache_dir=a.cache_dir,
+                                  keep_small=a.keep_small)
         self.console.print(f"training set: {len(images)} images of {tuple(images.shape[1:])}, "
                            f"ready in {time.time() - t0:.1f}s")
         return ImageDataset(images, self.device)

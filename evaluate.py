@@ -138,8 +138,8 @@ def reference_features(folders: list[str], img_size: int, channels: int, net, ca
 
     def decode(path):
         try:
-            return data.load_image(path, img_size, channels)
-        except Exception:  # any decoder failure means "not a usable image", as in training
+            return data.load_image(path, img_size, channels, keep_small=True)
+        except data.SkipImage:  # not a usable image, as in training
             return None
 
     feats, index = [], []
@@ -222,7 +222,7 @@ def nearest_report(path: str, samples_uint8: Tensor, sample_feats, ref_feats, re
     per sample are decoded again) and return copy_score's figures."""
     idx, _ = nearest(sample_feats, ref_feats, k)
     neighbours = torch.stack([torch.stack([torch.from_numpy(
-        data.load_image(ref_paths[j], img_size, channels)) for j in row]) for row in idx])
+        data.load_image(ref_paths[j], img_size, channels, True)) for j in row]) for row in idx])
     save_nearest_picture(path, samples_uint8, neighbours)
     return copy_score(sample_feats, ref_feats)
 

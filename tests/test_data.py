@@ -39,7 +39,8 @@ def test_load_folders_decodes_mixed_files_and_names_what_it_skipped(tmp_path):
     warnings = []
     x = load_folders([str(tmp_path / "imgs")], 16, 3, warn=warnings.append)
     assert x.dtype == torch.uint8 and x.shape == (5, 3, 16, 16)
-    assert len(warnings) == 1 and "f_broken.jpg" in warnings[0] and "1 file" in warnings[0]
+    assert warnings == [f"warning: used 5 of 6 image files, skipped 1: 1 could not be decoded "
+                        f"({tmp_path / 'imgs' / 'f_broken.jpg'})"]
     wide, gray, rgba, pal, nested = x
     assert (wide[1] == 255).all() and (wide[0] == 0).all() and (wide[2] == 0).all()
     assert (gray - 77).abs().max() <= 1 and torch.equal(gray[0], gray[2])
@@ -103,7 +104,7 @@ def test_the_decoded_set_is_cached_bit_for_bit_and_rebuilt_when_a_file_changes(t
     fresh = load_folders(folder, 16, 3, warn=lambda s: None, cache_dir=cache)
     warnings = []
     with monkeypatch.context() as m:
-        m.setattr(data, "load_image", lambda *a: pytest.fail("decoded although cached"))
+        m.setattr(data, "load_image", lambda *a, **k: pytest.fail("decoded although cached"))
         cached = load_folders(folder, 16, 3, warn=warnings.append, cache_dir=cache)
     assert torch.equal(cached, fresh) and cached.dtype == torch.uint8
     assert len(warnings) == 1 and "f_broken.jpg" in warnings[0]  # the skip is still reported
@@ -122,3 +123,41 @@ def test_device_batches_equal_the_per_image_path_batch_for_batch():
     plain = list(ds.plain_batches(16, torch.Generator().manual_seed(5)))
     assert len(fast) == len(plain) == 4
     assert all(torch.equal(f, p) for f, p in zip(fast, plain))
+
+
+def test_awkward_files_are_decoded_or_skipped_with_a_counted_reason(tmp_path, monkeypatch):
+    import data
+    d = tmp_path / "imgs"
+    d.mkdir()
+    Image.fromarray(np.full((20, 20, 4), 128, np.uint8), "CMYK").save(d / "cmyk.jpg")
+    Image.fromarray(np.full((20, 20), 65535, np.uint16)).save(d / "grey16.png")  # mode I;16
+    frames = [Image.new("RGB", (20, 20), c) for c in ((255, 0, 0), (0, 0, 255))]
+    frames[0].save(d / "anim.gif", save_all=True, append_images=frames[1:])
+    Image.new("RGB", (300, 200), (0, 255, 0)).save(d / "big.jpg", quality=95)
+    Image.new("RGB", (8, 8)).save(d / "small.png")
+    (d / "empty.png").write_bytes(b"")
+    Image.new("RGB", (40, 40)).save(d / "whole.jpg")
+    (d / "truncated.jpg").write_bytes((d / "whole.jpg").read_bytes()[:100])
+    (d / "whole.jpg").unlink()
+    (d / "fake.png").write_text("hello")
+    (d / "loop").symlink_to(d)  # a symlink loop must not recurse forever
+    warnings = []
+    x = load_folders([str(d)], 16, 3, warn=warnings.append)
+    assert x.shape == (4, 3, 16, 16)  # anim, big, cmyk, grey16 (sorted by name)
+    anim, big, cmyk, grey16 = x
+    assert (anim[0] > 200).all() and (anim[2] < 50).all()  # first frame: red
+    assert (big[1] > 240).all() and (big[0] < 15).all()
+    assert (grey16 == 255).all()
+    assert cmyk.float().std() < 1  # one flat colour, converted
+    assert len(warnings) == 1
+    assert "used 4 of 8 image files, skipped 4: 3 could not be decoded" in warnings[0]
+    assert "1 smaller than 16 px" in warnings[0] and "small.png" in warnings[0]
+    assert len(load_folders([str(d)], 16, 3, warn=lambda s: None, keep_small=True)) == 5
+
+    def denied(*a, **k):
+        raise PermissionError("no")
+
+    monkeypatch.setattr(data.Image, "open", denied)
+    with pytest.raises(DataError, match="could be read"):
+        load_folders([str(d)], 16, 3, warn=warnings.append)
+    assert "could not be read (permission denied)" in warnings[-1]

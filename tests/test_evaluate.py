@@ -121,7 +121,7 @@ def test_reference_features_cache_is_reused_and_follows_file_changes(tmp_path, m
     (folder / "broken.jpg").write_bytes(b"not a jpeg")
     calls = []
     load = data.load_image
-    monkeypatch.setattr(data, "load_image", lambda *a: calls.append(a[0]) or load(*a))
+    monkeypatch.setattr(data, "load_image", lambda *a, **k: calls.append(a[0]) or load(*a, **k))
     run = lambda: reference_features([str(folder)], 16, 3, FakeNet(), cache, console=None)
 
     feats, paths = run()
