@@ -35,10 +35,15 @@ CKPT_FORMAT = 1
 MODEL_FLAGS = ("img_channels", "num_channels", "channel_multiples", "has_attn", "num_blocks", "dropout")
 DIFFUSION_FLAGS = ("img_size", "timesteps", "beta_min", "beta_max", "schedule", "prediction")
 DEFAULT_STEPS = {"ddpm": 0, "ddim": 50, "dpm++": 20}  # 0: all T steps
+MAX_BAD_STEPS = 5  # non-finite losses in a row before a run stops
 
 
 class UserError(Exception):
     """Bad flags, files or checkpoints: printed as one line, exit code 2."""
+
+
+class NonFiniteLoss(Exception):
+    """The loss was NaN or infinite MAX_BAD_STEPS steps in a row."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -410,7 +415,7 @@ class Program:
         self.data_gen = torch.Generator().manual_seed(
             a.seed if a.seed is not None else random.randrange(2**63))
         self.epoch, self.step = 0, 0  # epochs and optimizer steps completed
-        self.best_fid = math.inf
+        self.best_fid, self.bad_steps = math.inf, 0
 
         ckpt = self.read_checkpoint(a.loadckpt) if a.loadckpt else None
         if ckpt:  # the checkpoint's architecture wins; a typed flag that disagrees is an error
@@ -441,8 +446,11 @@ class Program:
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.epoch, self.step = ckpt["epoch"], ckpt["step"]
             self.best_fid = ckpt.get("best_fid", math.inf)
-            if ckpt.get("data_rng") is not None and a.seed is None:
+            if a.train:  # resume exactly where the run stopped: its RNG states go on
                 self.data_gen.set_state(ckpt["data_rng"])
+                torch.set_rng_state(ckpt["torch_rng"])
+                if self.device.type == "cuda" and ckpt.get("cuda_rng") is not None:
+                    torch.cuda.set_rng_state(ckpt["cuda_rng"], self.device)
         for folder in (a.save_dir, a.ckpt_save_dir if a.train else None):
             try:
                 if folder:
@@ -451,6 +459,11 @@ class Program:
                 raise UserError(f"cannot create folder {folder}: {e.strerror}") from None
 
     # -- helpers -------------------------------------------------------------------------------
+
+    def side_rng(self):
+        """Pictures and FID drawn during training use a forked RNG, so that they leave the
+        training's random stream (and so an exact resume) untouched."""
+        return torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [])
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -485,13 +498,23 @@ class Program:
         state = {"format": CKPT_FORMAT, "model_config": self.model_config,
                  "diffusion_config": self.diffusion_config, "model": self.model.state_dict(),
                  "ema": self.ema.state_dict(), "optimizer": self.optimizer.state_dict(), "epoch": self.epoch, "step": self.step,
-                 "best_fid": self.best_fid, "data_rng": self.data_gen.get_state()}
+                 "best_fid": self.best_fid, "data_rng": self.data_gen.get_state(),
+                 "torch_rng": torch.get_rng_state(),
+                 "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda"
+                 else None}
         tmp = path + ".tmp"
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as e:  # a full disk or a permission error: say so, keep training
+            self.console.print(f"warning: could not save {path}: {e.strerror or e}; the previous "
+                               f"checkpoints are intact and training goes on")
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            return None
         return path
 
     def save_grid(self, images: Tensor, name: str, nrow: int) -> None:
@@ -566,10 +589,18 @@ class Program:
                            f"ready in {time.time() - t0:.1f}s")
         return ImageDataset(images, self.device)
 
-    def train_step(self, x0: Tensor) -> Tensor:
-        """One step of Algorithm 1: loss -> backward -> clip -> Adam -> EMA. x0: (B, C, H, W)."""
+    def train_step(self, x0: Tensor) -> Tensor | None:
+        """One step of Algorithm 1: loss -> backward -> clip -> Adam -> EMA. x0: (B, C, H, W).
+        A non-finite loss skips the step (returns None); MAX_BAD_STEPS in a row stop the run."""
         with self.autocast():
             loss = self.diffusion(x0)
+        if not torch.isfinite(loss):  # a host-device sync, but a NaN must never reach the weights
+            self.bad_steps += 1
+            self.console.print(f"warning: non-finite loss at step {self.step + 1}, step skipped")
+            if self.bad_steps >= MAX_BAD_STEPS:
+                raise NonFiniteLoss()
+            return None
+        self.bad_steps = 0
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
@@ -588,20 +619,22 @@ class Program:
         record = {"epoch": e, "step": self.step, "loss": loss, "lr": a.lr,
                   "img_per_s": seen / secs, "seconds": secs}
         if a.eval_every and (e + 1) % a.eval_every == 0:
-            record.update(self.evaluate(a.eval_samples))
+            with self.side_rng():
+                record.update(self.evaluate(a.eval_samples))
             if record["fid"] < self.best_fid:
                 self.best_fid = record["fid"]
                 self.save_checkpoint(e, "best.pth")
         records = evaluate.append_metrics(os.path.join(a.save_dir, "metrics.jsonl"), record)
         evaluate.plot_curves(records, os.path.join(a.save_dir, "loss.png"))
         self.console.print(f"epoch {e}: mean loss {loss:.4f}, {secs:.1f}s, "
-                           f"{seen / secs:.0f} img/s, saved {path}")
+                           f"{seen / secs:.0f} img/s, {'saved ' + path if path else 'NOT saved'}")
 
     def train(self) -> None:
         a = self.args
         data = self.load_data()
-        self.save_forward_strip(to_model(data.images[:4]))
-        self.save_reverse_strip(self.draw(8, "run-before strip")[1], "run-before.png")
+        with self.side_rng():
+            self.save_forward_strip(to_model(data.images[:4]))
+            self.save_reverse_strip(self.draw(8, "run-before strip")[1], "run-before.png")
         try:
             with self.progress("info") as progress:
                 epochs = progress.add_task("epochs", total=a.epochs, info="")
@@ -612,6 +645,9 @@ class Program:
                     batches_of = data.batches if a.data_path == "device" else data.plain_batches
                     for i, x0 in enumerate(batches_of(a.batch_size, self.data_gen)):
                         loss = self.train_step(x0)
+                        if loss is None:
+                            n -= 1
+                            continue
                         seen, loss_sum = seen + len(x0), loss_sum + loss
                         if i % 10 == 0:  # the only host-device sync: to show the figures
                             info = f"loss {loss.item():.4f}  {seen / (time.time() - t0):.0f} img/s"
@@ -619,12 +655,20 @@ class Program:
                             progress.update(epochs, info=info)
                         progress.advance(batches)
                     progress.remove_task(batches)
-                    self.end_epoch(e, loss_sum.item() / n, seen, time.time() - t0)
+                    self.end_epoch(e, loss_sum.item() / max(n, 1), seen, time.time() - t0)
                     progress.advance(epochs)
         except KeyboardInterrupt:
             path = self.save_checkpoint(self.epoch)  # the epoch in progress restarts on resume
             self.console.print(f"interrupted: saved {path} (epoch {self.epoch}, step {self.step})")
-        self.save_reverse_strip(self.draw(8, "run-after strip")[1], "run-after.png")
+        except NonFiniteLoss:
+            path = self.save_checkpoint(self.epoch)
+            self.console.print(
+                f"stopped: the loss was not finite {MAX_BAD_STEPS} steps in a row; the last good "
+                f"weights are in {path} (step {self.step}). Lower --lr (now {a.lr}) or "
+                f"--grad-clip, or look for broken images in the data, then resume with --loadckpt")
+            sys.exit(1)
+        with self.side_rng():
+            self.save_reverse_strip(self.draw(8, "run-after strip")[1], "run-after.png")
         self.console.print(f"pictures in {a.save_dir}/: forward-steps.png, run-before.png, "
                            f"run-after.png, loss.png; metrics.jsonl")
 
