@@ -441,22 +441,34 @@ class Program:
         self.scaler = torch.amp.GradScaler(self.device.type,
                                            enabled=self.amp_dtype == torch.float16)
         if ckpt:
-            self.model.load_state_dict(ckpt["model"])
-            self.ema.load_state_dict(ckpt.get("ema", ckpt["model"]))
-            self.optimizer.load_state_dict(ckpt["optimizer"])
-            self.epoch, self.step = ckpt["epoch"], ckpt["step"]
-            self.best_fid = ckpt.get("best_fid", math.inf)
-            if a.train:  # resume exactly where the run stopped: its RNG states go on
-                self.data_gen.set_state(ckpt["data_rng"])
-                torch.set_rng_state(ckpt["torch_rng"])
-                if self.device.type == "cuda" and ckpt.get("cuda_rng") is not None:
-                    torch.cuda.set_rng_state(ckpt["cuda_rng"], self.device)
+            try:
+                self.restore(ckpt)
+            except (KeyError, RuntimeError, ValueError, TypeError) as e:
+                first = str(e).strip().splitlines()[0][:120]
+                raise UserError(f"checkpoint {a.loadckpt} does not fit this program (damaged, or "
+                                f"from another version): {type(e).__name__}: {first}") from None
         for folder in (a.save_dir, a.ckpt_save_dir if a.train else None):
             try:
                 if folder:
                     os.makedirs(folder, exist_ok=True)
             except OSError as e:
                 raise UserError(f"cannot create folder {folder}: {e.strerror}") from None
+            if folder and not os.access(folder, os.W_OK):
+                raise UserError(f"cannot write to folder {folder}: choose another one")
+
+    def restore(self, ckpt: dict) -> None:
+        """Weights, EMA, optimizer and counters; for training also the RNG states, so that a
+        resumed run goes on exactly as if it had never stopped."""
+        self.model.load_state_dict(ckpt["model"])
+        self.ema.load_state_dict(ckpt.get("ema", ckpt["model"]))
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.epoch, self.step = ckpt["epoch"], ckpt["step"]
+        self.best_fid = ckpt.get("best_fid", math.inf)
+        if self.args.train:
+            self.data_gen.set_state(ckpt["data_rng"])
+            torch.set_rng_state(ckpt["torch_rng"])
+            if self.device.type == "cuda" and ckpt.get("cuda_rng") is not None:
+                torch.cuda.set_rng_state(ckpt["cuda_rng"], self.device)
 
     # -- helpers -------------------------------------------------------------------------------
 
