@@ -207,30 +207,37 @@ class ImageDataset:
     def __len__(self) -> int:
         return len(self.images)
 
-    def num_batches(self, batch_size: int) -> int:
-        return math.ceil(len(self) / batch_size)
+    def num_batches(self, batch_size: int, world: int = 1) -> int:
+        return math.ceil(len(self) / batch_size) if world == 1 else len(self) // batch_size
 
-    def batches(self, batch_size: int, generator: torch.Generator):
+    def batches(self, batch_size: int, generator: torch.Generator, rank: int = 0, world: int = 1):
         """One epoch of float batches (B, C, H, W) in [-1, 1], random order and random h-flips,
-        gathered, flipped and scaled on the device in whole-batch operations."""
-        for idx, flip in batch_plan(len(self), batch_size, generator):
+        gathered, flipped and scaled on the device in whole-batch operations. With world > 1
+        processes, this one's share (every world-th image) of each full global batch."""
+        for idx, flip in batch_plan(len(self), batch_size, generator, rank, world):
             x = self.images[idx.to(self.device)]
             x = torch.where(flip.to(self.device)[:, None, None, None], x.flip(-1), x)
             yield to_model(x)
 
-    def plain_batches(self, batch_size: int, generator: torch.Generator):
+    def plain_batches(self, batch_size: int, generator: torch.Generator, rank: int = 0,
+                      world: int = 1):
         """The same batches the per-image way (a DataLoader-style reference): one image at a time
         is converted and flipped on the CPU, then stacked and copied to the device."""
         images = self.images.cpu()
-        for idx, flip in batch_plan(len(self), batch_size, generator):
+        for idx, flip in batch_plan(len(self), batch_size, generator, rank, world):
             items = [to_model(images[i]).flip(-1) if f else to_model(images[i])
                      for i, f in zip(idx.tolist(), flip.tolist())]
             yield torch.stack(items).to(self.device)
 
 
-def batch_plan(n: int, batch_size: int, generator: torch.Generator):
-    """An epoch's random order and flips: (indices (B,), flip (B,) bool) per batch, on the CPU."""
+def batch_plan(n: int, batch_size: int, generator: torch.Generator, rank: int = 0,
+               world: int = 1):
+    """An epoch's random order and flips: (indices (B,), flip (B,) bool) per batch, on the CPU.
+    With world > 1: the last partial batch is dropped and this rank gets [rank::world] of each."""
     order = torch.randperm(n, generator=generator)
     for i in range(0, n, batch_size):
         idx = order[i:i + batch_size]
-        yield idx, torch.rand(len(idx), generator=generator) < 0.5
+        flip = torch.rand(len(idx), generator=generator) < 0.5
+        if world > 1 and len(idx) < batch_size:
+            return
+        yield idx[rank::world], flip[rank::world]

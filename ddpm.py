@@ -20,6 +20,7 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from rich.console import Console
@@ -165,12 +166,14 @@ class GaussianDiffusion(nn.Module):
         x_s = math.sqrt((1 - ab_s) / (1 - ab_t)) * xt - math.sqrt(ab_s) * math.expm1(-h) * D
         return x_s, h
 
-    def forward(self, x0: Tensor) -> Tensor:
-        """Algorithm 1: mean ||target - net(sqrt(ab_t) x0 + sqrt(1 - ab_t) eps, t)||^2, t uniform;
-        target eps or v, weighted by min(SNR, gamma) / SNR (or / (SNR + 1) for v) if gamma > 0
-        (min-SNR-gamma, Hang et al. 2023)."""
-        t = torch.randint(0, self.T, (x0.shape[0],), device=x0.device)  # (B,)
-        eps = torch.randn_like(x0)
+    def forward(self, x0: Tensor, t: Tensor | None = None, eps: Tensor | None = None) -> Tensor:
+        """Algorithm 1: mean ||target - net(sqrt(ab_t) x0 + sqrt(1 - ab_t) eps, t)||^2, t uniform
+        (B,) and eps ~ N(0, I) unless given; target eps or v, weighted by min(SNR, gamma) / SNR
+        (or / (SNR + 1) for v) if gamma > 0 (min-SNR-gamma, Hang et al. 2023)."""
+        if t is None:
+            t = torch.randint(0, self.T, (x0.shape[0],), device=x0.device)  # (B,)
+        if eps is None:
+            eps = torch.randn_like(x0)
         out = self.model(self.q_sample(x0, t, eps), t).float()
         target = eps if self.prediction == "eps" else self.v_target(x0, t, eps)
         mse = (out - target).pow(2).mean(dim=(1, 2, 3))  # (B,)
@@ -388,6 +391,17 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+def init_distributed(device: str) -> tuple[int, int, str]:
+    """Under torchrun (its RANK / WORLD_SIZE / LOCAL_RANK environment): join the process group
+    (NCCL on GPUs, gloo on CPUs) -> (rank, world size, this process's device)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    cuda = device.startswith("cuda")
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), world, f"cuda:{os.environ['LOCAL_RANK']}" if cuda else device
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -402,10 +416,18 @@ class Program:
     """Owns the device, data, model, optimizer and output paths of one run."""
 
     def __init__(self, args: argparse.Namespace, typed: set[str]):
-        self.args, self.console = args, Console(highlight=False)
-        a = args
+        a = self.args = args
+        self.rank, self.world, device = init_distributed(a.device)
+        self.main = self.rank == 0  # only the first process writes files and prints
+        self.console = Console(highlight=False, quiet=not self.main)
         self.console.print("config: " + " ".join(f"{k}={v}" for k, v in vars(a).items()))
-        self.device = pick_device(a.device)
+        self.device = pick_device(device)
+        if a.batch_size % self.world:
+            raise UserError(f"--batch-size {a.batch_size} (the global batch) must be divisible by "
+                            f"the {self.world} processes")
+        if self.world > 1:
+            self.console.print(f"distributed: {self.world} processes, global batch "
+                               f"{a.batch_size} = {a.batch_size // self.world} per process")
         # Mixed precision on CUDA only: bf16 where supported, else fp16 with loss scaling.
         self.amp_dtype = None
         if self.device.type == "cuda":
@@ -432,6 +454,9 @@ class Program:
         self.diffusion = GaussianDiffusion(self.model, **self.diffusion_config,
                                            min_snr_gamma=a.min_snr_gamma).to(self.device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)  # the weights we sample with
+        if self.world > 1:  # training goes through DDP (gradients averaged); sampling does not
+            self.diffusion.model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         ab_T = self.diffusion.alpha_bars[-1].item()
         if ab_T > 1e-3:
             self.console.print(f"warning: alpha_bar_T = {ab_T:.3g}, so x_T is not pure noise and "
@@ -485,7 +510,7 @@ class Program:
     def progress(self, *fields: str) -> Progress:
         return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeRemainingColumn(), *(TextColumn(f"{{task.fields[{f}]}}") for f in fields),
-                        console=self.console, transient=True)
+                        console=self.console, transient=True, disable=not self.main)
 
     def read_checkpoint(self, path: str) -> dict:
         """Load a ddpm.py checkpoint safely (weights_only: opening it never runs code)."""
@@ -506,6 +531,8 @@ class Program:
 
     def save_checkpoint(self, epoch_index: int, name: str = "") -> str:
         """Write ckpt-{epoch_index % 5}.pth (or `name`) atomically: temp file, fsync, rename."""
+        if not self.main:
+            return None
         path = os.path.join(self.args.ckpt_save_dir, name or f"ckpt-{epoch_index % 5}.pth")
         state = {"format": CKPT_FORMAT, "model_config": self.model_config,
                  "diffusion_config": self.diffusion_config, "model": self.model.state_dict(),
@@ -604,9 +631,17 @@ class Program:
     def train_step(self, x0: Tensor) -> Tensor | None:
         """One step of Algorithm 1: loss -> backward -> clip -> Adam -> EMA. x0: (B, C, H, W).
         A non-finite loss skips the step (returns None); MAX_BAD_STEPS in a row stop the run."""
+        # t and eps for the whole global batch, this process's share taken as the data is, so
+        # N processes draw exactly what one process with the same global batch would.
+        n = len(x0) * self.world
+        t = torch.randint(0, self.diffusion.T, (n,), device=self.device)[self.rank::self.world]
+        eps = torch.randn(n, *x0.shape[1:], device=self.device)[self.rank::self.world]
         with self.autocast():
-            loss = self.diffusion(x0)
-        if not torch.isfinite(loss):  # a host-device sync, but a NaN must never reach the weights
+            loss = self.diffusion(x0, t, eps)
+        finite = torch.isfinite(loss.detach()).float()
+        if self.world > 1:  # every process skips together
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if not finite:  # a host-device sync, but a NaN must never reach the weights
             self.bad_steps += 1
             self.console.print(f"warning: non-finite loss at step {self.step + 1}, step skipped")
             if self.bad_steps >= MAX_BAD_STEPS:
@@ -628,6 +663,8 @@ class Program:
         a = self.args
         self.epoch = e + 1
         path = self.save_checkpoint(e)
+        if not self.main:
+            return
         record = {"epoch": e, "step": self.step, "loss": loss, "lr": a.lr,
                   "img_per_s": seen / secs, "seconds": secs}
         if a.eval_every and (e + 1) % a.eval_every == 0:
@@ -644,23 +681,25 @@ class Program:
     def train(self) -> None:
         a = self.args
         data = self.load_data()
-        with self.side_rng():
-            self.save_forward_strip(to_model(data.images[:4]))
-            self.save_reverse_strip(self.draw(8, "run-before strip")[1], "run-before.png")
+        if self.main:
+            with self.side_rng():
+                self.save_forward_strip(to_model(data.images[:4]))
+                self.save_reverse_strip(self.draw(8, "run-before strip")[1], "run-before.png")
         try:
             with self.progress("info") as progress:
                 epochs = progress.add_task("epochs", total=a.epochs, info="")
                 for e in range(self.epoch, self.epoch + a.epochs):
-                    n = data.num_batches(a.batch_size)
+                    n = data.num_batches(a.batch_size, self.world)
                     batches = progress.add_task(f"epoch {e}", total=n, info="")
                     t0, seen, loss_sum = time.time(), 0, torch.zeros((), device=self.device)
                     batches_of = data.batches if a.data_path == "device" else data.plain_batches
-                    for i, x0 in enumerate(batches_of(a.batch_size, self.data_gen)):
+                    for i, x0 in enumerate(batches_of(a.batch_size, self.data_gen, self.rank,
+                                                      self.world)):
                         loss = self.train_step(x0)
                         if loss is None:
                             n -= 1
                             continue
-                        seen, loss_sum = seen + len(x0), loss_sum + loss
+                        seen, loss_sum = seen + len(x0) * self.world, loss_sum + loss
                         if i % 10 == 0:  # the only host-device sync: to show the figures
                             info = f"loss {loss.item():.4f}  {seen / (time.time() - t0):.0f} img/s"
                             progress.update(batches, info=info)
@@ -679,8 +718,9 @@ class Program:
                 f"weights are in {path} (step {self.step}). Lower --lr (now {a.lr}) or "
                 f"--grad-clip, or look for broken images in the data, then resume with --loadckpt")
             sys.exit(1)
-        with self.side_rng():
-            self.save_reverse_strip(self.draw(8, "run-after strip")[1], "run-after.png")
+        if self.main:
+            with self.side_rng():
+                self.save_reverse_strip(self.draw(8, "run-after strip")[1], "run-after.png")
         self.console.print(f"pictures in {a.save_dir}/: forward-steps.png, run-before.png, "
                            f"run-after.png, loss.png; metrics.jsonl")
 
@@ -701,6 +741,8 @@ class Program:
             self.evaluate(self.args.eval_fid)
         else:
             self.sample()
+        if self.world > 1:
+            dist.destroy_process_group()
 
 
 def list_or(v):

@@ -63,9 +63,9 @@ def test_non_finite_losses_skip_steps_then_stop_after_saving(tmp_path, capsys):
     real_forward = p.diffusion.forward
     calls = []
 
-    def sometimes_nan(x0):
+    def sometimes_nan(x0, *args):
         calls.append(1)
-        loss = real_forward(x0)
+        loss = real_forward(x0, *args)
         return loss * float("nan") if len(calls) in (2,) or len(calls) >= 6 else loss
 
     p.diffusion.forward = sometimes_nan
