@@ -43,7 +43,8 @@ def parse(argv=None) -> tuple[argparse.Namespace, list[str]]:
                "--num-channels, --channel-multiples, --has-attn, --num-blocks, --timesteps, ... "
                "(python ddpm.py --help; its defaults are the default config).")
     gpu = torch.cuda.is_available()
-    p.add_argument("--device", default="cuda" if gpu else "cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--device", default="cuda" if gpu else "cpu",
+                   help="cpu, cuda or cuda:N (cuda if one is visible)")
     p.add_argument("--small", action="store_true",
                    help="CPU preset: " + " ".join(SMALL) + " --batch-size 32")
     p.add_argument("--batch-size", type=int, help="training batch (32 with --small, else 128)")
@@ -179,7 +180,8 @@ def measure(b, rest, variants: dict[str, set[str]], console: Console) -> dict:
         out = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else
                f"CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads",
                "torch": torch.__version__, "config": prog.model_config | prog.diffusion_config,
-               "batch_size": b.batch_size, "params": sum(p.numel() for p in prog.model.parameters())}
+               "batch_size": b.batch_size,
+               "params": sum(p.numel() for p in prog.model.parameters())}
         t0 = time.perf_counter()
         data = prog.load_data()
         out["demo_images"], out["demo_set_s"] = len(data), time.perf_counter() - t0
@@ -204,6 +206,7 @@ def measure(b, rest, variants: dict[str, set[str]], console: Console) -> dict:
 
 
 def report(b, variants: dict[str, set[str]], out: dict, console: Console) -> None:
+    """The table, then one line each for FLOPs, sampling and data."""
     rows, c, gf = out["rows"], out["config"], out["train_flops"] / 1e9
     base = next((v for v, t in variants.items() if t == {"plain", "fp32"}), next(iter(rows)))
     console.print(f"{out['device']}, torch {out['torch']}: {out['params'] / 1e6:.1f}M-param UNet "
@@ -224,9 +227,9 @@ def report(b, variants: dict[str, set[str]], out: dict, console: Console) -> Non
                   f"training image (forward + backward), {out['fwd_flops'] / 1e9:.2f} per sampling "
                   f"step. MFU peak: {'; '.join(sorted({r['peak'] for r in rows.values()}))}")
     console.print(f"sampling (Program.draw, EMA weights, batch {b.sample_batch}, {b.sample_steps} "
-                  f"DDIM-spaced steps timed): 64 samples x 1000 steps ~ " + ", ".join(
-                      f"{64e3 / r['sample_img_steps_s']:.0f} s ({v})" for v, r in rows.items()
-                      if "sample_img_steps_s" in r))
+                  f"DDIM-spaced steps timed): 64 samples x {c['timesteps']} DDPM steps ~ "
+                  + ", ".join(f"{64 * c['timesteps'] / r['sample_img_steps_s']:.0f} s ({v})"
+                              for v, r in rows.items() if "sample_img_steps_s" in r))
     console.print(f"data: {out['demo_images']} demo faces drawn in {out['demo_set_s']:.2f} s; "
                   f"batches alone: {out['batches_img_s']:.0f} img/s on the device path, "
                   f"{out['plain_batches_img_s']:.0f} img/s on the per-image path")
@@ -235,10 +238,11 @@ def report(b, variants: dict[str, set[str]], out: dict, console: Console) -> Non
                       f"{out['folder_first_s']:.2f} s (all cores), {out['folder_cached_s']:.2f} s "
                       f"from the cache")
     if not b.device.startswith("cuda"):
-        load, busy = os.getloadavg()[0], os.getloadavg()[0] > os.cpu_count()
+        load = os.getloadavg()[0]
         console.print(f"* CPU peak mem: the whole process's max RSS so far (getrusage). Load "
-                      f"average {load:.1f} on {os.cpu_count()} cores at the end" + busy * (
-                          ": other processes slow these figures (--threads 1 stalls less)"))
+                      f"average {load:.1f} on {os.cpu_count()} cores at the end" + (
+                          ": other processes slow these figures (--threads 1 stalls less)"
+                          if load > os.cpu_count() else ""))
 
 
 def main(argv=None) -> int:

@@ -300,7 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="device: batches gathered, flipped and scaled on the device in one go; "
                         "plain: the per-image reference path (for benchmarks and tests)")
     g.add_argument("--batch-size", type=int, default=64,
-                   help="training batch size; number of samples drawn when sampling")
+                   help="training batch size (the global batch under torchrun); number of "
+                        "samples drawn when sampling")
     g.add_argument("--ckpt-save-dir", default="ckpt", help="checkpoint folder")
     g.add_argument("--save-dir", default="output", help="folder for samples and pictures")
     g.add_argument("--loadckpt", metavar="PATH",
