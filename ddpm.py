@@ -7,7 +7,9 @@ Algorithm 2 to sample. `python ddpm.py --help` lists every option.
 #   betas[t]      beta_t, the variance added at step t            alphas[t] = 1 - betas[t]
 #   alpha_bars[t] prod_{s <= t} alphas[s]                        x_t = q_sample(x_0, t, eps)  (Eq. 4)
 #   p_sample      one ancestral step x_t -> x_{t-1} (Algorithm 2, sigma_t^2 = posterior variance)
-#   forward(x_0)  the simple loss ||eps - eps_theta(x_t, t)||^2 (Algorithm 1)
+#   forward(x_0)  the simple loss ||eps - eps_theta(x_t, t)||^2 (Algorithm 1), or its v version
+#   ddim_step     x_t -> x_s on a sub-sequence (Song et al. 2021, Eq. 12); dpm_solver_step: the
+#                 DPM-Solver++(2M) update (Lu et al. 2022) with lambda_t = log(sqrt(ab) / sqrt(1 - ab))
 # Images are float (B, C, H, W) in [-1, 1] inside the model; data.to_model / to_uint8 convert.
 import argparse
 import contextlib
@@ -194,7 +196,7 @@ class GaussianDiffusion(nn.Module):
         1 / sqrt(ab_t)) drive the chain off to saturated colours.
         Also returns the frames [x_T, ..., x_0]: about `strips` evenly spaced states of the chain.
         """
-        model = model or self.model
+        model = self.model if model is None else model
         ts = list(range(self.T - 1, -1, -1)) if sampler == "ddpm" else spaced_timesteps(self.T, steps)
         every = max(1, len(ts) // strips) if strips else 0
         x, frames, x0_prev, h_prev = x_T, [x_T], None, None
