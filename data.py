@@ -59,6 +59,8 @@ def load_image(path: str, size: int, channels: int, keep_small: bool = False) ->
         im = Image.open(path)
     except PermissionError:
         raise SkipImage("could not be read (permission denied)") from None
+    except Image.DecompressionBombError:  # over 2 x Image.MAX_IMAGE_PIXELS: refuse, never decode
+        raise SkipImage(f"too large (over {2 * Image.MAX_IMAGE_PIXELS} pixels)") from None
     except Exception:  # any decoder failure means "not a usable image"
         raise SkipImage("could not be decoded") from None
     with im:

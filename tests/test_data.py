@@ -153,6 +153,9 @@ def test_awkward_files_are_decoded_or_skipped_with_a_counted_reason(tmp_path, mo
     assert "used 4 of 8 image files, skipped 4: 3 could not be decoded" in warnings[0]
     assert "1 smaller than 16 px" in warnings[0] and "small.png" in warnings[0]
     assert len(load_folders([str(d)], 16, 3, warn=lambda s: None, keep_small=True)) == 5
+    monkeypatch.setattr(data.Image, "MAX_IMAGE_PIXELS", 20000)  # big.jpg (60k px) is now a bomb
+    assert len(load_folders([str(d)], 16, 3, warn=warnings.append)) == 3
+    assert "1 too large (over 40000 pixels)" in warnings[-1] and "big.jpg" in warnings[-1]
 
     def denied(*a, **k):
         raise PermissionError("no")
