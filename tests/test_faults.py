@@ -98,3 +98,18 @@ def test_a_failed_save_is_reported_and_training_goes_on(tmp_path, capsys, monkey
     assert p.epoch == 2 and os.path.exists(tmp_path / "ckpt" / "ckpt-1.pth")
     assert not os.path.exists(tmp_path / "ckpt" / "ckpt-0.pth")
     assert not [f for f in os.listdir(tmp_path / "ckpt") if f.endswith(".tmp")]
+
+
+def test_ctrl_c_saves_a_checkpoint_then_the_after_strip(tmp_path):
+    proc = subprocess.Popen([sys.executable, DDPM, *tiny(tmp_path, "--epochs", "1000")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (tmp_path / "ckpt" / "ckpt-1.pth").exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "interrupted: saved" in out and "Traceback" not in err
+    assert (tmp_path / "out" / "run-after.png").exists()
+    epochs = [torch.load(p, weights_only=True)["epoch"] for p in (tmp_path / "ckpt").glob("*.pth")]
+    assert max(epochs) >= 2
