@@ -298,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eta", type=float, default=0.0,
                    help="DDIM noise: 0 = deterministic, 1 = ancestral-like")
     g.add_argument("--epochs", type=int, default=5, help="epochs to train in this run")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet for training and sampling (a slow first step; "
+                        "pays off on GPUs)")
     g.add_argument("--data-path", default="device", choices=["device", "plain"],
                    help="device: batches gathered, flipped and scaled on the device in one go; "
                         "plain: the per-image reference path (for benchmarks and tests)")
@@ -457,6 +460,9 @@ class Program:
         self.diffusion = GaussianDiffusion(self.model, **self.diffusion_config,
                                            min_snr_gamma=a.min_snr_gamma).to(self.device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)  # the weights we sample with
+        if a.compile:  # in place: state_dict keys and the objects other code holds stay the same
+            self.model.compile()
+            self.ema.compile()
         if self.world > 1:  # training goes through DDP (gradients averaged); sampling does not
             self.diffusion.model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
