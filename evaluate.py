@@ -238,12 +238,14 @@ def append_metrics(path: str, record: dict) -> list[dict]:
 def plot_curves(records: list[dict], path: str) -> None:
     """Mean training loss per epoch (and FID where measured) -> a PNG."""
     import matplotlib
+    import matplotlib.ticker
     matplotlib.use("Agg")  # files only, no window
     import matplotlib.pyplot as plt
     fid = [(r["epoch"], r["fid"]) for r in records if r.get("fid") is not None]
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     ax.plot([r["epoch"] for r in records], [r["loss"] for r in records], "o-", label="loss")
     ax.set(xlabel="epoch", ylabel="mean training loss", yscale="log")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     if fid:
         ax2 = ax.twinx()
         ax2.plot(*zip(*fid), "s--", color="tab:red", label="FID")
