@@ -613,14 +613,14 @@ class Program:
         feats = evaluate.extract(samples, net, a.batch_size, progress="sample features")
         result = evaluate.score(feats, ref)
         copy = evaluate.nearest_report(os.path.join(a.save_dir, "nearest.png"), samples[:8],
-                                       feats[:8], ref, ref_paths, s, c)
+                                       feats, ref, ref_paths, s, c)
         steps = "all T" if a.sampler == "ddpm" else a.sample_steps or DEFAULT_STEPS[a.sampler]
         self.console.print(
             f"FID {result['fid']:.2f}, KID {result['kid'] * 1e3:.2f} ± "
             f"{result['kid_std'] * 1e3:.2f} (x 1e-3): {n} samples ({a.sampler}, {steps} steps, "
             f"eta {a.eta}, {'raw' if a.raw_weights else 'EMA'} weights) vs {len(ref)} training "
-            f"images; {copy['share']:.0%} of 8 samples are closer to a training image than "
-            f"the median training-image neighbour ({copy['train_median']:.2f})")
+            f"images; {copy['share']:.0%} of the samples are closer to a training image than "
+            f"the median training image is to its nearest neighbour ({copy['train_median']:.2f})")
         return result
 
     # -- the two commands ----------------------------------------------------------------------

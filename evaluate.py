@@ -218,9 +218,9 @@ def score(sample_feats: np.ndarray, ref_feats: np.ndarray) -> dict:
 
 def nearest_report(path: str, samples_uint8: Tensor, sample_feats, ref_feats, ref_paths: list[str],
                    img_size: int, channels: int, k: int = 3) -> dict:
-    """Save the picture of each sample beside its k nearest training images (only those k images
-    per sample are decoded again) and return copy_score's figures."""
-    idx, _ = nearest(sample_feats, ref_feats, k)
+    """Save the picture of the first len(samples_uint8) samples, each beside its k nearest training
+    images (only those are decoded again), and return copy_score's figures over all sample_feats."""
+    idx, _ = nearest(sample_feats[:len(samples_uint8)], ref_feats, k)
     neighbours = torch.stack([torch.stack([torch.from_numpy(
         data.load_image(ref_paths[j], img_size, channels, True)) for j in row]) for row in idx])
     save_nearest_picture(path, samples_uint8, neighbours)
