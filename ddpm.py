@@ -496,6 +496,8 @@ class Program:
         self.model.load_state_dict(ckpt["model"])
         self.ema.load_state_dict(ckpt.get("ema", ckpt["model"]))
         self.optimizer.load_state_dict(ckpt["optimizer"])
+        for group in self.optimizer.param_groups:  # --lr applies on resume (e.g. after a NaN stop)
+            group["lr"] = self.args.lr
         self.epoch, self.step = ckpt["epoch"], ckpt["step"]
         self.best_fid = ckpt.get("best_fid", math.inf)
         if self.args.train:

@@ -97,6 +97,12 @@ def test_resume_continues_the_epoch_count(trained):
     assert resumed["model_config"] == before["model_config"]
     adam_steps = [s["step"].item() for s in resumed["optimizer"]["state"].values()]
     assert set(adam_steps) == {6.0}  # Adam's own count went on from 4, not from 0
+    assert resumed["optimizer"]["param_groups"][0]["lr"] == 1e-4
+    r = ddpm(root, "--train", "--data-folders", "faces", "--loadckpt", "ckpt/ckpt-2.pth",
+             "--epochs", "1", "--batch-size", "8", "--save-dir", "out2", "--lr", "3e-5")
+    assert r.returncode == 0, r.stderr
+    lowered = torch.load(root / "ckpt" / "ckpt-3.pth", weights_only=True)
+    assert lowered["optimizer"]["param_groups"][0]["lr"] == 3e-5  # a new --lr takes effect
 
 
 def test_a_flag_that_contradicts_the_checkpoint_is_a_one_line_error(trained):
