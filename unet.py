@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -116,6 +117,7 @@ class UNet(nn.Module):
         super().__init__()
         assert len(channel_multiples) == len(has_attn), "one has_attn entry per channel multiple"
         self.levels = len(channel_multiples)
+        self.grad_checkpoint = False  # recompute block activations in backward: less memory
         t_dim = 4 * num_channels
         self.time_mlp = nn.Sequential(
             nn.Linear(num_channels, t_dim), nn.SiLU(), nn.Linear(t_dim, t_dim))
@@ -160,12 +162,18 @@ class UNet(nn.Module):
         h = self.conv_in(x)
         skips = [h]
         for layer in self.down:
-            h = layer(h, temb)
+            h = self.run(layer, h, temb)
             skips.append(h)
         for layer in self.mid:
-            h = layer(h, temb)
+            h = self.run(layer, h, temb)
         for layer in self.up:
             if isinstance(layer, Block):
                 h = torch.cat([h, skips.pop()], dim=1)
-            h = layer(h, temb)
+            h = self.run(layer, h, temb)
         return self.conv_out(F.silu(self.norm_out(h)))
+
+    def run(self, layer: nn.Module, h: Tensor, temb: Tensor) -> Tensor:
+        """layer(h, temb), its activations recomputed in backward if grad_checkpoint is on."""
+        if self.grad_checkpoint and self.training and torch.is_grad_enabled():
+            return checkpoint(layer, h, temb, use_reentrant=False)
+        return layer(h, temb)

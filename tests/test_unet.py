@@ -96,3 +96,32 @@ def test_timestep_embedding_is_cos_sin_of_geometric_frequencies():
     assert torch.equal(emb[0], torch.cat([torch.ones(8), torch.zeros(8)]))
     assert emb[1, 0].item() == pytest.approx(torch.cos(torch.tensor(1.0)).item())  # frequency 1
     assert not torch.allclose(emb[1], emb[2])
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    m = randomise_zero_init(UNet(3, 16, (1, 2), (False, True), 1))
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 700])
+    grads = []
+    for flag in (False, True):
+        m.grad_checkpoint = flag
+        m.zero_grad()
+        loss = m(x, t).pow(2).mean()
+        loss.backward()
+        grads.append((loss.item(), [p.grad.clone() for p in m.parameters()]))
+    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads[0][1], grads[1][1]))
+
+
+def test_gradient_checkpointing_recomputes_blocks_in_backward(monkeypatch):
+    m = UNet(3, 8, (1, 2), (False, False), 1)
+    calls = []
+    forward = unet.ResBlock.forward
+    monkeypatch.setattr(unet.ResBlock, "forward",
+                        lambda self, *a: calls.append(1) or forward(self, *a))
+    x, t = torch.randn(1, 3, 8, 8), torch.tensor([1])
+    counts = []
+    for flag in (False, True):
+        m.grad_checkpoint, calls[:] = flag, []
+        m(x, t).sum().backward()
+        counts.append(len(calls))
+    assert counts[1] == 2 * counts[0]  # every block ran again during backward
