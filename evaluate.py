@@ -212,8 +212,11 @@ def save_nearest_picture(path: str, samples_uint8: Tensor, neighbours_uint8: Ten
 def score(sample_feats: np.ndarray, ref_feats: np.ndarray) -> dict:
     """FID and KID (mean, std over subsets) of sample features (n, 2048) against the reference's."""
     kid_mean, kid_std = kid(sample_feats, ref_feats)
-    return {"fid": frechet_distance(*stats(sample_feats), *stats(ref_feats)), "kid": kid_mean,
-            "kid_std": kid_std}
+    try:
+        fid = frechet_distance(*stats(sample_feats), *stats(ref_feats))
+    except ValueError:  # too few samples for a usable covariance: report it as not a number
+        fid = float("nan")
+    return {"fid": fid, "kid": kid_mean, "kid_std": kid_std}
 
 
 def nearest_report(path: str, samples_uint8: Tensor, sample_feats, ref_feats, ref_paths: list[str],

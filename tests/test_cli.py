@@ -214,3 +214,20 @@ def test_bad_flags_files_and_checkpoints_are_one_line_errors(tmp_path, monkeypat
     assert main(args) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_eval_every_adds_fid_to_the_metrics_and_keeps_the_best_checkpoint(trained, tmp_path):
+    evaluate = pytest.importorskip("evaluate")
+    try:
+        evaluate.inception_path()
+    except evaluate.MissingNetwork as e:
+        pytest.skip(str(e))
+    root, _ = trained
+    r = ddpm(root, "--train", "--data-folders", "faces", "--loadckpt", "ckpt/ckpt-1.pth",
+             "--epochs", "1", "--batch-size", "8", "--eval-every", "1", "--eval-samples", "10",
+             "--cache-dir", "cache", "--ckpt-save-dir", str(tmp_path), "--save-dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    record = json.loads(open(tmp_path / "metrics.jsonl").readlines()[-1])
+    assert record["fid"] > 0 and "kid" in record and "kid_std" in record
+    best = torch.load(tmp_path / "best.pth", weights_only=True)
+    assert best["best_fid"] == pytest.approx(record["fid"]) and best["epoch"] == 3
