@@ -70,6 +70,22 @@ def gather(a: Tensor, t: Tensor) -> Tensor:
     return a[t][:, None, None, None]
 
 
+def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) -> Tensor:
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) per element, in nats."""
+    return 0.5 * (logvar2 - logvar1 - 1.0 + torch.exp(logvar1 - logvar2)
+                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def discretized_gaussian_log_likelihood(x: Tensor, mean: Tensor, log_scale: Tensor) -> Tensor:
+    """log P(x) per element, x in {k / 127.5 - 1}: the mass of N(mean, e^(2 log_scale)) on x's bin
+    of width 2/255, the end bins reaching to -inf and +inf (Ho et al. 2020, Eq. 13). Nats."""
+    inv_std = torch.exp(-log_scale)
+    upper, lower = (x - mean + 1 / 255) * inv_std, (x - mean - 1 / 255) * inv_std
+    log_mass = torch.log((torch.special.ndtr(upper) - torch.special.ndtr(lower)).clamp(min=1e-12))
+    return torch.where(x < -0.999, torch.special.log_ndtr(upper),
+                       torch.where(x > 0.999, torch.special.log_ndtr(-lower), log_mass))
+
+
 def spaced_timesteps(T: int, n: int) -> list[int]:
     """n indices from T-1 down, evenly spaced and ending at T/n - 1 ("trailing" spacing, Lin et al.
     2024, Table 2): the first step always starts from pure noise; n = T gives T-1, ..., 0."""
@@ -183,6 +199,39 @@ class GaussianDiffusion(nn.Module):
             snr = self.alpha_bars[t] / (1 - self.alpha_bars[t])
             mse = mse * snr.clamp(max=self.min_snr_gamma) / (snr if self.prediction == "eps" else snr + 1)
         return mse.mean()
+
+    @torch.no_grad()
+    def bits_per_dim(self, x0: Tensor, model: nn.Module | None = None, track=iter) -> dict:
+        """The variational bound -log p(x0) <= L_T + sum_{t>1} L_{t-1} + L_0 (Ho et al. 2020, Eq. 5)
+        of the fixed-variance (sigma_t^2 = beta~_t) model, in bits per dimension, per term.
+
+        L_T = KL(q(x_T|x0) || N(0, I)); L_{t-1} = KL(q(x_{t-1}|x_t, x0) || p(x_{t-1}|x_t));
+        L_0 = -log p(x0|x1), a discretised Gaussian. x0: (B, C, H, W) on the 256-level grid.
+        """
+        model = self.model if model is None else model
+        nats_per_bit = math.log(2.0) * x0[0].numel()
+        ab_T = self.alpha_bars[-1]
+        prior = normal_kl(ab_T.sqrt() * x0, (1 - ab_T).log(), torch.zeros_like(x0),
+                          torch.zeros_like(x0)).flatten(1).sum(1) / nats_per_bit  # (B,)
+        # beta~ at index 0 is 0; its log is replaced by index 1's, as improved-diffusion does.
+        logvar = torch.cat([self.posterior_var[1:2], self.posterior_var[1:]]).log()
+        terms = torch.zeros(len(x0), self.T, device=x0.device)  # (B, T) bits/dim
+        for t in track(range(self.T - 1, -1, -1)):
+            tt = torch.full((len(x0),), t, device=x0.device, dtype=torch.long)
+            xt = self.q_sample(x0, tt, torch.randn_like(x0))
+            eps, _ = self.eps_and_x0(xt, tt, model(xt, tt))
+            mean = self.p_sample(xt, tt, eps, noise=torch.zeros_like(xt))  # mu_theta(x_t, t)
+            lv = logvar[t].expand_as(x0)
+            if t == 0:
+                nats = -discretized_gaussian_log_likelihood(x0, mean, 0.5 * lv)
+            else:  # the true posterior mean, Eq. 7, is p_sample's mean with the true eps
+                true_eps = (xt - gather(self.sqrt_alpha_bars, tt) * x0) / \
+                    gather(self.sqrt_one_minus_alpha_bars, tt)
+                true_mean = self.p_sample(xt, tt, true_eps, noise=torch.zeros_like(xt))
+                nats = normal_kl(true_mean, lv, mean, lv)
+            terms[:, t] = nats.flatten(1).sum(1) / nats_per_bit
+        return {"total": (prior + terms.sum(1)).mean().item(), "prior": prior.mean().item(),
+                "decoder": terms[:, 0].mean().item(), "kl_terms": terms[:, 1:].sum(1).mean().item()}
 
     @torch.no_grad()
     def sample(self, x_T: Tensor, sampler: str = "ddpm", steps: int = 0, eta: float = 0.0,
@@ -323,6 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-fid", type=int, default=0, metavar="N",
                    help="with --loadckpt: draw N samples and print FID and KID against the "
                         "training images, and write nearest.png (instead of the 64 samples)")
+    g.add_argument("--eval-bpd", type=int, default=0, metavar="N",
+                   help="with --loadckpt: the variational bound in bits/dim on the first N "
+                        "training images (prior, KL and decoder terms; T model calls per batch)")
     g.add_argument("--eval-every", type=int, default=0, metavar="K",
                    help="while training: measure FID every K epochs, keep the best as best.pth")
     g.add_argument("--eval-samples", type=int, default=1000,
@@ -371,7 +423,9 @@ def check_args(a: argparse.Namespace) -> None:
                         "with --sample-steps")
     if (a.eval_fid or a.eval_every) and not a.data_folders:
         raise UserError("FID is measured against image folders: give --data-folders DIR")
-    if min(a.eval_fid, a.eval_every) < 0 or a.eval_samples < 2:
+    if a.eval_bpd and not (a.data_folders or a.demo):
+        raise UserError("--eval-bpd measures training images: give --data-folders DIR or --demo")
+    if min(a.eval_fid, a.eval_every, a.eval_bpd) < 0 or a.eval_samples < 2:
         raise UserError("--eval-fid and --eval-every must be >= 0, --eval-samples >= 2")
     if not 0 <= a.ema_decay < 1:
         raise UserError(f"--ema-decay must be in [0, 1), got {a.ema_decay}")
@@ -629,6 +683,28 @@ class Program:
             f"the median training image is to its nearest neighbour ({copy['train_median']:.2f})")
         return result
 
+    @torch.inference_mode()
+    def likelihood(self, n: int) -> dict:
+        """Bits/dim of the variational bound on the first n training images, batch by batch."""
+        a = self.args
+        x = to_model(self.load_data().images[:n])
+        model = self.model if a.raw_weights else self.ema
+        model.eval()
+        sums = {}
+        with self.progress() as progress:
+            for i in range(0, len(x), a.batch_size):
+                desc = f"bound of images {i}..{min(i + a.batch_size, len(x)) - 1}"
+                track = lambda ts: progress.track(ts, total=self.diffusion.T, description=desc)
+                batch = x[i:i + a.batch_size]
+                for k, v in self.diffusion.bits_per_dim(batch, model, track).items():
+                    sums[k] = sums.get(k, 0.0) + v * len(batch)
+        r = {k: v / len(x) for k, v in sums.items()}
+        self.console.print(f"bits/dim {r['total']:.3f} on {len(x)} training images "
+                           f"({'raw' if a.raw_weights else 'EMA'} weights): prior L_T "
+                           f"{r['prior']:.2e}, KL terms {r['kl_terms']:.3f}, decoder L_0 "
+                           f"{r['decoder']:.3f}")
+        return r
+
     # -- the two commands ----------------------------------------------------------------------
 
     def load_data(self) -> ImageDataset:
@@ -754,6 +830,8 @@ class Program:
             self.train()
         elif self.args.eval_fid:
             self.evaluate(self.args.eval_fid)
+        elif self.args.eval_bpd:
+            self.likelihood(self.args.eval_bpd)
         else:
             self.sample()
         if self.world > 1:

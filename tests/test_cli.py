@@ -231,3 +231,15 @@ def test_eval_every_adds_fid_to_the_metrics_and_keeps_the_best_checkpoint(traine
     assert record["fid"] > 0 and "kid" in record and "kid_std" in record
     best = torch.load(tmp_path / "best.pth", weights_only=True)
     assert best["best_fid"] == pytest.approx(record["fid"]) and best["epoch"] == 3
+
+
+def test_eval_bpd_prints_the_bound_in_bits_per_dim(trained):
+    root, _ = trained
+    r = ddpm(root, "--loadckpt", "ckpt-1.pth", "--eval-bpd", "5", "--data-folders", "faces",
+             "--batch-size", "4", "--save-dir", "bpd")
+    assert r.returncode == 0, r.stderr
+    line = r.stdout[r.stdout.index("bits/dim"):].replace("\n", " ")
+    total = float(line.split()[1])
+    parts = [float(line.split(k)[1].split()[0].rstrip(",")) for k in ("L_T", "terms", "L_0")]
+    assert "on 5 training images" in line and total > 0
+    assert total == pytest.approx(sum(parts), rel=1e-2)
