@@ -35,7 +35,8 @@ from data import DataError, ImageDataset, demo_faces, load_folders, to_model, to
 from unet import UNet
 
 CKPT_FORMAT = 1
-MODEL_FLAGS = ("img_channels", "num_channels", "channel_multiples", "has_attn", "num_blocks", "dropout")
+MODEL_FLAGS = ("img_channels", "num_channels", "channel_multiples", "has_attn", "num_blocks", "dropout",
+               "learn_sigma")
 DIFFUSION_FLAGS = ("img_size", "timesteps", "beta_min", "beta_max", "schedule", "prediction")
 DEFAULT_STEPS = {"ddpm": 0, "ddim": 50, "dpm++": 20}  # 0: all T steps
 MAX_BAD_STEPS = 5  # non-finite losses in a row before a run stops
@@ -98,12 +99,12 @@ class GaussianDiffusion(nn.Module):
 
     def __init__(self, model: nn.Module, img_size: int, timesteps: int = 1000,
                  beta_min: float = 1e-4, beta_max: float = 0.02, schedule: str = "linear",
-                 prediction: str = "eps", min_snr_gamma: float = 0.0):
+                 prediction: str = "eps", min_snr_gamma: float = 0.0, learn_sigma: bool = False):
         super().__init__()
         assert 0 < beta_min < beta_max < 1, "need 0 < beta_min < beta_max < 1"
         assert schedule in ("linear", "cosine") and prediction in ("eps", "v")
         self.model, self.img_size, self.T = model, img_size, timesteps
-        self.prediction, self.min_snr_gamma = prediction, min_snr_gamma
+        self.prediction, self.min_snr_gamma, self.learn_sigma = prediction, min_snr_gamma, learn_sigma
         betas = (linear_betas(timesteps, beta_min, beta_max) if schedule == "linear"
                  else cosine_betas(timesteps))  # (T,) float64 for the products
         alpha_bars = torch.cumprod(1.0 - betas, dim=0)
@@ -119,7 +120,9 @@ class GaussianDiffusion(nn.Module):
                 ("sqrt_one_minus_alpha_bars", (1.0 - alpha_bars).sqrt()),
                 ("eps_coef", betas / (1.0 - alpha_bars).sqrt()),  # beta_t / sqrt(1 - alpha_bar_t)
                 ("recip_sqrt_alphas", (1.0 - betas).rsqrt()),
-                ("posterior_std", posterior_var.sqrt())]:
+                ("posterior_std", posterior_var.sqrt()), ("log_betas", betas.log()),
+                # log beta~ with index 0 (where beta~ = 0) taking index 1's, as improved-diffusion
+                ("posterior_logvar", torch.cat([posterior_var[1:2], posterior_var[1:]]).log())]:
             self.register_buffer(name, value.float(), persistent=False)
 
     def q_sample(self, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
@@ -141,16 +144,47 @@ class GaussianDiffusion(nn.Module):
             return out, (xt - s * out) / a
         return s * xt + a * out, a * xt - s * out
 
-    def p_sample(self, xt: Tensor, t: Tensor, eps: Tensor, noise: Tensor | None = None) -> Tensor:
+    def split(self, out: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Network output -> (eps or v prediction (B, C, H, W), variance output v or None)."""
+        if not self.learn_sigma:
+            return out.float(), None
+        pred, v = out.float().chunk(2, dim=1)
+        return pred, v
+
+    def model_logvar(self, t: Tensor, v: Tensor) -> Tensor:
+        """Learned log sigma_t^2 = frac log beta_t + (1 - frac) log beta~_t, frac = (v + 1) / 2
+        (Nichol & Dhariwal 2021, Eq. 15). v: (B, C, H, W)."""
+        frac = (v + 1) / 2
+        return frac * gather(self.log_betas, t) + (1 - frac) * gather(self.posterior_logvar, t)
+
+    def p_sample(self, xt: Tensor, t: Tensor, eps: Tensor, noise: Tensor | None = None,
+                 logvar: Tensor | None = None) -> Tensor:
         """One ancestral step x_t -> x_{t-1} given the predicted eps (Algorithm 2, line 4):
 
         x_{t-1} = (x_t - beta_t / sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_t) + sigma_t z,
-        with sigma_t^2 = beta~_t (the posterior variance, Sec. 3.2), which is 0 at t = 1 (index 0).
+        with sigma_t^2 = beta~_t (the posterior variance, Sec. 3.2), which is 0 at t = 1 (index 0),
+        or the learned exp(logvar) (no noise at index 0 either).
         """
         if noise is None:
             noise = torch.randn_like(xt)
         mean = gather(self.recip_sqrt_alphas, t) * (xt - gather(self.eps_coef, t) * eps.float())
-        return mean + gather(self.posterior_std, t) * noise
+        if logvar is None:
+            return mean + gather(self.posterior_std, t) * noise
+        return mean + (t > 0).float()[:, None, None, None] * (0.5 * logvar).exp() * noise
+
+    def vb_terms(self, x0: Tensor, xt: Tensor, t: Tensor, eps: Tensor, v: Tensor | None,
+                 true_eps: Tensor) -> Tensor:
+        """L_{t-1} = KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t)) for index t > 0, and the decoder
+        L_0 = -log p(x0 | x_1) (discretised Gaussian) at index 0, in bits/dim -> (B,)."""
+        zeros = torch.zeros_like(xt)
+        mean = self.p_sample(xt, t, eps, noise=zeros)  # mu_theta(x_t, t)
+        true_mean = self.p_sample(xt, t, true_eps, noise=zeros)  # mu~(x_t, x0), Eq. 7
+        true_lv = gather(self.posterior_logvar, t).expand_as(xt)
+        lv = true_lv if v is None else self.model_logvar(t, v)
+        nats = torch.where((t == 0)[:, None, None, None],
+                           -discretized_gaussian_log_likelihood(x0, mean, 0.5 * lv),
+                           normal_kl(true_mean, true_lv, mean, lv))
+        return nats.flatten(1).mean(1) / math.log(2.0)
 
     @staticmethod
     def ddim_step(eps: Tensor, x0: Tensor, ab_t: float, ab_s: float, eta: float,
@@ -192,44 +226,39 @@ class GaussianDiffusion(nn.Module):
             t = torch.randint(0, self.T, (x0.shape[0],), device=x0.device)  # (B,)
         if eps is None:
             eps = torch.randn_like(x0)
-        out = self.model(self.q_sample(x0, t, eps), t).float()
+        xt = self.q_sample(x0, t, eps)
+        out, v = self.split(self.model(xt, t))
         target = eps if self.prediction == "eps" else self.v_target(x0, t, eps)
         mse = (out - target).pow(2).mean(dim=(1, 2, 3))  # (B,)
         if self.min_snr_gamma > 0:
             snr = self.alpha_bars[t] / (1 - self.alpha_bars[t])
             mse = mse * snr.clamp(max=self.min_snr_gamma) / (snr if self.prediction == "eps" else snr + 1)
+        if v is not None:  # hybrid loss: + lambda L_vlb, lambda = 1e-3, the mean frozen (Sec. 3.1)
+            eps_hat, _ = self.eps_and_x0(xt, t, out.detach())
+            mse = mse + self.vb_terms(x0, xt, t, eps_hat, v, eps) * self.T * 1e-3
         return mse.mean()
 
     @torch.no_grad()
     def bits_per_dim(self, x0: Tensor, model: nn.Module | None = None, track=iter) -> dict:
         """The variational bound -log p(x0) <= L_T + sum_{t>1} L_{t-1} + L_0 (Ho et al. 2020, Eq. 5)
-        of the fixed-variance (sigma_t^2 = beta~_t) model, in bits per dimension, per term.
+        with sigma_t^2 = beta~_t or the learned variance, in bits per dimension, per term.
 
         L_T = KL(q(x_T|x0) || N(0, I)); L_{t-1} = KL(q(x_{t-1}|x_t, x0) || p(x_{t-1}|x_t));
         L_0 = -log p(x0|x1), a discretised Gaussian. x0: (B, C, H, W) on the 256-level grid.
         """
         model = self.model if model is None else model
-        nats_per_bit = math.log(2.0) * x0[0].numel()
+        nats_per_bit = math.log(2.0) * x0[0].numel()  # nats of a whole image -> bits/dim
         ab_T = self.alpha_bars[-1]
         prior = normal_kl(ab_T.sqrt() * x0, (1 - ab_T).log(), torch.zeros_like(x0),
                           torch.zeros_like(x0)).flatten(1).sum(1) / nats_per_bit  # (B,)
-        # beta~ at index 0 is 0; its log is replaced by index 1's, as improved-diffusion does.
-        logvar = torch.cat([self.posterior_var[1:2], self.posterior_var[1:]]).log()
         terms = torch.zeros(len(x0), self.T, device=x0.device)  # (B, T) bits/dim
         for t in track(range(self.T - 1, -1, -1)):
             tt = torch.full((len(x0),), t, device=x0.device, dtype=torch.long)
-            xt = self.q_sample(x0, tt, torch.randn_like(x0))
-            eps, _ = self.eps_and_x0(xt, tt, model(xt, tt))
-            mean = self.p_sample(xt, tt, eps, noise=torch.zeros_like(xt))  # mu_theta(x_t, t)
-            lv = logvar[t].expand_as(x0)
-            if t == 0:
-                nats = -discretized_gaussian_log_likelihood(x0, mean, 0.5 * lv)
-            else:  # the true posterior mean, Eq. 7, is p_sample's mean with the true eps
-                true_eps = (xt - gather(self.sqrt_alpha_bars, tt) * x0) / \
-                    gather(self.sqrt_one_minus_alpha_bars, tt)
-                true_mean = self.p_sample(xt, tt, true_eps, noise=torch.zeros_like(xt))
-                nats = normal_kl(true_mean, lv, mean, lv)
-            terms[:, t] = nats.flatten(1).sum(1) / nats_per_bit
+            true_eps = torch.randn_like(x0)
+            xt = self.q_sample(x0, tt, true_eps)
+            out, v = self.split(model(xt, tt))
+            eps, _ = self.eps_and_x0(xt, tt, out)
+            terms[:, t] = self.vb_terms(x0, xt, tt, eps, v, true_eps)
         return {"total": (prior + terms.sum(1)).mean().item(), "prior": prior.mean().item(),
                 "decoder": terms[:, 0].mean().item(), "kl_terms": terms[:, 1:].sum(1).mean().item()}
 
@@ -251,14 +280,15 @@ class GaussianDiffusion(nn.Module):
         x, frames, x0_prev, h_prev = x_T, [x_T], None, None
         for i, t in enumerate(track(ts)):
             tt = torch.full((len(x),), t, device=x.device, dtype=torch.long)
-            eps, x0 = self.eps_and_x0(x, tt, model(x, tt))
+            out, v = self.split(model(x, tt))
+            eps, x0 = self.eps_and_x0(x, tt, out)
             if clip_x0:
                 x0 = x0.clamp(-1.0, 1.0)
                 eps = (x - gather(self.sqrt_alpha_bars, tt) * x0) / gather(self.sqrt_one_minus_alpha_bars, tt)
             ab_t = self.ab64[t].item()
             ab_s = self.ab64[ts[i + 1]].item() if i + 1 < len(ts) else 1.0
             if sampler == "ddpm":
-                x = self.p_sample(x, tt, eps)
+                x = self.p_sample(x, tt, eps, logvar=None if v is None else self.model_logvar(tt, v))
             elif sampler == "ddim":
                 x = self.ddim_step(eps, x0, ab_t, ab_s, eta, torch.randn_like(x))
             else:
@@ -322,6 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--timesteps", type=int, default=1000, help="diffusion steps T")
     g.add_argument("--beta-min", type=float, default=1e-4, help="beta_1 of the linear schedule")
     g.add_argument("--beta-max", type=float, default=0.02, help="beta_T of the linear schedule")
+    g.add_argument("--learn-sigma", action="store_true",
+                   help="learn the reverse variance (2C outputs, hybrid loss L_simple + 1e-3 L_vlb; "
+                        "Nichol & Dhariwal 2021); the ancestral sampler and --eval-bpd use it")
     g.add_argument("--schedule", default="linear", choices=["linear", "cosine"],
                    help="noise schedule: linear betas (Ho et al.) or cosine alpha_bar (Nichol & "
                         "Dhariwal; ignores --beta-min/--beta-max)")
@@ -504,7 +537,7 @@ class Program:
 
         ckpt = self.read_checkpoint(a.loadckpt) if a.loadckpt else None
         if ckpt:  # the checkpoint's architecture wins; a typed flag that disagrees is an error
-            stored = {"schedule": "linear", "prediction": "eps",  # older checkpoints lack these
+            stored = {"schedule": "linear", "prediction": "eps", "learn_sigma": False,  # older
                       **ckpt["model_config"], **ckpt["diffusion_config"]}
             for k in MODEL_FLAGS + DIFFUSION_FLAGS:
                 if k in typed and list_or(getattr(a, k)) != list_or(stored[k]):
@@ -515,7 +548,8 @@ class Program:
         self.diffusion_config = {k: getattr(a, k) for k in DIFFUSION_FLAGS}
         self.model = UNet(**self.model_config).to(self.device)
         self.diffusion = GaussianDiffusion(self.model, **self.diffusion_config,
-                                           min_snr_gamma=a.min_snr_gamma).to(self.device)
+                                           min_snr_gamma=a.min_snr_gamma,
+                                           learn_sigma=a.learn_sigma).to(self.device)
         self.model.grad_checkpoint = a.grad_checkpoint
         self.ema = copy.deepcopy(self.model).requires_grad_(False)  # the weights we sample with
         if a.compile:  # in place: state_dict keys and the objects other code holds stay the same

@@ -105,7 +105,8 @@ class Upsample(nn.Module):
 
 
 class UNet(nn.Module):
-    """eps_theta(x_t, t): (B, C, H, W), (B,) -> (B, C, H, W), C = img_channels.
+    """eps_theta(x_t, t): (B, C, H, W), (B,) -> (B, C, H, W), C = img_channels (2C outputs with
+    learn_sigma: the prediction, then the variance interpolation v).
 
     Level i runs at resolution H / 2^i with width num_channels * channel_multiples[i] and
     self-attention where has_attn[i]; H and W must be divisible by 2^(levels - 1).
@@ -113,7 +114,7 @@ class UNet(nn.Module):
 
     def __init__(self, img_channels: int = 3, num_channels: int = 64,
                  channel_multiples: tuple = (1, 2, 4, 8), has_attn: tuple = (False, False, True, True),
-                 num_blocks: int = 2, dropout: float = 0.0):
+                 num_blocks: int = 2, dropout: float = 0.0, learn_sigma: bool = False):
         super().__init__()
         assert len(channel_multiples) == len(has_attn), "one has_attn entry per channel multiple"
         self.levels = len(channel_multiples)
@@ -148,12 +149,12 @@ class UNet(nn.Module):
                 self.up.append(Upsample(ch))
 
         self.norm_out = group_norm(ch)
-        self.conv_out = nn.Conv2d(ch, img_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(ch, img_channels * (2 if learn_sigma else 1), 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)  # predict eps = 0 at the start: loss starts at E[eps^2] = 1
         nn.init.zeros_(self.conv_out.bias)
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        """x: (B, C, H, W) in about [-1, 1], t: (B,) int64 in 0..T-1 -> eps: (B, C, H, W)."""
+        """x: (B, C, H, W) in about [-1, 1], t: (B,) int64 in 0..T-1 -> (B, C or 2C, H, W)."""
         assert x.ndim == 4 and t.shape == (x.shape[0],), "x: (B, C, H, W), t: (B,)"
         f = 2 ** (self.levels - 1)
         assert x.shape[-1] % f == 0 and x.shape[-2] % f == 0, \
