@@ -93,6 +93,44 @@ def spaced_timesteps(T: int, n: int) -> list[int]:
     return sorted({round(T - i * T / n) - 1 for i in range(n)}, reverse=True)
 
 
+class ImportanceSampler:
+    """Timesteps drawn with p_t proportional to sqrt(E[L_t^2]) over the last `history` losses seen
+    at each t (uniform until every t has them; 0.1 % uniform mixed in), each loss weighted by
+    1 / (T p_t) so that the weighted loss stays an unbiased estimate (Nichol & Dhariwal 2021,
+    Sec. 3.3)."""
+
+    def __init__(self, T: int, history: int = 10, uniform: float = 1e-3):
+        self.history = torch.zeros(T, history, dtype=torch.float64)  # newest last
+        self.count = torch.zeros(T, dtype=torch.long)  # losses held per t (at most `history`)
+        self.uniform = uniform
+
+    def probs(self) -> Tensor:
+        """p_t for t = 0..T-1, (T,) float64."""
+        T = len(self.count)
+        if (self.count < self.history.shape[1]).any():
+            return torch.full((T,), 1.0 / T, dtype=torch.float64)
+        p = self.history.pow(2).mean(1).sqrt()
+        return p / p.sum() * (1 - self.uniform) + self.uniform / T
+
+    def sample(self, n: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """n timesteps (n,) int64 and their weights 1 / (T p_t) (n,) float32."""
+        p = self.probs()
+        t = torch.multinomial(p, n, replacement=True)
+        return t.to(device), (1.0 / (len(p) * p[t])).float().to(device)
+
+    def update(self, t: Tensor, losses: Tensor) -> None:
+        """Remember the loss of each sampled timestep. t, losses: (n,)."""
+        for ti, li in zip(t.tolist(), losses.tolist()):
+            self.history[ti] = torch.cat([self.history[ti, 1:], torch.tensor([li])])
+            self.count[ti] = min(self.count[ti] + 1, self.history.shape[1])
+
+    def state_dict(self) -> dict:
+        return {"history": self.history, "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history, self.count = state["history"].clone(), state["count"].clone()
+
+
 class GaussianDiffusion(nn.Module):
     """The DDPM forward process q and the learned reverse process p_theta around a network that
     predicts eps (Ho et al. 2020) or v = sqrt(ab) eps - sqrt(1 - ab) x0 (Salimans & Ho 2022)."""
@@ -219,7 +257,11 @@ class GaussianDiffusion(nn.Module):
         return x_s, h
 
     def forward(self, x0: Tensor, t: Tensor | None = None, eps: Tensor | None = None) -> Tensor:
-        """Algorithm 1: mean ||target - net(sqrt(ab_t) x0 + sqrt(1 - ab_t) eps, t)||^2, t uniform
+        """Algorithm 1's loss, averaged over the batch (see losses)."""
+        return self.losses(x0, t, eps).mean()
+
+    def losses(self, x0: Tensor, t: Tensor | None = None, eps: Tensor | None = None) -> Tensor:
+        """Per image: ||target - net(sqrt(ab_t) x0 + sqrt(1 - ab_t) eps, t)||^2 -> (B,), t uniform
         (B,) and eps ~ N(0, I) unless given; target eps or v, weighted by min(SNR, gamma) / SNR
         (or / (SNR + 1) for v) if gamma > 0 (min-SNR-gamma, Hang et al. 2023)."""
         if t is None:
@@ -236,7 +278,7 @@ class GaussianDiffusion(nn.Module):
         if v is not None:  # hybrid loss: + lambda L_vlb, lambda = 1e-3, the mean frozen (Sec. 3.1)
             eps_hat, _ = self.eps_and_x0(xt, t, out.detach())
             mse = mse + self.vb_terms(x0, xt, t, eps_hat, v, eps) * self.T * 1e-3
-        return mse.mean()
+        return mse
 
     @torch.no_grad()
     def bits_per_dim(self, x0: Tensor, model: nn.Module | None = None, track=iter) -> dict:
@@ -366,6 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this")
     g.add_argument("--min-snr-gamma", type=float, default=0.0,
                    help="min-SNR-gamma loss weighting (Hang et al. 2023; 5 is typical); 0 = off")
+    g.add_argument("--importance-sampling", action="store_true",
+                   help="draw t with p_t ~ sqrt(E[L_t^2]) over the last 10 losses per t, loss "
+                        "reweighted to stay unbiased (Nichol & Dhariwal 2021); kept on resume")
     g.add_argument("--ema-decay", type=float, default=0.9999,
                    help="EMA decay of the weights; warms up as min(decay, (1 + step) / (10 + step))")
     g.add_argument("--raw-weights", action="store_true",
@@ -552,6 +597,7 @@ class Program:
                                            learn_sigma=a.learn_sigma).to(self.device)
         self.model.grad_checkpoint = a.grad_checkpoint
         self.ema = copy.deepcopy(self.model).requires_grad_(False)  # the weights we sample with
+        self.importance = ImportanceSampler(a.timesteps) if a.importance_sampling else None
         if a.compile:  # in place: state_dict keys and the objects other code holds stay the same
             self.model.compile()
             self.ema.compile()
@@ -592,6 +638,8 @@ class Program:
             group["lr"] = self.args.lr
         self.epoch, self.step = ckpt["epoch"], ckpt["step"]
         self.best_fid = ckpt.get("best_fid", math.inf)
+        if self.importance and ckpt.get("importance"):
+            self.importance.load_state_dict(ckpt["importance"])
         if self.args.train:
             self.data_gen.set_state(ckpt["data_rng"])
             torch.set_rng_state(ckpt["torch_rng"])
@@ -639,7 +687,9 @@ class Program:
         path = os.path.join(self.args.ckpt_save_dir, name or f"ckpt-{epoch_index % 5}.pth")
         state = {"format": CKPT_FORMAT, "model_config": self.model_config,
                  "diffusion_config": self.diffusion_config, "model": self.model.state_dict(),
-                 "ema": self.ema.state_dict(), "optimizer": self.optimizer.state_dict(), "epoch": self.epoch, "step": self.step,
+                 "ema": self.ema.state_dict(),
+                 "importance": self.importance.state_dict() if self.importance else None,
+                 "optimizer": self.optimizer.state_dict(), "epoch": self.epoch, "step": self.step,
                  "best_fid": self.best_fid, "data_rng": self.data_gen.get_state(),
                  "torch_rng": torch.get_rng_state(),
                  "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda"
@@ -758,11 +808,16 @@ class Program:
         A non-finite loss skips the step (returns None); MAX_BAD_STEPS in a row stop the run."""
         # t and eps for the whole global batch, this process's share taken as the data is, so
         # N processes draw exactly what one process with the same global batch would.
-        n = len(x0) * self.world
-        t = torch.randint(0, self.diffusion.T, (n,), device=self.device)[self.rank::self.world]
-        eps = torch.randn(n, *x0.shape[1:], device=self.device)[self.rank::self.world]
+        n, share = len(x0) * self.world, slice(self.rank, None, self.world)
+        if self.importance:
+            t_all, w_all = self.importance.sample(n, self.device)
+            t, w = t_all[share], w_all[share]
+        else:
+            t, w = torch.randint(0, self.diffusion.T, (n,), device=self.device)[share], 1.0
+        eps = torch.randn(n, *x0.shape[1:], device=self.device)[share]
         with self.autocast():
-            loss = self.diffusion(x0, t, eps)
+            per_image = self.diffusion.losses(x0, t, eps)
+            loss = (per_image * w).mean()
         finite = torch.isfinite(loss.detach()).float()
         if self.world > 1:  # every process skips together
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
@@ -773,6 +828,8 @@ class Program:
                 raise NonFiniteLoss()
             return None
         self.bad_steps = 0
+        if self.importance:  # every process learns from the whole global batch's losses
+            self.importance.update(t_all, self.gather_global(per_image.detach().float()))
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
@@ -782,6 +839,15 @@ class Program:
         self.step += 1
         update_ema(self.ema, self.model, ema_decay(self.step, self.args.ema_decay))
         return loss.detach()
+
+    def gather_global(self, x: Tensor) -> Tensor:
+        """This process's share x (n / world,) of a global batch -> the global batch (n,) on the
+        CPU, in global order (process r holds positions r, r + world, ...)."""
+        if self.world == 1:
+            return x.cpu()
+        parts = [torch.empty_like(x) for _ in range(self.world)]
+        dist.all_gather(parts, x)
+        return torch.stack(parts, 1).flatten().cpu()
 
     def end_epoch(self, e: int, loss: float, seen: int, secs: float) -> None:
         """Checkpoint, metrics.jsonl + loss.png, FID every --eval-every epochs, one line."""
