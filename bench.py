@@ -143,9 +143,9 @@ def run_variant(b, rest, tmp, data, toks: set[str], sample: bool, flops: float) 
 
     def batches():  # endless, epoch after epoch, through the variant's data path
         while True:
-            epoch = data.plain_batches if "plain" in toks else data.batches
+            epoch = data.plain_batches if "plain" in toks else data.batches_with_tokens
             yield from (x.contiguous(memory_format=torch.channels_last) if cl else x
-                        for x in epoch(b.batch_size, prog.data_gen))
+                        for x, _ in epoch(b.batch_size, prog.data_gen))
 
     it = batches()
     for _ in range(b.warmup):

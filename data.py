@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from rich.progress import Progress
 from torch import Tensor
@@ -28,6 +29,18 @@ def to_model(x: Tensor) -> Tensor:
 def to_uint8(x: Tensor) -> Tensor:
     """float in [-1, 1] (values outside are clipped) -> uint8 pixels 0..255."""
     return ((x.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def make_lowres(x: Tensor, low: int) -> Tensor:
+    """The super-resolution model's input: x (B, C, H, W) in [-1, 1] downsampled to low x low
+    (bicubic, anti-aliased) and upsampled back to H x W (bicubic), clipped to [-1, 1]."""
+    small = F.interpolate(x, size=(low, low), mode="bicubic", antialias=True, align_corners=False)
+    return upsample(small, x.shape[-1])
+
+
+def upsample(x: Tensor, size: int) -> Tensor:
+    """Bicubic upsampling (B, C, h, w) -> (B, C, size, size), clipped to [-1, 1]."""
+    return F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False).clamp(-1, 1)
 
 
 def list_images(folders: list[str]) -> list[str]:
@@ -99,13 +112,14 @@ def folder_key(folders: list[str], size: int, channels: int, salt: str = "") -> 
 
 
 def load_folders(folders: list[str], size: int, channels: int, warn=print,
-                 cache_dir: str | None = None, keep_small: bool = False) -> Tensor:
+                 cache_dir: str | None = None, keep_small: bool = False, with_paths: bool = False):
     """Decode every image under the folders (all cores, progress bar) -> uint8 (N, C, size, size).
 
     Files that are not images by extension are ignored; files that fail to decode are skipped with
     one warning line that counts and names them by reason (undecodable, unreadable, smaller than
     `size` unless keep_small); no usable image at all raises DataError. With cache_dir, the
     decoded set is kept in cache_dir/images-<folder_key>.npz and read back on the next start.
+    with_paths: also return the file of each image (a list of N paths).
     """
     key, paths = folder_key(folders, size, channels, f"decoded v2 keep_small={keep_small}")
     if not paths:
@@ -127,6 +141,9 @@ def load_folders(folders: list[str], size: int, channels: int, warn=print,
         with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
             np.savez(f, images=images, skipped=np.array([f"{r}|{p}" for p, r in bad], dtype=str))
         os.replace(tmp, cache)
+    if with_paths:
+        skipped = {p for p, _ in bad}
+        return torch.from_numpy(images), [p for p in paths if p not in skipped]
     return torch.from_numpy(images)
 
 
@@ -199,11 +216,13 @@ def demo_faces(n: int, size: int, channels: int = 3, seed: int = 0) -> Tensor:
 
 
 class ImageDataset:
-    """All training images as one uint8 (N, C, H, W) tensor; batches are shuffled, flipped, scaled."""
+    """All training images as one uint8 (N, C, H, W) tensor; batches are shuffled, flipped, scaled.
+    Optional tokens: int64 (N, L), each image's caption, which batches_with_tokens returns too."""
 
-    def __init__(self, images: Tensor, device: torch.device):
+    def __init__(self, images: Tensor, device: torch.device, tokens: Tensor | None = None):
         assert images.dtype == torch.uint8 and images.ndim == 4, "images: uint8 (N, C, H, W)"
         self.images = images.to(device)  # the whole set lives on the training device
+        self.tokens = None if tokens is None else tokens.to(device)
         self.device = device
 
     def __len__(self) -> int:
@@ -216,10 +235,17 @@ class ImageDataset:
         """One epoch of float batches (B, C, H, W) in [-1, 1], random order and random h-flips,
         gathered, flipped and scaled on the device in whole-batch operations. With world > 1
         processes, this one's share (every world-th image) of each full global batch."""
+        for x, _ in self.batches_with_tokens(batch_size, generator, rank, world):
+            yield x
+
+    def batches_with_tokens(self, batch_size: int, generator: torch.Generator, rank: int = 0,
+                            world: int = 1):
+        """As batches, with each batch's caption tokens (B, L) (None without captions)."""
         for idx, flip in batch_plan(len(self), batch_size, generator, rank, world):
-            x = self.images[idx.to(self.device)]
+            idx = idx.to(self.device)
+            x = self.images[idx]
             x = torch.where(flip.to(self.device)[:, None, None, None], x.flip(-1), x)
-            yield to_model(x)
+            yield to_model(x), None if self.tokens is None else self.tokens[idx]
 
     def plain_batches(self, batch_size: int, generator: torch.Generator, rank: int = 0,
                       world: int = 1):
@@ -229,7 +255,8 @@ class ImageDataset:
         for idx, flip in batch_plan(len(self), batch_size, generator, rank, world):
             items = [to_model(images[i]).flip(-1) if f else to_model(images[i])
                      for i, f in zip(idx.tolist(), flip.tolist())]
-            yield torch.stack(items).to(self.device)
+            yield (torch.stack(items).to(self.device),
+                   None if self.tokens is None else self.tokens[idx.to(self.device)])
 
 
 def batch_plan(n: int, batch_size: int, generator: torch.Generator, rank: int = 0,

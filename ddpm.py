@@ -31,13 +31,16 @@ from torch import Tensor
 from torchvision.utils import save_image
 
 import evaluate
-from data import DataError, ImageDataset, demo_faces, load_folders, to_model, to_uint8
+from data import (DataError, ImageDataset, demo_faces, load_folders, make_lowres, to_model,
+                  to_uint8, upsample)
+from text import CaptionError, Vocab, drop_captions, empty_like, read_captions, words
 from unet import UNet
 
 CKPT_FORMAT = 1
 MODEL_FLAGS = ("img_channels", "num_channels", "channel_multiples", "has_attn", "num_blocks", "dropout",
                "learn_sigma")
 DIFFUSION_FLAGS = ("img_size", "timesteps", "beta_min", "beta_max", "schedule", "prediction")
+COND_FLAGS = ("captions", "super_res")  # what the model is conditioned on, also in the checkpoint
 DEFAULT_STEPS = {"ddpm": 0, "ddim": 50, "dpm++": 20}  # 0: all T steps
 MAX_BAD_STEPS = 5  # non-finite losses in a row before a run stops
 
@@ -256,20 +259,23 @@ class GaussianDiffusion(nn.Module):
         x_s = math.sqrt((1 - ab_s) / (1 - ab_t)) * xt - math.sqrt(ab_s) * math.expm1(-h) * D
         return x_s, h
 
-    def forward(self, x0: Tensor, t: Tensor | None = None, eps: Tensor | None = None) -> Tensor:
+    def forward(self, x0: Tensor, t: Tensor | None = None, eps: Tensor | None = None,
+                cond: dict | None = None) -> Tensor:
         """Algorithm 1's loss, averaged over the batch (see losses)."""
-        return self.losses(x0, t, eps).mean()
+        return self.losses(x0, t, eps, cond).mean()
 
-    def losses(self, x0: Tensor, t: Tensor | None = None, eps: Tensor | None = None) -> Tensor:
+    def losses(self, x0: Tensor, t: Tensor | None = None, eps: Tensor | None = None,
+               cond: dict | None = None) -> Tensor:
         """Per image: ||target - net(sqrt(ab_t) x0 + sqrt(1 - ab_t) eps, t)||^2 -> (B,), t uniform
         (B,) and eps ~ N(0, I) unless given; target eps or v, weighted by min(SNR, gamma) / SNR
-        (or / (SNR + 1) for v) if gamma > 0 (min-SNR-gamma, Hang et al. 2023)."""
+        (or / (SNR + 1) for v) if gamma > 0 (min-SNR-gamma, Hang et al. 2023).
+        cond: the network's conditioning inputs (tokens=..., or lowres=..., aug=...)."""
         if t is None:
             t = torch.randint(0, self.T, (x0.shape[0],), device=x0.device)  # (B,)
         if eps is None:
             eps = torch.randn_like(x0)
         xt = self.q_sample(x0, t, eps)
-        out, v = self.split(self.model(xt, t))
+        out, v = self.split(self.model(xt, t, **(cond or {})))
         target = eps if self.prediction == "eps" else self.v_target(x0, t, eps)
         mse = (out - target).pow(2).mean(dim=(1, 2, 3))  # (B,)
         if self.min_snr_gamma > 0:
@@ -281,7 +287,8 @@ class GaussianDiffusion(nn.Module):
         return mse
 
     @torch.no_grad()
-    def bits_per_dim(self, x0: Tensor, model: nn.Module | None = None, track=iter) -> dict:
+    def bits_per_dim(self, x0: Tensor, model: nn.Module | None = None, track=iter,
+                     cond: dict | None = None) -> dict:
         """The variational bound -log p(x0) <= L_T + sum_{t>1} L_{t-1} + L_0 (Ho et al. 2020, Eq. 5)
         with sigma_t^2 = beta~_t or the learned variance, in bits per dimension, per term.
 
@@ -298,17 +305,39 @@ class GaussianDiffusion(nn.Module):
             tt = torch.full((len(x0),), t, device=x0.device, dtype=torch.long)
             true_eps = torch.randn_like(x0)
             xt = self.q_sample(x0, tt, true_eps)
-            out, v = self.split(model(xt, tt))
+            out, v = self.split(model(xt, tt, **(cond or {})))
             eps, _ = self.eps_and_x0(xt, tt, out)
             terms[:, t] = self.vb_terms(x0, xt, tt, eps, v, true_eps)
         return {"total": (prior + terms.sum(1)).mean().item(), "prior": prior.mean().item(),
                 "decoder": terms[:, 0].mean().item(), "kl_terms": terms[:, 1:].sum(1).mean().item()}
 
+    def guided(self, model: nn.Module, x: Tensor, t: Tensor, cond: dict | None,
+               w: float = 1.0) -> Tensor:
+        """The network output at x_t, with classifier-free guidance (Ho & Salimans 2022, Eq. 6)
+        when a caption is given and w != 1: out = out(empty) + w (out(caption) - out(empty)).
+
+        w = 1 is the plain conditional model, w = 0 the unconditional one. Guiding eps or v is the
+        same (each is linear in the other at fixed x_t, t). A learned variance is not guided: it
+        comes from the conditional output (as GLIDE). Both halves run as one batch of 2B."""
+        cond = cond or {}
+        if w == 1.0 or "tokens" not in cond:
+            return model(x, t, **cond)
+        tokens = cond["tokens"]  # (B, L)
+        both = model(torch.cat([x, x]), torch.cat([t, t]),
+                     tokens=torch.cat([tokens, empty_like(tokens)]))  # (2B, C or 2C, H, W)
+        c, u = both.float().chunk(2)
+        if not self.learn_sigma:
+            return u + w * (c - u)
+        (c, var), (u, _) = c.chunk(2, dim=1), u.chunk(2, dim=1)
+        return torch.cat([u + w * (c - u), var], dim=1)
+
     @torch.no_grad()
     def sample(self, x_T: Tensor, sampler: str = "ddpm", steps: int = 0, eta: float = 0.0,
-               model: nn.Module | None = None, strips: int = 0, clip_x0: bool = True, track=iter):
+               model: nn.Module | None = None, strips: int = 0, clip_x0: bool = True, track=iter,
+               cond: dict | None = None, guidance: float = 1.0):
         """x_T: (B, C, H, W) noise -> x_0 with the ancestral sampler (all T steps, Algorithm 2),
-        DDIM or DPM-Solver++(2M) on `steps` respaced timesteps, using `model` (default: self.model).
+        DDIM or DPM-Solver++(2M) on `steps` respaced timesteps, using `model` (default: self.model),
+        conditioned on cond (a caption, guided with scale `guidance`, or a low-res image).
 
         clip_x0 clips the predicted x0 to the data range [-1, 1] and re-derives eps from it
         (eps = (x_t - sqrt(ab) x0) / sqrt(1 - ab)), as Ho et al.'s and Nichol & Dhariwal's code do:
@@ -322,7 +351,7 @@ class GaussianDiffusion(nn.Module):
         x, frames, x0_prev, h_prev = x_T, [x_T], None, None
         for i, t in enumerate(track(ts)):
             tt = torch.full((len(x),), t, device=x.device, dtype=torch.long)
-            out, v = self.split(model(x, tt))
+            out, v = self.split(self.guided(model, x, tt, cond, guidance))
             eps, x0 = self.eps_and_x0(x, tt, out)
             if clip_x0:
                 x0 = x0.clamp(-1.0, 1.0)
@@ -446,6 +475,44 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seed every RNG: the same seed gives the same samples (on one device)")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda or cuda:N")
+    g = p.add_argument_group("text conditioning with classifier-free guidance (Ho & Salimans 2022)")
+    g.add_argument("--captions", default="off", choices=["off", "files", "folders"],
+                   help="train a text-conditioned model. files: a .txt beside each image, else "
+                        "its row in a captions.csv (file,caption) in the data folder; folders: "
+                        "each image's sub-folder name (class-conditional). Images without a "
+                        "caption train unconditionally")
+    g.add_argument("--cond-drop", type=float, default=0.1,
+                   help="training: the probability that an image's caption is replaced by the "
+                        "empty caption (this trains the unconditional model guidance needs)")
+    g.add_argument("--prompt", nargs="+", metavar="TEXT",
+                   help='with a text model\'s --loadckpt: --batch-size samples per prompt, a grid '
+                        'each, e.g. --prompt "blue hair, red eyes" "pink hair, green eyes"')
+    g.add_argument("--guidance-scale", type=float, nargs="+", default=[3.0], metavar="W",
+                   help="guidance w: out(empty) + w (out(prompt) - out(empty)); 1 = plain "
+                        "conditional, 0 = unconditional; several values: a grid each")
+    g.add_argument("--eval-prompts", metavar="DIR",
+                   help="with a text model's --loadckpt: fit a hair/eye colour classifier on the "
+                        "captioned images in DIR (held out from training), then report per "
+                        "--guidance-scale how often prompted colours are drawn, and FID vs DIR")
+    g = p.add_argument_group("super-resolution (Saharia et al. 2021, SR3)")
+    g.add_argument("--super-res", type=int, default=0, metavar="LOW",
+                   help="train a super-resolution model from LOW x LOW to --img-size; each "
+                        "(low, high) pair is made on the fly from the training images")
+    g.add_argument("--sr-noise-max", type=float, default=0.2,
+                   help="training: the upsampled low-res input gets Gaussian noise of std "
+                        "a ~ U(0, this), and the model is told a (noise-conditioning augmentation)")
+    g.add_argument("--sr-noise", type=float, default=0.05,
+                   help="sampling: the noise std a added to the low-res input")
+    g.add_argument("--lowres-folder", metavar="DIR",
+                   help="with a super-resolution --loadckpt: upsample every image in DIR "
+                        "(resized to LOW) into --save-dir")
+    g.add_argument("--sr-ckpt", metavar="PATH",
+                   help="with a base model's --loadckpt: the cascade: draw --batch-size samples, "
+                        "then super-resolve them with this super-resolution model")
+    g.add_argument("--eval-sr", type=int, default=0, metavar="N",
+                   help="with a super-resolution --loadckpt: on the first N images of "
+                        "--data-folders (held back from training), PSNR / SSIM and FID of ours "
+                        "and of bicubic upsampling against the real images; sr-compare.png")
     g = p.add_argument_group("quality (FID / KID against the --data-folders)")
     g.add_argument("--eval-fid", type=int, default=0, metavar="N",
                    help="with --loadckpt: draw N samples and print FID and KID against the "
@@ -515,6 +582,10 @@ def check_args(a: argparse.Namespace) -> None:
         raise UserError("resuming with --loadckpt needs the --data-folders to train on (or --demo)")
     if not a.train and not a.loadckpt:
         raise UserError("nothing to do: give --train to train, or --loadckpt PATH to sample")
+    if not 0 <= a.cond_drop <= 1 or a.sr_noise < 0 or a.sr_noise_max < 0 or a.eval_sr < 0:
+        raise UserError("need 0 <= --cond-drop <= 1, and --sr-noise, --sr-noise-max, --eval-sr >= 0")
+    if a.eval_sr and not a.data_folders:
+        raise UserError("--eval-sr measures held-back real images: give --data-folders DIR")
 
 
 def pick_device(name: str) -> torch.device:
@@ -583,13 +654,22 @@ class Program:
         ckpt = self.read_checkpoint(a.loadckpt) if a.loadckpt else None
         if ckpt:  # the checkpoint's architecture wins; a typed flag that disagrees is an error
             stored = {"schedule": "linear", "prediction": "eps", "learn_sigma": False,  # older
-                      **ckpt["model_config"], **ckpt["diffusion_config"]}
-            for k in MODEL_FLAGS + DIFFUSION_FLAGS:
+                      "captions": "off", "super_res": 0, **ckpt["model_config"],
+                      **ckpt["diffusion_config"], **ckpt.get("cond_config", {})}
+            for k in MODEL_FLAGS + DIFFUSION_FLAGS + COND_FLAGS:
                 if k in typed and list_or(getattr(a, k)) != list_or(stored[k]):
                     raise UserError(f"--{k.replace('_', '-')} {getattr(a, k)} contradicts the "
                                     f"checkpoint ({stored[k]}); drop the flag")
                 setattr(a, k, stored[k])
+        self.check_model_kind(a, ckpt)
+        # A text model's vocabulary comes from its checkpoint, or from the captions of a new run.
+        self.vocab = Vocab.from_state(ckpt["text"]) if ckpt and ckpt.get("text") else None
+        self.data = self.load_data() if a.train else None
+        self.cond_config = {k: getattr(a, k) for k in COND_FLAGS}
         self.model_config = {k: list_or(getattr(a, k)) for k in MODEL_FLAGS}
+        self.model_config.update(vocab_size=len(self.vocab) if self.vocab else 0,
+                                 text_len=self.vocab.max_len if self.vocab else 0,
+                                 lowres_channels=a.img_channels if a.super_res else 0)
         self.diffusion_config = {k: getattr(a, k) for k in DIFFUSION_FLAGS}
         self.model = UNet(**self.model_config).to(self.device)
         self.diffusion = GaussianDiffusion(self.model, **self.diffusion_config,
@@ -627,6 +707,36 @@ class Program:
                 raise UserError(f"cannot create folder {folder}: {e.strerror}") from None
             if folder and not os.access(folder, os.W_OK):
                 raise UserError(f"cannot write to folder {folder}: choose another one")
+
+    def check_model_kind(self, a: argparse.Namespace, ckpt: dict | None) -> None:
+        """Base, text and super-resolution models each take their own flags: a mix-up is one line."""
+        name = a.loadckpt
+        if a.super_res and a.captions != "off":
+            raise UserError("a model is either text-conditioned (--captions) or super-resolution "
+                            "(--super-res), not both")
+        if a.super_res and not 0 < a.super_res < a.img_size:
+            raise UserError(f"--super-res {a.super_res} must be between 0 and --img-size "
+                            f"{a.img_size} (the low and the high resolution)")
+        if a.train:
+            if a.captions != "off" and a.demo:
+                raise UserError("--captions reads captions beside images: give --data-folders DIR")
+            return
+        if a.super_res:
+            if a.prompt or a.sr_ckpt or a.eval_fid or a.eval_bpd or a.eval_prompts:
+                raise UserError(f"{name} is a super-resolution model ({a.super_res} -> "
+                                f"{a.img_size} px): it takes --lowres-folder DIR or --eval-sr N, "
+                                f"or goes in a cascade as --sr-ckpt after a base model")
+            if not (a.lowres_folder or a.eval_sr):
+                raise UserError(f"{name} is a super-resolution model ({a.super_res} -> "
+                                f"{a.img_size} px): give --lowres-folder DIR to upsample a folder "
+                                f"of images, or use it as --sr-ckpt after a base model's --loadckpt")
+        elif a.lowres_folder or a.eval_sr:
+            raise UserError(f"{name} is not a super-resolution model (it draws {a.img_size} px "
+                            f"images from noise); --lowres-folder and --eval-sr need one trained "
+                            f"with --super-res")
+        if (a.prompt or a.eval_prompts) and a.captions == "off":
+            raise UserError(f"{name} is not text-conditioned (trained without --captions): drop "
+                            f"--prompt / --eval-prompts")
 
     def restore(self, ckpt: dict) -> None:
         """Weights, EMA, optimizer and counters; for training also the RNG states, so that a
@@ -668,7 +778,7 @@ class Program:
         if not os.path.exists(path) and os.path.dirname(path) == "":
             path = os.path.join(self.args.ckpt_save_dir, path)
         if not os.path.isfile(path):
-            raise UserError(f"checkpoint not found: {self.args.loadckpt} "
+            raise UserError(f"checkpoint not found: {path} "
                             f"(also looked in {self.args.ckpt_save_dir}/)")
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -686,7 +796,9 @@ class Program:
             return None
         path = os.path.join(self.args.ckpt_save_dir, name or f"ckpt-{epoch_index % 5}.pth")
         state = {"format": CKPT_FORMAT, "model_config": self.model_config,
-                 "diffusion_config": self.diffusion_config, "model": self.model.state_dict(),
+                 "diffusion_config": self.diffusion_config, "cond_config": self.cond_config,
+                 "text": self.vocab.state() if self.vocab else None,
+                 "model": self.model.state_dict(),
                  "ema": self.ema.state_dict(),
                  "importance": self.importance.state_dict() if self.importance else None,
                  "optimizer": self.optimizer.state_dict(), "epoch": self.epoch, "step": self.step,
@@ -715,10 +827,13 @@ class Program:
                    nrow=nrow, padding=1)
 
     @torch.inference_mode()
-    def draw(self, n: int, desc: str = "sampling"):
+    def draw(self, n: int, desc: str = "sampling", cond: dict | None = None, guidance: float = 1.0):
         """n samples with the chosen sampler and weights, with a progress bar
-        -> x_0 (n, C, H, W) and about 10 frames of the reverse chain."""
+        -> x_0 (n, C, H, W) and about 10 frames of the reverse chain. A text model without cond
+        draws unconditionally (the empty caption); a super-resolution model needs cond."""
         a = self.args
+        if self.vocab and cond is None:
+            cond = {"tokens": self.vocab.empty(n, self.device)}
         c, s = self.model_config["img_channels"], self.diffusion_config["img_size"]
         model = self.model if a.raw_weights else self.ema
         model.eval()
@@ -727,7 +842,7 @@ class Program:
         with self.progress() as progress, self.autocast():
             track = lambda ts: progress.track(ts, description=f"{desc} ({a.sampler})")
             x0, frames = self.diffusion.sample(x_T, a.sampler, steps, a.eta, model, 10, a.clip_x0,
-                                               track)
+                                               track, cond, guidance)
         model.train()
         return x0, frames
 
@@ -780,7 +895,8 @@ class Program:
                 desc = f"bound of images {i}..{min(i + a.batch_size, len(x)) - 1}"
                 track = lambda ts: progress.track(ts, total=self.diffusion.T, description=desc)
                 batch = x[i:i + a.batch_size]
-                for k, v in self.diffusion.bits_per_dim(batch, model, track).items():
+                cond = {"tokens": self.vocab.empty(len(batch), self.device)} if self.vocab else None
+                for k, v in self.diffusion.bits_per_dim(batch, model, track, cond).items():
                     sums[k] = sums.get(k, 0.0) + v * len(batch)
         r = {k: v / len(x) for k, v in sums.items()}
         self.console.print(f"bits/dim {r['total']:.3f} on {len(x)} training images "
@@ -792,19 +908,48 @@ class Program:
     # -- the two commands ----------------------------------------------------------------------
 
     def load_data(self) -> ImageDataset:
-        a, t0 = self.args, time.time()
+        """The training images, and with --captions their caption tokens (a new run builds the
+        vocabulary from the captions; a resumed one keeps the checkpoint's)."""
+        a, t0, tokens = self.args, time.time(), None
         if a.demo:
             images = demo_faces(a.demo_images, a.img_size, a.img_channels, seed=0)
         else:
-            images = load_folders(a.data_folders, a.img_size, a.img_channels,
-                                  warn=self.console.print, cache_dir=a.cache_dir,
-                                  keep_small=a.keep_small)
+            images, paths = load_folders(a.data_folders, a.img_size, a.img_channels,
+                                         warn=self.console.print, cache_dir=a.cache_dir,
+                                         keep_small=a.keep_small, with_paths=True)
+        if a.captions != "off" and not a.demo:
+            captions = read_captions(paths, a.data_folders, a.captions)
+            have = sum(map(bool, captions))
+            if not have:
+                raise UserError(f"--captions {a.captions}: none of the {len(paths)} images has a "
+                                f"caption ({'a .txt beside it or a captions.csv row' if a.captions == 'files' else 'no sub-folders'})")
+            self.vocab = self.vocab or Vocab.build([c for c in captions if c])
+            tokens = self.vocab.encode_all(captions)  # (N, L); words the vocabulary lacks: dropped
+            self.console.print(f"captions: {have} of {len(images)} images have one "
+                               f"({a.captions}); vocabulary of {len(self.vocab) - 2} words, up to "
+                               f"{self.vocab.max_len} per caption")
         self.console.print(f"training set: {len(images)} images of {tuple(images.shape[1:])}, "
                            f"ready in {time.time() - t0:.1f}s")
-        return ImageDataset(images, self.device)
+        return ImageDataset(images, self.device, tokens)
 
-    def train_step(self, x0: Tensor) -> Tensor | None:
-        """One step of Algorithm 1: loss -> backward -> clip -> Adam -> EMA. x0: (B, C, H, W).
+    def train_cond(self, x0: Tensor, tokens: Tensor | None, n: int, share: slice) -> dict:
+        """A training batch's conditioning: captions, each replaced by the empty caption with
+        probability --cond-drop; or the low-res image, noise-augmented with std a ~ U(0,
+        --sr-noise-max) and a given to the model (Ho et al. 2022, Cascaded Diffusion, Sec. 4.1).
+        Random draws are for the global batch n, this process's share taken, as for t and eps."""
+        a = self.args
+        if self.vocab:
+            return {"tokens": drop_captions(tokens, a.cond_drop,
+                                            torch.rand(n, device=self.device)[share])}
+        if a.super_res:
+            aug = torch.rand(n, device=self.device)[share] * a.sr_noise_max  # (B,)
+            z = torch.randn(n, *x0.shape[1:], device=self.device)[share]
+            return {"lowres": make_lowres(x0, a.super_res) + aug[:, None, None, None] * z, "aug": aug}
+        return {}
+
+    def train_step(self, x0: Tensor, tokens: Tensor | None = None) -> Tensor | None:
+        """One step of Algorithm 1: loss -> backward -> clip -> Adam -> EMA. x0: (B, C, H, W),
+        tokens: its captions (B, L) for a text model.
         A non-finite loss skips the step (returns None); MAX_BAD_STEPS in a row stop the run."""
         # t and eps for the whole global batch, this process's share taken as the data is, so
         # N processes draw exactly what one process with the same global batch would.
@@ -815,8 +960,9 @@ class Program:
         else:
             t, w = torch.randint(0, self.diffusion.T, (n,), device=self.device)[share], 1.0
         eps = torch.randn(n, *x0.shape[1:], device=self.device)[share]
+        cond = self.train_cond(x0, tokens, n, share)
         with self.autocast():
-            per_image = self.diffusion.losses(x0, t, eps)
+            per_image = self.diffusion.losses(x0, t, eps, cond)
             loss = (per_image * w).mean()
         finite = torch.isfinite(loss.detach()).float()
         if self.world > 1:  # every process skips together
@@ -870,12 +1016,12 @@ class Program:
                            f"{seen / secs:.0f} img/s, {'saved ' + path if path else 'NOT saved'}")
 
     def train(self) -> None:
-        a = self.args
-        data = self.load_data()
+        a, data = self.args, self.data
         if self.main:
             with self.side_rng():
                 self.save_forward_strip(to_model(data.images[:4]))
-                self.save_reverse_strip(self.draw(8, "run-before strip")[1], "run-before.png")
+                self.save_reverse_strip(self.draw(8, "run-before strip", self.strip_cond(8))[1],
+                                        "run-before.png")
         try:
             with self.progress("info") as progress:
                 epochs = progress.add_task("epochs", total=a.epochs, info="")
@@ -883,10 +1029,11 @@ class Program:
                     n = data.num_batches(a.batch_size, self.world)
                     batches = progress.add_task(f"epoch {e}", total=n, info="")
                     t0, seen, loss_sum = time.time(), 0, torch.zeros((), device=self.device)
-                    batches_of = data.batches if a.data_path == "device" else data.plain_batches
-                    for i, x0 in enumerate(batches_of(a.batch_size, self.data_gen, self.rank,
-                                                      self.world)):
-                        loss = self.train_step(x0)
+                    batches_of = (data.batches_with_tokens if a.data_path == "device"
+                                  else data.plain_batches)
+                    for i, (x0, tokens) in enumerate(batches_of(a.batch_size, self.data_gen,
+                                                                self.rank, self.world)):
+                        loss = self.train_step(x0, tokens)
                         if loss is None:
                             n -= 1
                             continue
@@ -911,12 +1058,14 @@ class Program:
             sys.exit(1)
         if self.main:
             with self.side_rng():
-                self.save_reverse_strip(self.draw(8, "run-after strip")[1], "run-after.png")
+                self.save_reverse_strip(self.draw(8, "run-after strip", self.strip_cond(8))[1],
+                                        "run-after.png")
         self.console.print(f"pictures in {a.save_dir}/: forward-steps.png, run-before.png, "
                            f"run-after.png, loss.png; metrics.jsonl")
 
     def sample(self) -> None:
         a = self.args
+        sr = self.sr_program() if a.sr_ckpt else None  # checked before any sampling
         x0, frames = self.draw(a.batch_size)
         for i, img in enumerate(x0):
             self.save_grid(img[None], f"ddpm-{i}.png", nrow=1)
@@ -924,10 +1073,159 @@ class Program:
         self.save_reverse_strip(frames, "reverse-steps.png")
         self.console.print(f"wrote {len(x0)} samples to {a.save_dir}/ddpm-*.png, "
                            f"ddpm-all.png and reverse-steps.png")
+        if sr:
+            sr.save_sr(x0, sr.super_resolve(x0), [str(i) for i in range(len(x0))])
+
+    def sample_prompts(self) -> None:
+        """--batch-size samples per prompt and guidance scale: a grid each, and prompts.png with
+        8 of each (a row per prompt and scale)."""
+        a, n, rows = self.args, self.args.batch_size, []
+        ids = [self.vocab.encode(p) for p in a.prompt]  # unknown words: one line, before any work
+        for prompt, tokens in zip(a.prompt, ids):
+            for w in a.guidance_scale:
+                cond = {"tokens": torch.tensor([tokens] * n, device=self.device)}
+                x0, _ = self.draw(n, f"{prompt!r}, w = {w:g}", cond, w)
+                slug = "-".join(words(prompt))[:60] or "empty"
+                self.save_grid(x0, f"prompt-{slug}-w{w:g}.png", nrow=math.ceil(math.sqrt(n)))
+                rows.append(x0[:8])
+        self.save_grid(torch.cat(rows), "prompts.png", nrow=min(n, 8))
+        self.console.print(f"wrote {len(rows)} grids ({len(a.prompt)} prompts x "
+                           f"{len(a.guidance_scale)} guidance scales) to {a.save_dir}/prompt-*.png "
+                           f"and prompts.png (a row per prompt and scale, in that order)")
+
+    # -- super-resolution ----------------------------------------------------------------------
+
+    def sr_cond(self, up: Tensor) -> dict:
+        """The SR model's input at sampling: the upsampled low-res image up (B, C, H, W) with
+        noise of std --sr-noise, and that level."""
+        a = self.args.sr_noise
+        return {"lowres": up + a * torch.randn_like(up),
+                "aug": torch.full((len(up),), a, device=up.device)}
+
+    def strip_cond(self, n: int) -> dict | None:
+        """The conditioning of the training-time strips: for SR, the first n training images."""
+        if not self.args.super_res:
+            return None
+        return self.sr_cond(make_lowres(to_model(self.data.images[:n]), self.args.super_res))
+
+    def super_resolve(self, low: Tensor) -> Tensor:
+        """low (N, C, LOW, LOW) in [-1, 1] -> (N, C, H, W) samples of the SR model, in batches."""
+        a, size, out = self.args, self.diffusion_config["img_size"], []
+        for i in range(0, len(low), a.batch_size):
+            up = upsample(low[i:i + a.batch_size].to(self.device), size)
+            out.append(self.draw(len(up), f"super-resolving {i}..{i + len(up) - 1} of "
+                                          f"{len(low)}", self.sr_cond(up))[0])
+        return torch.cat(out)
+
+    def save_sr(self, low: Tensor, high: Tensor, names: list[str]) -> None:
+        """sr-<name>.png for each result, and sr-all.png: pairs (bicubic | ours), 4 pairs a row."""
+        for img, name in zip(high, names):
+            self.save_grid(img[None], f"sr-{name}.png", nrow=1)
+        pairs = torch.stack([upsample(low[:32].to(high.device), high.shape[-1]), high[:32]], 1)
+        self.save_grid(pairs.flatten(0, 1), "sr-all.png", nrow=8)
+        self.console.print(f"wrote {len(high)} super-resolved images ({low.shape[-1]} -> "
+                           f"{high.shape[-1]} px) to {self.args.save_dir}/sr-*.png and sr-all.png "
+                           f"(pairs: bicubic | ours)")
+
+    def sample_lowres_folder(self) -> None:
+        a = self.args
+        images, paths = load_folders([a.lowres_folder], a.super_res, a.img_channels,
+                                     warn=self.console.print, keep_small=True, with_paths=True)
+        low = to_model(images)
+        self.save_sr(low, self.super_resolve(low),
+                     [os.path.splitext(os.path.basename(p))[0] for p in paths])
+
+    def sr_program(self) -> "Program":
+        """The cascade's second stage: a Program around the --sr-ckpt model, checked to fit."""
+        a, size, c = self.args, self.diffusion_config["img_size"], self.model_config["img_channels"]
+        low = self.read_checkpoint(a.sr_ckpt).get("cond_config", {}).get("super_res", 0)
+        if not low:
+            raise UserError(f"--sr-ckpt {a.sr_ckpt} is not a super-resolution model (it draws "
+                            f"from noise); train one with --super-res LOW")
+        sr = Program(argparse.Namespace(**{**vars(a), "loadckpt": a.sr_ckpt, "sr_ckpt": None,
+                                           "lowres_folder": "(cascade)", "prompt": None}), set())
+        if (low, sr.args.img_channels) != (size, c):
+            raise UserError(f"--sr-ckpt {a.sr_ckpt} upsamples {low} px, {sr.args.img_channels}-"
+                            f"channel images, but this base model draws {size} px, {c}-channel ones")
+        return sr
+
+    def evaluate_sr(self, n: int) -> dict:
+        """On the first n images of --data-folders (held back from training): PSNR / SSIM and FID
+        against the real images of our super-resolution and of bicubic upsampling, and
+        sr-compare.png (rows: low-res, bicubic, ours, real)."""
+        a, size, c = self.args, self.diffusion_config["img_size"], self.model_config["img_channels"]
+        real = load_folders(a.data_folders, size, c, warn=self.console.print,
+                            cache_dir=a.cache_dir)[:n]  # (n, C, H, W) uint8
+        low = F.interpolate(to_model(real), size=(a.super_res, a.super_res), mode="bicubic",
+                            antialias=True, align_corners=False)
+        out = {"bicubic": to_uint8(upsample(low, size)), "ours": to_uint8(self.super_resolve(low)).cpu()}
+        net = evaluate.InceptionFeatures(self.device)
+        ref = evaluate.extract(real, net, a.batch_size, progress="real image features")
+        rows = {}
+        for name, images in out.items():
+            psnr, ssim = evaluate.psnr_ssim(images, real)
+            feats = evaluate.extract(images, net, a.batch_size, progress=f"{name} features")
+            rows[name] = {"psnr": psnr, "ssim": ssim, **evaluate.score(feats, ref)}
+            self.console.print(f"{name:8s} {a.super_res} -> {size} px on {len(real)} held-back "
+                               f"images: PSNR {psnr:.2f} dB, SSIM {ssim:.4f}, FID {rows[name]['fid']:.2f}"
+                               f", KID {rows[name]['kid'] * 1e3:.2f} x 1e-3")
+        shown = [F.interpolate(low[:8], size=(size, size), mode="nearest"),
+                 to_model(out["bicubic"][:8]), to_model(out["ours"][:8]), to_model(real[:8])]
+        self.save_grid(torch.cat(shown), "sr-compare.png", nrow=len(shown[0]))
+        self.console.print(f"wrote {a.save_dir}/sr-compare.png (rows: {a.super_res} px input, "
+                           f"bicubic, ours, real)")
+        return rows
+
+    def evaluate_prompts(self, folder: str) -> list[dict]:
+        """Does the model draw what it is asked? Fit a hair / eye colour classifier on the
+        captioned images in `folder` (held out from training), then per --guidance-scale draw
+        --eval-samples images prompted "<h> hair, <e> eyes" over every colour pair and report how
+        often the classifier sees the prompted colours, and FID against `folder`."""
+        a, size, c = self.args, self.diffusion_config["img_size"], self.model_config["img_channels"]
+        images, paths = load_folders([folder], size, c, warn=self.console.print,
+                                     cache_dir=a.cache_dir, with_paths=True)
+        clf, info = evaluate.fit_tag_classifier(images, read_captions(paths, [folder], "files"),
+                                                device=self.device, progress="colour classifier")
+        hair, eyes = ([k for k in clf.classes[attr] if k in self.vocab.stoi] for attr in ("hair", "eyes"))
+        self.console.print(f"colour classifier on {info['n_train']} held-out images: validation "
+                           f"accuracy hair {info['val_acc']['hair']:.1%}, eyes "
+                           f"{info['val_acc']['eyes']:.1%} on {info['n_val']} (chance for uniform "
+                           f"prompts: {1 / len(hair):.1%} / {1 / len(eyes):.1%})")
+        n = a.eval_samples
+        want = [(hair[i % len(hair)], eyes[(i // len(hair)) % len(eyes)]) for i in range(n)]
+        tokens = self.vocab.encode_all([f"{h} hair, {e} eyes" for h, e in want])  # (n, L)
+        net = evaluate.InceptionFeatures(self.device)
+        ref, _ = evaluate.reference_features([folder], size, c, net, a.cache_dir, self.console)
+        rows = []
+        for w in a.guidance_scale:
+            samples = torch.cat([to_uint8(self.draw(
+                len(tokens[i:i + a.batch_size]), f"w = {w:g}: {i}/{n}",
+                {"tokens": tokens[i:i + a.batch_size].to(self.device)}, w)[0]).cpu()
+                for i in range(0, n, a.batch_size)])
+            seen = evaluate.classify(clf, samples)
+            row = {"guidance": w, "n": n,
+                   "hair_acc": float(np.mean([s == h for s, (h, _) in zip(seen["hair"], want)])),
+                   "eyes_acc": float(np.mean([s == e for s, (_, e) in zip(seen["eyes"], want)])),
+                   **evaluate.score(evaluate.extract(samples, net, a.batch_size), ref)}
+            rows.append(row)
+            self.save_grid(to_model(samples[:8 * len(hair)]), f"prompt-eval-w{w:g}.png",
+                           nrow=len(hair))
+            self.console.print(f"w = {w:g}: prompted hair colour drawn {row['hair_acc']:.1%}, eye "
+                               f"colour {row['eyes_acc']:.1%} of {n} samples; FID {row['fid']:.2f} "
+                               f"vs {len(ref)} held-out images")
+        return rows
 
     def run(self) -> None:
         if self.args.train:
             self.train()
+        elif self.args.lowres_folder:
+            self.sample_lowres_folder()
+        elif self.args.eval_sr:
+            self.evaluate_sr(self.args.eval_sr)
+        elif self.args.eval_prompts:
+            self.evaluate_prompts(self.args.eval_prompts)
+        elif self.args.prompt:
+            self.sample_prompts()
         elif self.args.eval_fid:
             self.evaluate(self.args.eval_fid)
         elif self.args.eval_bpd:
@@ -948,7 +1246,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_args(args)
         Program(args, typed).run()
-    except (UserError, DataError) as e:
+    except (UserError, DataError, CaptionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

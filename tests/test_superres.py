@@ -1,0 +1,111 @@
+"""Super-resolution: (low, high) pairs, the 2C-input UNet, training and upsampling through the CLI,
+the cascade, and clear messages when base and SR checkpoints are mixed up."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from data import make_lowres, upsample
+from ddpm import main
+from test_cli import ddpm, png_size
+from unet import UNet
+
+TINY = ["--num-channels", "8", "--channel-multiples", "1", "2", "--has-attn", "f", "t",
+        "--num-blocks", "1", "--timesteps", "20", "--beta-min", "0.005", "--beta-max", "0.5",
+        "--batch-size", "8", "--seed", "0"]
+
+
+def test_pairs_are_downsampled_then_bicubic_upsampled_in_range():
+    torch.manual_seed(0)
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    low = make_lowres(x, 8)
+    assert low.shape == x.shape and low.min() >= -1 and low.max() <= 1
+    small = F.interpolate(x, size=(8, 8), mode="bicubic", antialias=True, align_corners=False)
+    torch.testing.assert_close(low, F.interpolate(small, size=(32, 32), mode="bicubic",
+                                                  align_corners=False).clamp(-1, 1))
+    # Detail finer than the low resolution is gone; a constant image survives exactly.
+    assert (low - x).abs().mean() > 0.3
+    const = torch.full((1, 3, 32, 32), 0.25)
+    torch.testing.assert_close(make_lowres(const, 8), const)
+    # A smooth image (one period across) is nearly kept away from the borders.
+    ramp = torch.sin(torch.linspace(0, 2 * torch.pi, 32))[None, None, None].expand(1, 3, 32, 32)
+    assert (make_lowres(ramp, 16) - ramp)[..., 4:-4].abs().max() < 0.05
+    assert upsample(torch.zeros(2, 1, 4, 4), 12).shape == (2, 1, 12, 12)
+
+
+def test_the_sr_unet_takes_2c_input_channels_and_returns_c():
+    for c in (1, 3):
+        net = UNet(c, 16, (1, 2), (False, True), 1, lowres_channels=c)
+        assert net.conv_in.in_channels == 2 * c
+        x, low = torch.randn(2, c, 16, 16), torch.randn(2, c, 16, 16)
+        out = net(x, torch.tensor([1, 5]), lowres=low, aug=torch.tensor([0.0, 0.1]))
+        assert out.shape == (2, c, 16, 16)
+    with torch.no_grad():  # the low-res input and its noise level both reach the output
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    t = torch.tensor([1, 5])
+    a = net(x, t, lowres=low, aug=torch.tensor([0.0, 0.1]))
+    assert not torch.allclose(a, net(x, t, lowres=low + 1, aug=torch.tensor([0.0, 0.1])))
+    assert not torch.allclose(a, net(x, t, lowres=low, aug=torch.tensor([0.2, 0.3])))
+
+
+@pytest.fixture(scope="module")
+def sr_run(tmp_path_factory):
+    """16 smooth 16-px pictures; a tiny 8 -> 16 SR model and a tiny 8-px base model on them."""
+    root = tmp_path_factory.mktemp("sr")
+    (root / "faces").mkdir()
+    (root / "small").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(16):
+        arr = np.kron(rng.integers(0, 256, (4, 4, 3)), np.ones((4, 4, 1))).astype(np.uint8)
+        Image.fromarray(arr).save(root / "faces" / f"{i}.png")
+        Image.fromarray(arr[::2, ::2]).save(root / "small" / f"s{i}.png")
+    r = ddpm(root, "--train", "--data-folders", "faces", "--super-res", "8", "--img-size", "16",
+             "--epochs", "1", "--ckpt-save-dir", "sr", *TINY)
+    assert r.returncode == 0, r.stderr
+    r = ddpm(root, "--train", "--data-folders", "faces", "--img-size", "8", "--epochs", "1",
+             "--ckpt-save-dir", "base", *TINY)
+    assert r.returncode == 0, r.stderr
+    return root
+
+
+def test_a_tiny_sr_model_records_its_sizes_and_super_resolves_a_folder(sr_run):
+    ckpt = torch.load(sr_run / "sr" / "ckpt-0.pth", weights_only=True)
+    assert ckpt["cond_config"]["super_res"] == 8 and ckpt["diffusion_config"]["img_size"] == 16
+    assert ckpt["model_config"]["lowres_channels"] == 3
+    r = ddpm(sr_run, "--loadckpt", "sr/ckpt-0.pth", "--lowres-folder", "small", "--sampler", "ddim",
+             "--sample-steps", "3", "--save-dir", "up", "--batch-size", "8")
+    assert r.returncode == 0, r.stderr
+    assert png_size(sr_run / "up" / "sr-s0.png") == (16, 16)
+    assert len(list((sr_run / "up").glob("sr-s*.png"))) == 16
+    assert png_size(sr_run / "up" / "sr-all.png") == (8 * 17 + 1, 4 * 17 + 1)  # 16 pairs
+
+
+def test_the_cascade_draws_base_samples_then_super_resolves_them(sr_run):
+    r = ddpm(sr_run, "--loadckpt", "base/ckpt-0.pth", "--sr-ckpt", "sr/ckpt-0.pth", "--batch-size",
+             "4", "--sampler", "dpm++", "--sample-steps", "3", "--save-dir", "cascade")
+    assert r.returncode == 0, r.stderr
+    assert png_size(sr_run / "cascade" / "ddpm-0.png") == (8, 8)
+    assert png_size(sr_run / "cascade" / "sr-3.png") == (16, 16)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--loadckpt", "sr/ckpt-0.pth"], "is a super-resolution model (8 -> 16 px): give --lowres"),
+    (["--loadckpt", "sr/ckpt-0.pth", "--eval-fid", "4", "--data-folders", "faces"],
+     "is a super-resolution model"),
+    (["--loadckpt", "base/ckpt-0.pth", "--lowres-folder", "small"], "is not a super-resolution"),
+    (["--loadckpt", "base/ckpt-0.pth", "--sr-ckpt", "base/ckpt-0.pth"],
+     "--sr-ckpt base/ckpt-0.pth is not a super-resolution model"),
+    (["--loadckpt", "sr/ckpt-0.pth", "--sr-ckpt", "sr/ckpt-0.pth"], "is a super-resolution"),
+    (["--train", "--loadckpt", "base/ckpt-0.pth", "--data-folders", "faces", "--super-res", "4"],
+     "--super-res 4 contradicts the checkpoint (0)"),
+    (["--train", "--data-folders", "faces", "--super-res", "16", "--img-size", "16"],
+     "--super-res 16 must be between 0 and --img-size 16"),
+])
+def test_base_and_sr_checkpoints_mixed_up_give_one_clear_line(sr_run, monkeypatch, capsys, args,
+                                                              message):
+    monkeypatch.chdir(sr_run)
+    assert main([*args, "--save-dir", "mixed"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1

@@ -1,0 +1,146 @@
+"""Captions for text-conditioned DDPM: reading them, a word vocabulary, and a small text encoder.
+
+The encoder is trained with the diffusion model (no pretrained download): word embeddings + learned
+positions -> a pre-norm transformer encoder -> per-token features for the UNet's cross-attention and a
+pooled feature for its time embedding (as GLIDE, Nichol et al. 2022, and Imagen, Saharia et al. 2022).
+"""
+import csv
+import os
+import re
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+PAD, EMPTY = 0, 1  # token ids: padding, and the empty caption (unconditional / dropped caption)
+SPECIALS = ["<pad>", "<empty>"]
+
+
+class CaptionError(Exception):
+    """A prompt or caption file that cannot be used; the message says what to change."""
+
+
+def words(caption: str) -> list[str]:
+    """'Blue hair, red eyes' -> ['blue', 'hair', 'red', 'eyes'] (lower case, letters/digits/-/')."""
+    return re.findall(r"[a-z0-9'\-]+", caption.lower())
+
+
+def read_captions(paths: list[str], folders: list[str], source: str) -> list[str]:
+    """One caption per image path ('' = none: the image trains unconditionally).
+
+    source 'files': a `name.txt` beside the image, else its row in a `captions.csv` (`file,caption`,
+    file relative to the csv's folder) anywhere under the data folders;
+    source 'folders': the image's sub-folder path under its data folder ('_' read as a space), so
+    folders of classes train a class-conditional model.
+    """
+    if source == "folders":
+        out = []
+        for p in paths:
+            root = max((f for f in folders if os.path.abspath(p).startswith(os.path.abspath(f) + os.sep)),
+                       key=len, default=os.path.dirname(p))
+            sub = os.path.relpath(os.path.dirname(os.path.abspath(p)), os.path.abspath(root))
+            out.append("" if sub == "." else sub.replace(os.sep, " ").replace("_", " "))
+        return out
+    table = {}
+    for folder in folders:
+        for root, _, files in os.walk(folder, followlinks=True):
+            if "captions.csv" in files:
+                try:
+                    with open(os.path.join(root, "captions.csv"), newline="", encoding="utf-8") as f:
+                        for row in csv.DictReader(f):
+                            table[os.path.abspath(os.path.join(root, row["file"]))] = row["caption"]
+                except (KeyError, UnicodeDecodeError, csv.Error) as e:
+                    raise CaptionError(f"{os.path.join(root, 'captions.csv')}: expected a header "
+                                       f"'file,caption' and UTF-8 rows ({type(e).__name__})") from None
+    out = []
+    for p in paths:
+        txt = os.path.splitext(p)[0] + ".txt"
+        if os.path.isfile(txt):
+            with open(txt, encoding="utf-8", errors="replace") as f:
+                out.append(f.read().strip())
+        else:
+            out.append(table.get(os.path.abspath(p), ""))
+    return out
+
+
+class Vocab:
+    """Words <-> token ids; ids 0 and 1 are <pad> and <empty>, words follow in sorted order."""
+
+    def __init__(self, words_: list[str], max_len: int):
+        self.itos = SPECIALS + sorted(set(words_) - set(SPECIALS))
+        self.stoi = {w: i for i, w in enumerate(self.itos)}
+        self.max_len = max_len
+
+    @classmethod
+    def build(cls, captions: list[str]) -> "Vocab":
+        """From training captions; room for the longest caption (at least 8 tokens)."""
+        tokenised = [words(c) for c in captions]
+        return cls([w for ws in tokenised for w in ws], max(8, *(len(ws) for ws in tokenised)))
+
+    def __len__(self) -> int:
+        return len(self.itos)
+
+    def state(self) -> dict:
+        return {"words": self.itos[len(SPECIALS):], "max_len": self.max_len}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "Vocab":
+        return cls(state["words"], state["max_len"])
+
+    def encode(self, caption: str, strict: bool = True) -> list[int]:
+        """Caption -> max_len ids, padded; '' -> [<empty>, <pad>, ...]. Unknown words raise
+        CaptionError listing the vocabulary (strict, for prompts) or are dropped (training)."""
+        ws = words(caption)
+        unknown = [w for w in ws if w not in self.stoi]
+        if unknown and strict:
+            raise CaptionError(f"unknown word(s) {', '.join(repr(w) for w in unknown)} in prompt "
+                               f"{caption!r}; this model knows: {' '.join(self.itos[len(SPECIALS):])}")
+        ids = [self.stoi[w] for w in ws if w in self.stoi] or [EMPTY]
+        if len(ids) > self.max_len:
+            raise CaptionError(f"prompt {caption!r} has {len(ids)} words; this model takes at most "
+                               f"{self.max_len}")
+        return ids + [PAD] * (self.max_len - len(ids))
+
+    def encode_all(self, captions: list[str], strict: bool = False) -> Tensor:
+        """-> int64 (N, max_len)."""
+        return torch.tensor([self.encode(c, strict) for c in captions], dtype=torch.long)
+
+    def empty(self, n: int, device=None) -> Tensor:
+        """n empty captions: (n, max_len), the unconditional input."""
+        ids = torch.full((n, self.max_len), PAD, dtype=torch.long, device=device)
+        ids[:, 0] = EMPTY
+        return ids
+
+
+def empty_like(tokens: Tensor) -> Tensor:
+    """Empty captions shaped like tokens (B, L)."""
+    out = torch.full_like(tokens, PAD)
+    out[:, 0] = EMPTY
+    return out
+
+
+def drop_captions(tokens: Tensor, p: float, u: Tensor) -> Tensor:
+    """Classifier-free guidance training (Ho & Salimans 2022): caption i is replaced by the empty
+    caption where u[i] < p. tokens (B, L), u (B,) uniform in [0, 1)."""
+    return torch.where((u < p)[:, None], empty_like(tokens), tokens)
+
+
+class TextEncoder(nn.Module):
+    """Token ids (B, L) -> token features (B, L, dim), a padding mask (B, L) (True = real token) and
+    a pooled feature (B, dim) (the mean over real tokens)."""
+
+    def __init__(self, vocab_size: int, max_len: int, dim: int, layers: int = 2, heads: int = 4):
+        super().__init__()
+        self.tok = nn.Embedding(vocab_size, dim)
+        self.pos = nn.Parameter(torch.randn(max_len, dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.0, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        keep = ids != PAD  # (B, L); every caption has >= 1 real token (<empty> at least)
+        h = self.tok(ids) + self.pos[: ids.shape[1]]  # (B, L, dim)
+        h = self.norm(self.encoder(h, src_key_padding_mask=~keep))
+        pooled = (h * keep[..., None]).sum(1) / keep.sum(1, keepdim=True)  # (B, dim)
+        return h, keep, pooled
