@@ -1081,6 +1081,7 @@ class Program:
         8 of each (a row per prompt and scale)."""
         a, n, rows = self.args, self.args.batch_size, []
         ids = [self.vocab.encode(p) for p in a.prompt]  # unknown words: one line, before any work
+        sr = self.sr_program() if a.sr_ckpt else None
         for prompt, tokens in zip(a.prompt, ids):
             for w in a.guidance_scale:
                 cond = {"tokens": torch.tensor([tokens] * n, device=self.device)}
@@ -1089,9 +1090,12 @@ class Program:
                 self.save_grid(x0, f"prompt-{slug}-w{w:g}.png", nrow=math.ceil(math.sqrt(n)))
                 rows.append(x0[:8])
         self.save_grid(torch.cat(rows), "prompts.png", nrow=min(n, 8))
+        if sr:  # the cascade: prompts.png, super-resolved
+            sr.save_grid(sr.super_resolve(torch.cat(rows)), "prompts-sr.png", nrow=min(n, 8))
         self.console.print(f"wrote {len(rows)} grids ({len(a.prompt)} prompts x "
                            f"{len(a.guidance_scale)} guidance scales) to {a.save_dir}/prompt-*.png "
-                           f"and prompts.png (a row per prompt and scale, in that order)")
+                           f"and prompts.png (a row per prompt and scale, in that order)"
+                           + (", and prompts-sr.png" if sr else ""))
 
     # -- super-resolution ----------------------------------------------------------------------
 
@@ -1142,6 +1146,8 @@ class Program:
         if not low:
             raise UserError(f"--sr-ckpt {a.sr_ckpt} is not a super-resolution model (it draws "
                             f"from noise); train one with --super-res LOW")
+        # Every stored flag comes from the SR checkpoint (nothing typed); the sampler flags are
+        # shared. Its input is our samples, which check_model_kind sees as a low-res folder.
         sr = Program(argparse.Namespace(**{**vars(a), "loadckpt": a.sr_ckpt, "sr_ckpt": None,
                                            "lowres_folder": "(cascade)", "prompt": None}), set())
         if (low, sr.args.img_channels) != (size, c):

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from data import make_lowres, upsample
-from ddpm import main
+from data import make_lowres, to_model, upsample
+from ddpm import Program, main, parse_args
 from test_cli import ddpm, png_size
 from unet import UNet
 
@@ -68,6 +68,20 @@ def sr_run(tmp_path_factory):
              "--ckpt-save-dir", "base", *TINY)
     assert r.returncode == 0, r.stderr
     return root
+
+
+def test_training_inputs_get_noise_of_a_random_level_that_the_model_is_told(sr_run, monkeypatch):
+    monkeypatch.chdir(sr_run)
+    prog = Program(*parse_args(["--train", "--data-folders", "faces", "--super-res", "8",
+                                "--img-size", "16", "--sr-noise-max", "0.3", *TINY, "--save-dir",
+                                "aug", "--ckpt-save-dir", "aug"]))
+    x0 = to_model(prog.data.images[:8])
+    torch.manual_seed(1)
+    cond = prog.train_cond(x0, None, 8, slice(0, None, 1))
+    torch.manual_seed(1)
+    aug, z = torch.rand(8) * 0.3, torch.randn(8, 3, 16, 16)  # a ~ U(0, 0.3), then the noise
+    torch.testing.assert_close(cond["aug"], aug)
+    torch.testing.assert_close(cond["lowres"], make_lowres(x0, 8) + aug[:, None, None, None] * z)
 
 
 def test_a_tiny_sr_model_records_its_sizes_and_super_resolves_a_folder(sr_run):
