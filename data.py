@@ -34,8 +34,12 @@ def to_uint8(x: Tensor) -> Tensor:
 def make_lowres(x: Tensor, low: int) -> Tensor:
     """The super-resolution model's input: x (B, C, H, W) in [-1, 1] downsampled to low x low
     (bicubic, anti-aliased) and upsampled back to H x W (bicubic), clipped to [-1, 1]."""
-    small = F.interpolate(x, size=(low, low), mode="bicubic", antialias=True, align_corners=False)
-    return upsample(small, x.shape[-1])
+    return upsample(downsample(x, low), x.shape[-1])
+
+
+def downsample(x: Tensor, low: int) -> Tensor:
+    """Bicubic, anti-aliased downsampling (B, C, H, W) -> (B, C, low, low)."""
+    return F.interpolate(x, size=(low, low), mode="bicubic", antialias=True, align_corners=False)
 
 
 def upsample(x: Tensor, size: int) -> Tensor:

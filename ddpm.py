@@ -31,8 +31,8 @@ from torch import Tensor
 from torchvision.utils import save_image
 
 import evaluate
-from data import (DataError, ImageDataset, demo_faces, load_folders, make_lowres, to_model,
-                  to_uint8, upsample)
+from data import (DataError, ImageDataset, demo_faces, downsample, load_folders, make_lowres,
+                  to_model, to_uint8, upsample)
 from text import CaptionError, Vocab, drop_captions, empty_like, read_captions, words
 from unet import UNet
 
@@ -1162,8 +1162,7 @@ class Program:
         a, size, c = self.args, self.diffusion_config["img_size"], self.model_config["img_channels"]
         real = load_folders(a.data_folders, size, c, warn=self.console.print,
                             cache_dir=a.cache_dir)[:n]  # (n, C, H, W) uint8
-        low = F.interpolate(to_model(real), size=(a.super_res, a.super_res), mode="bicubic",
-                            antialias=True, align_corners=False)
+        low = downsample(to_model(real), a.super_res)  # as training made its inputs
         out = {"bicubic": to_uint8(upsample(low, size)), "ours": to_uint8(self.super_resolve(low)).cpu()}
         net = evaluate.InceptionFeatures(self.device)
         ref = evaluate.extract(real, net, a.batch_size, progress="real image features")

@@ -107,9 +107,7 @@ class Vocab:
 
     def empty(self, n: int, device=None) -> Tensor:
         """n empty captions: (n, max_len), the unconditional input."""
-        ids = torch.full((n, self.max_len), PAD, dtype=torch.long, device=device)
-        ids[:, 0] = EMPTY
-        return ids
+        return empty_like(torch.empty((n, self.max_len), dtype=torch.long, device=device))
 
 
 def empty_like(tokens: Tensor) -> Tensor:
