@@ -21,8 +21,9 @@ from rich.table import Table
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+import config
 import ddpm
-from data import DataError, load_folders
+from data import DataError, ImageDataset, load_folders
 
 SMALL = ["--img-size", "32", "--num-channels", "32", "--channel-multiples", "1", "2", "2",
          "--has-attn", "f", "t", "f", "--num-blocks", "1"]
@@ -36,7 +37,7 @@ PEAKS = [("H100 PCIe", "H100 PCIe", {"bf16": 756, "tf32": 378, "fp32": 51}),
 
 
 def parse(argv=None) -> tuple[argparse.Namespace, list[str]]:
-    """bench.py's own flags, and the rest (passed to ddpm.parse_args)."""
+    """bench.py's own flags, and the rest (passed to config.parse_args)."""
     p = argparse.ArgumentParser(
         description="Benchmark ddpm.py training and sampling: img/s, memory, FLOPs, MFU.",
         epilog="Any other flag goes to ddpm.py unchanged: the model flags --img-size, "
@@ -74,8 +75,7 @@ def build(b, rest: list[str], tmp: str, quiet: bool = True) -> ddpm.Program:
     argv = (SMALL * b.small + ["--demo-images", str(8 * b.batch_size), "--seed", "0"] + rest
             + ["--train", "--demo", "--device", b.device, "--batch-size", str(b.batch_size),
                "--save-dir", tmp, "--ckpt-save-dir", tmp, "--cache-dir", tmp])
-    args, typed = ddpm.parse_args(argv)
-    ddpm.check_args(args)
+    args, typed = config.parse_args(argv)
     with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
         return ddpm.Program(args, typed)
 
@@ -141,16 +141,17 @@ def run_variant(b, rest, tmp, data, toks: set[str], sample: bool, flops: float) 
         prog.model.compile()
         prog.ema.compile()
 
-    def batches():  # endless, epoch after epoch, through the variant's data path
-        while True:
-            epoch = data.plain_batches if "plain" in toks else data.batches_with_tokens
-            yield from (x.contiguous(memory_format=torch.channels_last) if cl else x
-                        for x, _ in epoch(b.batch_size, prog.data_gen))
+    # The real training loop (Program.train_loop), one epoch of exactly `steps` batches, without
+    # the end-of-epoch work (checkpoint, metrics, plot).
+    prog.args.data_path, prog.args.epochs = "plain" if "plain" in toks else "device", 1
+    prog.end_epoch = lambda *args: None
 
-    it = batches()
-    for _ in range(b.warmup):
-        prog.train_step(next(it))
-    secs = timed(prog.device, lambda: prog.train_step(next(it)), b.steps)  # per step
+    def loop(steps: int) -> None:
+        prog.data = ImageDataset(data.images[:steps * b.batch_size], prog.device)
+        prog.train_loop()
+
+    loop(b.warmup)
+    secs = timed(prog.device, lambda: loop(b.steps)) / b.steps  # per step
     if cuda:
         mem = f"{torch.cuda.max_memory_allocated(b.device) / 2**30:.2f} GiB"
     else:  # KiB on Linux; the whole process so far, not this variant alone
@@ -165,7 +166,7 @@ def run_variant(b, rest, tmp, data, toks: set[str], sample: bool, flops: float) 
         prog.args.sample_steps = b.sample_steps
         secs = timed(prog.device, lambda: prog.draw(b.sample_batch))
         row["sample_img_steps_s"] = b.sample_batch * b.sample_steps / secs
-    del prog, it
+    del prog
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
@@ -179,7 +180,7 @@ def measure(b, rest, variants: dict[str, set[str]], console: Console) -> dict:
         dev, a = prog.device, prog.args
         out = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else
                f"CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads",
-               "torch": torch.__version__, "config": prog.model_config | prog.diffusion_config,
+               "torch": torch.__version__, "config": config.config_of(prog.args),
                "batch_size": b.batch_size,
                "params": sum(p.numel() for p in prog.model.parameters())}
         t0 = time.perf_counter()
@@ -255,9 +256,9 @@ def main(argv=None) -> int:
     bad = set().union(*variants.values()) - TOKENS
     try:
         if bad or not variants:
-            raise ddpm.UserError(f"unknown variant part(s) {sorted(bad)}; use {sorted(TOKENS)}")
+            raise config.UserError(f"unknown variant part(s) {sorted(bad)}; use {sorted(TOKENS)}")
         out = measure(b, rest, variants, console)
-    except (ddpm.UserError, DataError) as e:
+    except (config.UserError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     report(b, variants, out, console)

@@ -2,6 +2,7 @@
 
 to_model / to_uint8 are the only two conversions between stored pixels and the model's [-1, 1].
 """
+import contextlib
 import hashlib
 import math
 import os
@@ -11,8 +12,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
-from rich.progress import Progress
 from torch import Tensor
+
+from ui import progress_bar
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 
@@ -53,13 +55,20 @@ def list_images(folders: list[str]) -> list[str]:
     for folder in folders:
         if not os.path.isdir(folder):
             raise DataError(f"data folder not found: {folder}")
-        seen = set()  # real paths of visited folders: a symlink loop is walked once
-        for root, dirs, files in os.walk(folder, followlinks=True):
-            seen.add(os.path.realpath(root))
-            dirs[:] = sorted(d for d in dirs if os.path.realpath(os.path.join(root, d)) not in seen)
-            paths += [os.path.join(root, f) for f in sorted(files)
+        for root, files in walk(folder):
+            paths += [os.path.join(root, f) for f in files
                       if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
     return paths
+
+
+def walk(folder: str):
+    """(folder, sorted file names) for the folder and every sub-folder, sorted, following
+    symbolic links; each real folder is visited once, so a symlink loop ends."""
+    seen = set()  # real paths of visited folders
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        seen.add(os.path.realpath(root))
+        dirs[:] = sorted(d for d in dirs if os.path.realpath(os.path.join(root, d)) not in seen)
+        yield root, sorted(files)
 
 
 class SkipImage(Exception):
@@ -141,10 +150,8 @@ def load_folders(folders: list[str], size: int, channels: int, warn=print,
         raise DataError(f"none of the {len(paths)} image files in {', '.join(folders)} could be read")
     if cache and not os.path.isfile(cache):
         os.makedirs(cache_dir, exist_ok=True)
-        tmp = f"{cache}.{os.getpid()}.tmp"
-        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
-            np.savez(f, images=images, skipped=np.array([f"{r}|{p}" for p, r in bad], dtype=str))
-        os.replace(tmp, cache)
+        atomic_write(cache, lambda f: np.savez(  # a file object: savez would append .npz to a name
+            f, images=images, skipped=np.array([f"{r}|{p}" for p, r in bad], dtype=str)))
     if with_paths:
         skipped = {p for p, _ in bad}
         return torch.from_numpy(images), [p for p in paths if p not in skipped]
@@ -171,13 +178,37 @@ def decode_all(paths: list[str], size: int, channels: int,
             return str(e)
 
     images, bad = [], []
-    with ThreadPoolExecutor(os.cpu_count()) as pool, Progress(transient=True) as progress:
-        task = progress.add_task(f"loading {len(paths)} images", total=len(paths))
-        for path, arr in zip(paths, pool.map(decode, paths, chunksize=64)):
-            (bad.append((path, arr)) if isinstance(arr, str) else images.append(arr))
-            progress.advance(task)
+    for path, arr in zip(paths, decode_parallel(paths, decode, f"loading {len(paths)} images")):
+        (bad.append((path, arr)) if isinstance(arr, str) else images.append(arr))
     empty = np.empty((0, channels, size, size), np.uint8)
     return (np.stack(images) if images else empty), bad
+
+
+def decode_parallel(paths: list[str], decode, desc: str, console=None, chunk: int = 512):
+    """decode(path) for every path on all cores, yielded in order, with a progress bar. Paths go
+    to the pool `chunk` at a time, so a consumer that keeps only what it needs stays bounded."""
+    with ThreadPoolExecutor(os.cpu_count()) as pool, progress_bar(console) as bar:
+        task = bar.add_task(desc, total=len(paths))
+        for start in range(0, len(paths), chunk):
+            for out in pool.map(decode, paths[start:start + chunk]):
+                yield out
+                bar.advance(task)
+
+
+def atomic_write(path: str, write) -> None:
+    """write(f) into a temporary file beside `path`, flush it to disk, then rename it over `path`:
+    a crash or a full disk mid-write never leaves a half-written file there (nor the temporary)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def demo_faces(n: int, size: int, channels: int = 3, seed: int = 0) -> Tensor:

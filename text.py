@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from data import walk
+
 PAD, EMPTY = 0, 1  # token ids: padding, and the empty caption (unconditional / dropped caption)
 SPECIALS = ["<pad>", "<empty>"]
 
@@ -43,7 +45,7 @@ def read_captions(paths: list[str], folders: list[str], source: str) -> list[str
         return out
     table = {}
     for folder in folders:
-        for root, _, files in os.walk(folder, followlinks=True):
+        for root, files in walk(folder):  # a symlink loop is walked once
             if "captions.csv" in files:
                 try:
                     with open(os.path.join(root, "captions.csv"), newline="", encoding="utf-8") as f:

@@ -59,10 +59,12 @@ def test_checkpoint_describes_itself_and_loads_without_code(trained):
     root, _ = trained
     ckpt = torch.load(root / "ckpt" / "ckpt-1.pth", weights_only=True)
     assert ckpt["epoch"] == 2 and ckpt["step"] == 4  # 12 images / batch 8 = 2 steps per epoch
-    assert ckpt["model_config"]["num_channels"] == 8
-    assert ckpt["model_config"]["has_attn"] == [False, True]
-    assert ckpt["diffusion_config"] == {"img_size": 16, "timesteps": 20, "beta_min": 0.005,
-                                        "beta_max": 0.5, "schedule": "linear", "prediction": "eps"}
+    cfg = ckpt["config"]  # one plain dict: the model, diffusion and conditioning flags
+    assert cfg["num_channels"] == 8 and cfg["has_attn"] == [False, True]
+    assert {k: cfg[k] for k in ("img_size", "timesteps", "beta_min", "beta_max", "schedule",
+                                "prediction", "captions", "super_res")} == {
+        "img_size": 16, "timesteps": 20, "beta_min": 0.005, "beta_max": 0.5, "schedule": "linear",
+        "prediction": "eps", "captions": "off", "super_res": 0}
     assert set(ckpt) >= {"model", "ema", "optimizer", "epoch", "step", "data_rng"}
 
 
@@ -94,7 +96,7 @@ def test_resume_continues_the_epoch_count(trained):
     resumed = torch.load(root / "ckpt" / "ckpt-2.pth", weights_only=True)
     before = torch.load(root / "ckpt" / "ckpt-1.pth", weights_only=True)
     assert resumed["epoch"] == 3 and resumed["step"] == 6
-    assert resumed["model_config"] == before["model_config"]
+    assert resumed["config"] == before["config"]
     adam_steps = [s["step"].item() for s in resumed["optimizer"]["state"].values()]
     assert set(adam_steps) == {6.0}  # Adam's own count went on from 4, not from 0
     assert resumed["optimizer"]["param_groups"][0]["lr"] == 1e-4
@@ -164,7 +166,8 @@ def test_eval_fid_scores_samples_and_reuses_the_cached_training_features(trained
 
 
 def test_training_on_the_device_data_path_matches_the_per_image_path(tmp_path):
-    from ddpm import Program, parse_args
+    from config import parse_args
+    from ddpm import Program
     weights = {}
     for path in ("device", "plain"):
         flags = ["--train", "--demo", "--demo-images", "24", "--img-size", "8", "--num-channels",
@@ -243,3 +246,52 @@ def test_eval_bpd_prints_the_bound_in_bits_per_dim(trained):
     parts = [float(line.split(k)[1].split()[0].rstrip(",")) for k in ("L_T", "terms", "L_0")]
     assert "on 5 training images" in line and total > 0
     assert total == pytest.approx(sum(parts), rel=1e-2)
+
+
+FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures",
+                       "text-model-bc9cbb7.pth")
+
+
+def test_eval_fid_without_the_fid_network_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    import evaluate
+
+    def missing():
+        raise evaluate.MissingNetwork(f"the FID Inception network is not installed; run: "
+                                      f"{evaluate.INSTALL}")
+
+    monkeypatch.setattr(evaluate, "inception_path", missing)
+    (tmp_path / "faces").mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(tmp_path / "faces" / f"{i}.png")
+    code = main(["--loadckpt", FIXTURE, "--eval-fid", "4", "--data-folders",
+                 str(tmp_path / "faces"), "--save-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: the FID Inception network is not installed")
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_output_lines_are_never_wrapped_when_stdout_is_not_a_terminal(tmp_path):
+    out = tmp_path / ("a-folder-name-long-enough-to-pass-any-console-width-" * 3)
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    r = subprocess.run([sys.executable, DDPM, "--loadckpt", FIXTURE, "--sampler", "ddim",
+                        "--sample-steps", "2", "--batch-size", "2", "--save-dir", str(out)],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert len(str(out)) > 150  # longer than rich's 80-column default, whatever tmp_path is
+    assert f"wrote 2 samples to {out}/ddpm-*.png, ddpm-all.png and reverse-steps.png" in r.stdout
+
+
+def test_the_start_up_summary_tells_the_checkpoints_model_not_the_flag_defaults(tmp_path):
+    r = ddpm(tmp_path, "--loadckpt", FIXTURE, "--sampler", "ddim", "--sample-steps", "2",
+             "--batch-size", "2")
+    assert r.returncode == 0, r.stderr
+    first = r.stdout.splitlines()[:3]
+    assert first[0].startswith(f"loaded {FIXTURE} (epoch 1, step 2)")
+    assert first[1].startswith("model: text-conditioned, 0.") and ", 8 px, 3 channel(s), T = 10" \
+        in first[1]
+    assert first[2].startswith("sampling with ddim, 2 steps, EMA weights; cpu, fp32; outputs in "
+                               "output/")
+    assert "img_size=64" not in r.stdout and "captions=off" not in r.stdout
+    written = json.load(open(tmp_path / "output" / "config.json"))
+    assert (written["img_size"], written["captions"], written["num_channels"]) == (8, "files", 4)
+    assert written["sampler"] == "ddim" and written["loadckpt"] == FIXTURE

@@ -4,13 +4,13 @@ import math
 import pytest
 import torch
 
-from ddpm import GaussianDiffusion, linear_betas
+from diffusion import GaussianDiffusion, linear_betas
 from unet import UNet
 
 
-def make_diffusion(T=1000, img_size=8, model=None):
+def make_diffusion(T=1000, model=None):
     model = model or UNet(1, 8, (1, 2), (False, False), 1)
-    return GaussianDiffusion(model, img_size, T, 1e-4, min(0.02 * 1000 / T, 0.5))
+    return GaussianDiffusion(model, T, 1e-4, min(0.02 * 1000 / T, 0.5))
 
 
 def test_linear_betas_run_evenly_from_beta_1_to_beta_T():
@@ -29,7 +29,7 @@ def test_alpha_bars_strictly_decrease_inside_the_unit_interval(T):
 
 def test_betas_outside_0_1_are_refused():
     with pytest.raises(AssertionError, match="0 < beta_min < beta_max < 1"):
-        GaussianDiffusion(torch.nn.Identity(), 8, 10, 1e-4, 2.0)
+        GaussianDiffusion(torch.nn.Identity(), 10, 1e-4, 2.0)
 
 
 def test_alpha_bar_T_is_near_zero_for_the_standard_schedule():
@@ -118,7 +118,7 @@ def test_training_draws_t_from_every_index_0_to_T_minus_1():
             seen.append(t)
             return torch.zeros_like(x)
 
-    d = GaussianDiffusion(Spy(), 4, timesteps=5, beta_min=0.1, beta_max=0.5)
+    d = GaussianDiffusion(Spy(), timesteps=5, beta_min=0.1, beta_max=0.5)
     for _ in range(50):
         d(torch.zeros(16, 1, 4, 4))
     assert set(torch.cat(seen).tolist()) == {0, 1, 2, 3, 4}

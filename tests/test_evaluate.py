@@ -193,3 +193,24 @@ def test_psnr_matches_its_closed_form_and_ssim_is_one_only_for_identical_images(
         assert psnr_ssim(ref, ref)[1] == pytest.approx(1.0)
     worse = (ref.int() + torch.from_numpy(rng.choice([-40, 40], ref.shape))).clamp(0, 255)
     assert psnr_ssim(worse.to(torch.uint8), ref)[1] < ssim
+
+
+def test_evaluate_main_reports_an_unusable_fid_as_nan_not_a_traceback(tmp_path, capsys,
+                                                                     monkeypatch):
+    try:
+        evaluate.inception_path()
+    except evaluate.MissingNetwork as e:
+        pytest.skip(str(e))
+    for d, v in (("a", 10), ("b", 200)):
+        (tmp_path / d).mkdir()
+        for i in range(2):
+            Image.fromarray(np.full((16, 16, 3), v + 20 * i, np.uint8)).save(tmp_path / d / f"{i}.png")
+
+    def complex_root(*args):  # what frechet_distance raises when too few images make it complex
+        raise ValueError("FID: (S1 S2)^(1/2) has an imaginary part of 0.5; use more images")
+
+    monkeypatch.setattr(evaluate, "frechet_distance", complex_root)
+    code = evaluate.main([str(tmp_path / "a"), str(tmp_path / "b"), "--img-size", "16",
+                          "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert code == 0 and "2 vs 2 images: FID nan, KID" in out

@@ -8,9 +8,9 @@ import time
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from ddpm import Program, parse_args
+from config import parse_args
+from ddpm import Program
 
 DDPM = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ddpm.py")
 
@@ -100,9 +100,20 @@ def test_a_failed_save_is_reported_and_training_goes_on(tmp_path, capsys, monkey
     assert not [f for f in os.listdir(tmp_path / "ckpt") if f.endswith(".tmp")]
 
 
+def default_sigint():
+    """In the child before exec: Ctrl-C's default action, even where the test runner was started
+    with SIGINT ignored (a background job, nohup), which a child would otherwise inherit."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_saves_a_checkpoint_then_the_after_strip(tmp_path):
-    proc = subprocess.Popen([sys.executable, DDPM, *tiny(tmp_path, "--epochs", "1000")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as in a background job
+    try:
+        proc = subprocess.Popen([sys.executable, DDPM, *tiny(tmp_path, "--epochs", "1000")],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=default_sigint)
+    finally:
+        signal.signal(signal.SIGINT, before)
     deadline = time.time() + 120
     while time.time() < deadline and not (tmp_path / "ckpt" / "ckpt-1.pth").exists():
         time.sleep(0.05)

@@ -1,7 +1,9 @@
 """Importance-sampled timesteps (Nichol & Dhariwal 2021, Sec. 3.3): warm-up, p_t, unbiasedness."""
 import torch
 
-from ddpm import ImportanceSampler, Program, parse_args
+from config import parse_args
+from ddpm import Program
+from diffusion import ImportanceSampler
 
 
 def warmed(T, loss_of_t):

@@ -7,7 +7,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from data import make_lowres, to_model, upsample
-from ddpm import Program, main, parse_args
+import superres
+from config import parse_args
+from ddpm import Program, main
 from test_cli import ddpm, png_size
 from unet import UNet
 
@@ -86,8 +88,8 @@ def test_training_inputs_get_noise_of_a_random_level_that_the_model_is_told(sr_r
 
 def test_a_tiny_sr_model_records_its_sizes_and_super_resolves_a_folder(sr_run):
     ckpt = torch.load(sr_run / "sr" / "ckpt-0.pth", weights_only=True)
-    assert ckpt["cond_config"]["super_res"] == 8 and ckpt["diffusion_config"]["img_size"] == 16
-    assert ckpt["model_config"]["lowres_channels"] == 3
+    assert ckpt["config"]["super_res"] == 8 and ckpt["config"]["img_size"] == 16
+    assert ckpt["model"]["conv_in.weight"].shape[1] == 6  # x_t and the upsampled low-res image
     r = ddpm(sr_run, "--loadckpt", "sr/ckpt-0.pth", "--lowres-folder", "small", "--sampler", "ddim",
              "--sample-steps", "3", "--save-dir", "up", "--batch-size", "8")
     assert r.returncode == 0, r.stderr
@@ -132,7 +134,7 @@ def test_eval_sr_compares_ours_and_bicubic_with_the_real_images(sr_run, monkeypa
     args, typed = parse_args(["--loadckpt", "sr/ckpt-0.pth", "--eval-sr", "6", "--data-folders",
                               "faces", "--sampler", "ddim", "--sample-steps", "2", "--save-dir",
                               "esr", "--cache-dir", "cache"])
-    rows = Program(args, typed).evaluate_sr(args.eval_sr)
+    rows = superres.evaluate_sr(Program(args, typed), args.eval_sr)
     assert set(rows) == {"bicubic", "ours"}
     # The 4x4-block test images are smooth at 8 px, so bicubic is close to them.
     assert rows["bicubic"]["psnr"] > 15 and 0 < rows["bicubic"]["ssim"] <= 1

@@ -6,7 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm import GaussianDiffusion, Program, main, parse_args
+import prompts
+from config import parse_args
+from ddpm import Program, main
+from diffusion import GaussianDiffusion
 from test_cli import TINY, ddpm, png_size
 from text import EMPTY, PAD, CaptionError, Vocab, drop_captions, read_captions
 from unet import UNet
@@ -68,7 +71,7 @@ def tokens_of(*captions):
 
 def test_guidance_scale_one_is_the_conditional_model_and_w_extrapolates_from_the_empty_caption():
     net = text_unet()
-    diffusion = GaussianDiffusion(net, 16, timesteps=10)
+    diffusion = GaussianDiffusion(net, timesteps=10)
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 7])
     tok = tokens_of("red hair", "blue eyes, green hair")
     cond, uncond = net(x, t, tok), net(x, t, tokens_of("", ""))
@@ -86,7 +89,7 @@ def test_guided_prediction_with_a_learned_variance_guides_only_the_mean_half():
     with torch.no_grad():
         for p in net.parameters():
             p.add_(0.1 * torch.randn_like(p))
-    diffusion = GaussianDiffusion(net.eval(), 16, timesteps=10, learn_sigma=True)
+    diffusion = GaussianDiffusion(net.eval(), timesteps=10, learn_sigma=True)
     x, t, tok = torch.randn(2, 3, 16, 16), torch.tensor([3, 7]), tokens_of("red hair", "green")
     c, u = net(x, t, tok), net(x, t, tokens_of("", ""))
     guided = diffusion.guided(net, x, t, {"tokens": tok}, 2.5)
@@ -117,7 +120,7 @@ def test_an_unconditional_unet_has_no_text_parameters():
 
 def test_guidance_works_with_every_sampler():
     net = text_unet()
-    diffusion = GaussianDiffusion(net, 16, timesteps=10)
+    diffusion = GaussianDiffusion(net, timesteps=10)
     tok = tokens_of("red hair", "blue eyes")
     for sampler, steps in (("ddpm", 0), ("ddim", 4), ("dpm++", 4)):
         torch.manual_seed(0)
@@ -149,7 +152,7 @@ def text_run(tmp_path_factory):
 def test_the_vocabulary_round_trips_through_the_checkpoint_and_prompts_make_grids(text_run):
     ckpt = torch.load(text_run / "ckpt" / "ckpt-0.pth", weights_only=True)
     assert ckpt["text"]["words"] == ["blue", "eyes", "green", "hair", "red"]
-    assert ckpt["cond_config"]["captions"] == "files"
+    assert ckpt["config"]["captions"] == "files"
     args, typed = parse_args(["--loadckpt", str(text_run / "ckpt" / "ckpt-0.pth"),
                               "--save-dir", str(text_run / "out")])
     prog = Program(args, typed)
@@ -179,10 +182,12 @@ def test_checkpoints_without_conditioning_still_load(text_run, tmp_path):
             "--ckpt-save-dir", "plain", *TINY)
     assert r.returncode == 0, r.stderr
     ckpt = torch.load(text_run / "plain" / "ckpt-0.pth", weights_only=True)
-    for key in ("cond_config", "text"):  # as written before conditioning existed
-        del ckpt[key]
-    for key in ("vocab_size", "text_len", "lowres_channels"):
-        del ckpt["model_config"][key]
+    cfg = ckpt.pop("config")  # as written before conditioning existed: two dicts, format 1
+    del ckpt["text"]
+    ckpt["format"] = 1
+    ckpt["model_config"] = {k: cfg[k] for k in ("img_channels", "num_channels", "channel_multiples",
+                                                "has_attn", "num_blocks", "dropout")}
+    ckpt["diffusion_config"] = {k: cfg[k] for k in ("img_size", "timesteps", "beta_min", "beta_max")}
     torch.save(ckpt, tmp_path / "old.pth")
     assert main(["--loadckpt", str(tmp_path / "old.pth"), "--batch-size", "2", "--sampler", "ddim",
                  "--sample-steps", "2", "--save-dir", str(tmp_path / "o")]) == 0
@@ -200,8 +205,22 @@ def test_eval_prompts_scores_every_guidance_scale_with_the_colour_classifier(tex
                               "--eval-samples", "9", "--sampler", "ddim", "--sample-steps", "2",
                               "--save-dir", str(text_run / "ep"), "--cache-dir",
                               str(text_run / "cache"), "--seed", "0"])
-    rows = Program(args, typed).evaluate_prompts(args.eval_prompts)
+    rows = prompts.evaluate_prompts(Program(args, typed), args.eval_prompts)
     assert [r["guidance"] for r in rows] == [0.0, 2.0] and all(r["n"] == 9 for r in rows)
     assert all(0 <= r["hair_acc"] <= 1 and 0 <= r["eyes_acc"] <= 1 and r["fid"] > 0 for r in rows)
     # 9 prompts: every pair of the 3 hair and 3 eye colours, hair colours across.
     assert png_size(text_run / "ep" / "prompt-eval-w2.png") == (3 * 17 + 1, 3 * 17 + 1)
+
+
+def test_captions_under_a_symlink_loop_are_read_once(tmp_path, monkeypatch):
+    import csv
+    import text
+    reads, real = [], csv.DictReader
+    monkeypatch.setattr(text.csv, "DictReader", lambda f: reads.append(f.name) or real(f))
+    root = tmp_path / "faces"
+    (root / "sub").mkdir(parents=True)
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(root / "sub" / "a.png")
+    (root / "sub" / "captions.csv").write_text("file,caption\na.png,red hair\n")
+    (root / "sub" / "loop").symlink_to(root, target_is_directory=True)  # faces/sub/loop -> faces
+    assert read_captions([str(root / "sub" / "a.png")], [str(root)], "files") == ["red hair"]
+    assert reads == [str(root / "sub" / "captions.csv")]  # not again through faces/sub/loop/...

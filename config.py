@@ -1,0 +1,333 @@
+"""Every ddpm.py flag, declared once with its default and help, grouped; one validation function;
+and how a checkpoint's stored config and the typed flags are reconciled.
+
+The groups marked "stored" describe the model: they are saved in every checkpoint as one dict
+(`config`), and loading a checkpoint sets them, so `--loadckpt ckpt-4.pth` alone rebuilds the model.
+"""
+import argparse
+
+import torch
+
+STORED_GROUPS = ("model", "diffusion", "conditioning")  # the groups saved in a checkpoint
+DEFAULT_STEPS = {"ddpm": 0, "ddim": 50, "dpm++": 20}  # sampler steps; 0: all T
+# Checkpoints written before the redesign kept three dicts, without the later flags.
+OLD_DEFAULTS = {"schedule": "linear", "prediction": "eps", "learn_sigma": False, "captions": "off",
+                "super_res": 0}
+DERIVED = ("vocab_size", "text_len", "lowres_channels")  # in old model_configs; now computed
+
+
+class UserError(Exception):
+    """Bad flags, files or checkpoints: printed as one line, exit code 2."""
+
+
+def str2bool(s: str) -> bool:
+    """'t'/'f' (or true/false, yes/no, 1/0) -> bool; argparse's type=bool would take 'f' as True."""
+    v = s.lower()
+    if v in ("t", "true", "y", "yes", "1"):
+        return True
+    if v in ("f", "false", "n", "no", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected t or f, got {s!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: one argument group per kind of flag, each declared in its own function."""
+    p = argparse.ArgumentParser(
+        description="Train a DDPM on a folder of images (--train), or draw samples from a "
+                    "checkpoint (--loadckpt).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for add_group in (_data_flags, _model_flags, _diffusion_flags, _conditioning_flags,
+                      _training_flags, _sampling_flags, _evaluation_flags, _output_flags):
+        add_group(p)
+    return p
+
+
+def _data_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data-folders", nargs="+", metavar="DIR",
+                   help="image folders (searched recursively), merged into one training set")
+    g.add_argument("--demo", action="store_true",
+                   help="train on built-in procedurally drawn cartoon faces instead of folders")
+    g.add_argument("--demo-images", type=int, default=4096, help="how many demo faces to draw")
+    g.add_argument("--keep-small", action="store_true",
+                   help="upscale images smaller than --img-size instead of skipping them")
+    g.add_argument("--data-path", default="device", choices=["device", "plain"],
+                   help="device: batches gathered, flipped and scaled on the device in one go; "
+                        "plain: the per-image reference path (for benchmarks and tests)")
+    g.add_argument("--cache-dir", default=".cache",
+                   help="folder for caches: the decoded training images and their Inception "
+                        "features (rebuilt when a file changes; safe to delete)")
+
+
+def _model_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model", "the UNet (stored in the checkpoint)")
+    g.add_argument("--img-size", type=int, default=64,
+                   help="images are resized (shorter side) and centre-cropped to this square")
+    g.add_argument("--img-channels", type=int, default=3, choices=[1, 3],
+                   help="3 = RGB, 1 = grayscale")
+    g.add_argument("--num-channels", type=int, default=64, help="UNet base width")
+    g.add_argument("--channel-multiples", type=int, nargs="+", default=[1, 2, 4, 8],
+                   help="width multiple per resolution level")
+    g.add_argument("--has-attn", type=str2bool, nargs="+", default=[False, False, True, True],
+                   metavar="t|f", help="self-attention per resolution level, one per multiple")
+    g.add_argument("--num-blocks", type=int, default=2, help="residual blocks per resolution")
+    g.add_argument("--dropout", type=float, default=0.0, help="dropout inside residual blocks")
+    g.add_argument("--learn-sigma", action="store_true",
+                   help="learn the reverse variance (2C outputs, hybrid loss L_simple + 1e-3 L_vlb; "
+                        "Nichol & Dhariwal 2021); the ancestral sampler and --eval-bpd use it")
+
+
+def _diffusion_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("diffusion", "the noise process (stored in the checkpoint)")
+    g.add_argument("--timesteps", type=int, default=1000, help="diffusion steps T")
+    g.add_argument("--beta-min", type=float, default=1e-4, help="beta_1 of the linear schedule")
+    g.add_argument("--beta-max", type=float, default=0.02, help="beta_T of the linear schedule")
+    g.add_argument("--schedule", default="linear", choices=["linear", "cosine"],
+                   help="noise schedule: linear betas (Ho et al.) or cosine alpha_bar (Nichol & "
+                        "Dhariwal; ignores --beta-min/--beta-max)")
+    g.add_argument("--prediction", default="eps", choices=["eps", "v"],
+                   help="what the network predicts: the noise eps, or v (Salimans & Ho 2022)")
+
+
+def _conditioning_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("conditioning", "what the model is conditioned on (stored in the "
+                                             "checkpoint)")
+    g.add_argument("--captions", default="off", choices=["off", "files", "folders"],
+                   help="train a text-conditioned model (classifier-free guidance, Ho & Salimans "
+                        "2022). files: a .txt beside each image, else its row in a captions.csv "
+                        "(file,caption) in the data folder; folders: each image's sub-folder name "
+                        "(class-conditional). Images without a caption train unconditionally")
+    g.add_argument("--super-res", type=int, default=0, metavar="LOW",
+                   help="train a super-resolution model (SR3, Saharia et al. 2021) from LOW x LOW "
+                        "to --img-size; each (low, high) pair is made on the fly from the "
+                        "training images")
+
+
+def _training_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--train", action="store_true", help="train (otherwise: sample from --loadckpt)")
+    g.add_argument("--epochs", type=int, default=5, help="epochs to train in this run")
+    g.add_argument("--batch-size", type=int, default=64,
+                   help="training batch size (the global batch under torchrun); number of "
+                        "samples drawn when sampling")
+    g.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this")
+    g.add_argument("--ema-decay", type=float, default=0.9999,
+                   help="EMA decay of the weights; warms up as min(decay, (1 + step) / (10 + step))")
+    g.add_argument("--min-snr-gamma", type=float, default=0.0,
+                   help="min-SNR-gamma loss weighting (Hang et al. 2023; 5 is typical); 0 = off")
+    g.add_argument("--importance-sampling", action="store_true",
+                   help="draw t with p_t ~ sqrt(E[L_t^2]) over the last 10 losses per t, loss "
+                        "reweighted to stay unbiased (Nichol & Dhariwal 2021); kept on resume")
+    g.add_argument("--cond-drop", type=float, default=0.1,
+                   help="text models: the probability that an image's caption is replaced by "
+                        "the empty caption (this trains the unconditional model guidance needs)")
+    g.add_argument("--sr-noise-max", type=float, default=0.2,
+                   help="super-resolution: the upsampled low-res input gets Gaussian noise of "
+                        "std a ~ U(0, this), and the model is told a (noise-conditioning "
+                        "augmentation)")
+    g.add_argument("--grad-checkpoint", action="store_true",
+                   help="recompute UNet block activations in the backward pass: less GPU memory "
+                        "for about a third more compute")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet for training and sampling (a slow first step; "
+                        "pays off on GPUs)")
+    g.add_argument("--seed", type=int, default=None,
+                   help="seed every RNG: the same seed gives the same samples (on one device)")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N")
+
+
+def _sampling_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--loadckpt", metavar="PATH",
+                   help="checkpoint to sample from, or to resume training from; a bare name is "
+                        "also looked up in --ckpt-save-dir")
+    g.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim", "dpm++"],
+                   help="ancestral DDPM (all T steps), DDIM or DPM-Solver++(2M) (respaced steps)")
+    g.add_argument("--sample-steps", type=int, default=None,
+                   help="steps for ddim / dpm++ (default 50 / 20); ddpm always takes all T")
+    g.add_argument("--eta", type=float, default=0.0,
+                   help="DDIM noise: 0 = deterministic, 1 = ancestral-like")
+    g.add_argument("--clip-x0", type=str2bool, default=True, metavar="t|f",
+                   help="clip the predicted x0 to [-1, 1] at every sampling step (as Ho et al.'s "
+                        "code does); keeps partly trained models from drifting")
+    g.add_argument("--raw-weights", action="store_true",
+                   help="sample with the raw weights instead of their EMA")
+    g.add_argument("--prompt", nargs="+", metavar="TEXT",
+                   help='with a text model\'s --loadckpt: --batch-size samples per prompt, a grid '
+                        'each, e.g. --prompt "blue hair, red eyes" "pink hair, green eyes"')
+    g.add_argument("--guidance-scale", type=float, nargs="+", default=[3.0], metavar="W",
+                   help="guidance w: out(empty) + w (out(prompt) - out(empty)); 1 = plain "
+                        "conditional, 0 = unconditional; several values: a grid each")
+    g.add_argument("--lowres-folder", metavar="DIR",
+                   help="with a super-resolution --loadckpt: upsample every image in DIR "
+                        "(resized to LOW) into --save-dir")
+    g.add_argument("--sr-ckpt", metavar="PATH",
+                   help="with a base model's --loadckpt: the cascade: draw --batch-size samples, "
+                        "then super-resolve them with this super-resolution model")
+    g.add_argument("--sr-noise", type=float, default=0.05,
+                   help="super-resolution sampling: the noise std a added to the low-res input")
+
+
+def _evaluation_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("evaluation", "quality against real images (FID / KID, bits/dim)")
+    g.add_argument("--eval-fid", type=int, default=0, metavar="N",
+                   help="with --loadckpt: draw N samples and print FID and KID against the "
+                        "training images, and write nearest.png (instead of the 64 samples)")
+    g.add_argument("--eval-bpd", type=int, default=0, metavar="N",
+                   help="with --loadckpt: the variational bound in bits/dim on the first N "
+                        "training images (prior, KL and decoder terms; T model calls per batch)")
+    g.add_argument("--eval-every", type=int, default=0, metavar="K",
+                   help="while training: measure FID every K epochs, keep the best as best.pth")
+    g.add_argument("--eval-samples", type=int, default=1000,
+                   help="samples per FID measurement during training (and for --eval-prompts)")
+    g.add_argument("--eval-sr", type=int, default=0, metavar="N",
+                   help="with a super-resolution --loadckpt: on the first N images of "
+                        "--data-folders (held back from training), PSNR / SSIM and FID of ours "
+                        "and of bicubic upsampling against the real images; sr-compare.png")
+    g.add_argument("--eval-prompts", metavar="DIR",
+                   help="with a text model's --loadckpt: fit a hair/eye colour classifier on the "
+                        "captioned images in DIR (held out from training), then report per "
+                        "--guidance-scale how often prompted colours are drawn, and FID vs DIR")
+
+
+def _output_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("output")
+    g.add_argument("--ckpt-save-dir", default="ckpt", help="checkpoint folder")
+    g.add_argument("--save-dir", default="output", help="folder for samples and pictures")
+
+
+def stored_keys(parser: argparse.ArgumentParser | None = None) -> list[str]:
+    """The flags of the stored groups (model, diffusion, conditioning), in declaration order."""
+    groups = (parser or build_parser())._action_groups
+    return [a.dest for g in groups if g.title in STORED_GROUPS for a in g._group_actions]
+
+
+_UNSET = object()
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, set[str]]:
+    """The parsed flags, and the names of the flags the user actually typed."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    names = vars(parser.parse_args([])).keys()
+    typed = parser.parse_args(argv, namespace=argparse.Namespace(**{k: _UNSET for k in names}))
+    return args, {k for k, v in vars(typed).items() if v is not _UNSET}
+
+
+def stored_config(ckpt: dict) -> dict:
+    """A checkpoint's config: one dict of the stored flags. Checkpoints written before the
+    redesign kept model_config, diffusion_config and cond_config (and derived sizes)."""
+    if "config" in ckpt:
+        return dict(ckpt["config"])
+    merged = {**OLD_DEFAULTS, **ckpt["model_config"], **ckpt["diffusion_config"],
+              **ckpt.get("cond_config", {})}
+    return {k: v for k, v in merged.items() if k not in DERIVED}
+
+
+def _as_list(v):
+    """Tuples and lists compare equal as lists (checkpoint configs store lists)."""
+    return list(v) if isinstance(v, (list, tuple)) else v
+
+
+def apply_stored(a: argparse.Namespace, typed: set[str], stored: dict) -> None:
+    """The checkpoint's architecture wins; a typed flag that disagrees with it is an error."""
+    for k in stored_keys():
+        if k not in stored:
+            raise UserError(f"the checkpoint lacks '{k}': it was written by another program")
+        if k in typed and _as_list(getattr(a, k)) != _as_list(stored[k]):
+            raise UserError(f"--{k.replace('_', '-')} {getattr(a, k)} contradicts the "
+                            f"checkpoint ({stored[k]}); drop the flag")
+        setattr(a, k, stored[k])
+
+
+def config_of(a: argparse.Namespace) -> dict:
+    """The stored flags of a run, as saved in its checkpoints: one plain dict."""
+    return {k: _as_list(getattr(a, k)) for k in stored_keys()}
+
+
+def sample_steps(a: argparse.Namespace) -> int:
+    """The steps the chosen sampler takes: --sample-steps or the sampler's default (0: all T)."""
+    return a.sample_steps or DEFAULT_STEPS[a.sampler]
+
+
+def validate(a: argparse.Namespace, cascade: bool = False) -> None:
+    """Reject flags that cannot work, with a message that says what to change. Run after a
+    checkpoint's stored config is applied; cascade: a super-resolution stage after a base model."""
+    _check_values(a)
+    _check_task(a, cascade)
+
+
+def _check_values(a: argparse.Namespace) -> None:
+    for name in ("img_size", "num_channels", "num_blocks", "timesteps", "epochs", "batch_size",
+                 "demo_images"):
+        if getattr(a, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(a, name)}")
+    if any(m <= 0 for m in a.channel_multiples):
+        raise UserError(f"--channel-multiples must be positive, got {a.channel_multiples}")
+    if len(a.has_attn) != len(a.channel_multiples):
+        raise UserError(f"--has-attn needs one t/f per --channel-multiples entry "
+                        f"({len(a.channel_multiples)}), got {len(a.has_attn)}")
+    f = 2 ** (len(a.channel_multiples) - 1)
+    if a.img_size % f:
+        raise UserError(f"--img-size {a.img_size} must be divisible by {f} for "
+                        f"{len(a.channel_multiples)} levels; change it or use fewer multiples")
+    if not 0 < a.beta_min < a.beta_max < 1:
+        raise UserError(f"need 0 < --beta-min < --beta-max < 1, got {a.beta_min}, {a.beta_max}")
+    if not 0 <= a.dropout < 1:
+        raise UserError(f"--dropout must be in [0, 1), got {a.dropout}")
+    if a.sample_steps is not None and a.sample_steps <= 0:
+        raise UserError(f"--sample-steps must be positive, got {a.sample_steps}")
+    if a.sampler == "ddpm" and a.sample_steps:
+        raise UserError("--sampler ddpm always takes all T steps; use --sampler ddim or dpm++ "
+                        "with --sample-steps")
+    if min(a.eval_fid, a.eval_every, a.eval_bpd) < 0 or a.eval_samples < 2:
+        raise UserError("--eval-fid and --eval-every must be >= 0, --eval-samples >= 2")
+    if not 0 <= a.ema_decay < 1:
+        raise UserError(f"--ema-decay must be in [0, 1), got {a.ema_decay}")
+    if a.lr <= 0:
+        raise UserError(f"--lr must be positive, got {a.lr}")
+    if not 0 <= a.cond_drop <= 1 or a.sr_noise < 0 or a.sr_noise_max < 0 or a.eval_sr < 0:
+        raise UserError("need 0 <= --cond-drop <= 1, and --sr-noise, --sr-noise-max, --eval-sr >= 0")
+    if a.super_res and a.captions != "off":
+        raise UserError("a model is either text-conditioned (--captions) or super-resolution "
+                        "(--super-res), not both")
+    if a.super_res and not 0 < a.super_res < a.img_size:
+        raise UserError(f"--super-res {a.super_res} must be between 0 and --img-size "
+                        f"{a.img_size} (the low and the high resolution)")
+
+
+def _check_task(a: argparse.Namespace, cascade: bool) -> None:
+    """What to do, and whether this kind of model (base, text, super-resolution) can do it."""
+    if (a.eval_fid or a.eval_every) and not a.data_folders:
+        raise UserError("FID is measured against image folders: give --data-folders DIR")
+    if a.eval_sr and not a.data_folders:
+        raise UserError("--eval-sr measures held-back real images: give --data-folders DIR")
+    if a.eval_bpd and not (a.data_folders or a.demo):
+        raise UserError("--eval-bpd measures training images: give --data-folders DIR or --demo")
+    if a.train:
+        if not a.demo and not a.data_folders:
+            raise UserError("--train needs --data-folders DIR (or --demo for built-in faces)"
+                            if not a.loadckpt else "resuming with --loadckpt needs the "
+                            "--data-folders to train on (or --demo)")
+        if a.captions != "off" and a.demo:
+            raise UserError("--captions reads captions beside images: give --data-folders DIR")
+        return
+    if not a.loadckpt:
+        raise UserError("nothing to do: give --train to train, or --loadckpt PATH to sample")
+    name, sr = a.loadckpt, f"a super-resolution model ({a.super_res} -> {a.img_size} px)"
+    if a.super_res and not cascade:
+        if a.prompt or a.sr_ckpt or a.eval_fid or a.eval_bpd or a.eval_prompts:
+            raise UserError(f"{name} is {sr}: it takes --lowres-folder DIR or --eval-sr N, or goes "
+                            f"in a cascade as --sr-ckpt after a base model")
+        if not (a.lowres_folder or a.eval_sr):
+            raise UserError(f"{name} is {sr}: give --lowres-folder DIR to upsample a folder of "
+                            f"images, or use it as --sr-ckpt after a base model's --loadckpt")
+    elif not a.super_res and (a.lowres_folder or a.eval_sr):
+        raise UserError(f"{name} is not a super-resolution model (it draws {a.img_size} px "
+                        f"images from noise); --lowres-folder and --eval-sr need one trained "
+                        f"with --super-res")
+    if (a.prompt or a.eval_prompts) and a.captions == "off":
+        raise UserError(f"{name} is not text-conditioned (trained without --captions): drop "
+                        f"--prompt / --eval-prompts")
