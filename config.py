@@ -9,7 +9,7 @@ import argparse
 import torch
 
 STORED_GROUPS = ("model", "diffusion", "conditioning")  # the groups saved in a checkpoint
-DEFAULT_STEPS = {"ddpm": 0, "ddim": 50, "dpm++": 20}  # sampler steps; 0: all T
+DEFAULT_STEPS = {"ddpm": 0, "ddim": 50, "dpm++": 20, "heun": 18}  # sampler steps; 0: all T
 # Checkpoints written before the redesign kept three dicts, without the later flags.
 OLD_DEFAULTS = {"schedule": "linear", "prediction": "eps", "learn_sigma": False, "captions": "off",
                 "super_res": 0}
@@ -143,10 +143,15 @@ def _sampling_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--loadckpt", metavar="PATH",
                    help="checkpoint to sample from, or to resume training from; a bare name is "
                         "also looked up in --ckpt-save-dir")
-    g.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim", "dpm++"],
-                   help="ancestral DDPM (all T steps), DDIM or DPM-Solver++(2M) (respaced steps)")
+    g.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim", "dpm++", "heun"],
+                   help="ancestral DDPM (all T steps), or on fewer timesteps: DDIM, "
+                        "DPM-Solver++(2M), or EDM's 2nd-order Heun (2 network calls a step)")
     g.add_argument("--sample-steps", type=int, default=None,
-                   help="steps for ddim / dpm++ (default 50 / 20); ddpm always takes all T")
+                   help="timesteps for ddim / dpm++ / heun (default 50 / 20 / 18); ddpm always "
+                        "takes all T")
+    g.add_argument("--spacing", default="uniform", choices=["uniform", "karras"],
+                   help="the timesteps of ddim / dpm++ / heun: evenly spaced, or crowded towards "
+                        "low noise as in Karras et al. 2022 (rho = 7)")
     g.add_argument("--eta", type=float, default=0.0,
                    help="DDIM noise: 0 = deterministic, 1 = ancestral-like")
     g.add_argument("--clip-x0", type=str2bool, default=True, metavar="t|f",
@@ -279,9 +284,9 @@ def _check_values(a: argparse.Namespace) -> None:
         raise UserError(f"--dropout must be in [0, 1), got {a.dropout}")
     if a.sample_steps is not None and a.sample_steps <= 0:
         raise UserError(f"--sample-steps must be positive, got {a.sample_steps}")
-    if a.sampler == "ddpm" and a.sample_steps:
-        raise UserError("--sampler ddpm always takes all T steps; use --sampler ddim or dpm++ "
-                        "with --sample-steps")
+    if a.sampler == "ddpm" and (a.sample_steps or a.spacing != "uniform"):
+        raise UserError("--sampler ddpm always takes all T steps; use --sampler ddim, dpm++ or "
+                        "heun with --sample-steps or --spacing")
     if min(a.eval_fid, a.eval_every, a.eval_bpd) < 0 or a.eval_samples < 2:
         raise UserError("--eval-fid and --eval-every must be >= 0, --eval-samples >= 2")
     if not 0 <= a.ema_decay < 1:

@@ -186,8 +186,7 @@ class Program:
                 self.console.print(f"distributed: {self.world} processes, global batch "
                                    f"{a.batch_size} = {a.batch_size // self.world} per process")
         else:
-            what = (f"sampling with {a.sampler}" + (f", {config.sample_steps(a)} steps" if
-                    a.sampler != "ddpm" else ", all T steps") + f", {self.weights_name} weights")
+            what = f"sampling with {self.sampler_name}, {self.weights_name} weights"
         self.console.print(f"{what}; {self.device.type}{world}, {precision}; "
                            f"outputs in {a.save_dir}/ (config.json: every setting)")
         if self.main:
@@ -220,6 +219,17 @@ class Program:
                    padding=1)
 
     @property
+    def sampler_name(self) -> str:
+        """E.g. 'heun, 18 karras-spaced steps (35 network calls)' or 'ddpm, all T steps'."""
+        a = self.args
+        if a.sampler == "ddpm":
+            return "ddpm, all T steps"
+        n = len(self.diffusion.timesteps(a.sampler, config.sample_steps(a), a.spacing))
+        calls = f" ({2 * n - 1} network calls)" if a.sampler == "heun" else ""
+        eta = f", eta {a.eta}" if a.sampler == "ddim" else ""
+        return f"{a.sampler}, {n} {a.spacing}-spaced steps{calls}{eta}"
+
+    @property
     def weights_name(self) -> str:
         return "raw" if self.args.raw_weights else "EMA"
 
@@ -243,8 +253,8 @@ class Program:
         with self.progress() as progress, self.autocast():
             track = lambda ts: progress.track(ts, description=f"{desc} ({a.sampler})")
             x0, frames = self.diffusion.sample(
-                x_T, a.sampler, config.sample_steps(a), eta=a.eta, model=model, clip_x0=a.clip_x0,
-                cond=cond, guidance=guidance, strips=10, track=track)
+                x_T, a.sampler, config.sample_steps(a), eta=a.eta, spacing=a.spacing, model=model,
+                clip_x0=a.clip_x0, cond=cond, guidance=guidance, strips=10, track=track)
         model.train()
         return x0, frames
 
@@ -459,11 +469,10 @@ class Program:
         result = evaluate.score(feats, ref)
         copy = evaluate.nearest_report(os.path.join(a.save_dir, "nearest.png"), samples[:8],
                                        feats, ref, ref_paths, a.img_size, a.img_channels)
-        steps = config.sample_steps(a) or "all T"
         self.console.print(
             f"FID {result['fid']:.2f}, KID {result['kid'] * 1e3:.2f} ± "
-            f"{result['kid_std'] * 1e3:.2f} (x 1e-3): {n} samples ({a.sampler}, {steps} steps, "
-            f"eta {a.eta}, {self.weights_name} weights) vs {len(ref)} training "
+            f"{result['kid_std'] * 1e3:.2f} (x 1e-3): {n} samples ({self.sampler_name}, "
+            f"{self.weights_name} weights) vs {len(ref)} training "
             f"images; {copy['share']:.0%} of the samples are closer to a training image than "
             f"the median training image is to its nearest neighbour ({copy['train_median']:.2f})")
         return result

@@ -1,6 +1,7 @@
 """The diffusion maths of ddpm.py, to be read against the papers: noise schedules, the forward
 process q, the reverse process p_theta and its losses, the variational bound, classifier-free
-guidance and three samplers (ancestral DDPM, DDIM, DPM-Solver++(2M)). Ho et al. 2020 throughout.
+guidance and four samplers (ancestral DDPM, DDIM, DPM-Solver++(2M), EDM's Heun). Ho et al. 2020
+throughout.
 """
 # Notation (Ho et al. 2020). Paper steps t = 1..T are Python indices t = 0..T-1 (paper t = index + 1):
 #   betas[t]        beta_t, the variance the forward process adds at step t; alpha_t = 1 - beta_t
@@ -64,6 +65,22 @@ def spaced_timesteps(T: int, n: int) -> list[int]:
     return sorted({round(T - i * T / n) - 1 for i in range(n)}, reverse=True)
 
 
+def karras_timesteps(alpha_bars: Tensor, n: int, rho: float = 7.0) -> list[int]:
+    """n indices from T-1 down to 0 spaced evenly in sigma^(1/rho), where sigma_t =
+    sqrt((1 - ab_t) / ab_t) is the noise-to-signal ratio (Karras et al. 2022, Eq. 5):
+
+    sigma_i = (sigma_max^(1/rho) + i / (n - 1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho,
+    each taken to the timestep of nearest log sigma (so the solvers keep the trained t's);
+    steps crowd towards low noise. Fewer than n where two sigma_i round to one t."""
+    log_sigma = 0.5 * (torch.log1p(-alpha_bars) - torch.log(alpha_bars))  # (T,), increasing
+    if n == 1:
+        return [len(alpha_bars) - 1]
+    lo, hi = log_sigma[0].exp() ** (1 / rho), log_sigma[-1].exp() ** (1 / rho)
+    sigmas = (hi + torch.arange(n, dtype=torch.float64) / (n - 1) * (lo - hi)) ** rho  # (n,)
+    ts = (sigmas.log()[:, None] - log_sigma[None]).abs().argmin(1).tolist()
+    return sorted(set(ts), reverse=True)
+
+
 # ----------------------------------------------------------------------------------------------
 # Sampler steps: x_t -> x_s (s < t) from the network's eps and x0 at x_t
 
@@ -76,6 +93,18 @@ def ddim_step(eps: Tensor, x0: Tensor, ab_t: float, ab_s: float, eta: float, noi
     """
     sigma = eta * math.sqrt((1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s))
     return math.sqrt(ab_s) * x0 + math.sqrt(max(1 - ab_s - sigma**2, 0.0)) * eps + sigma * noise
+
+
+def heun_step(xt: Tensor, eps_t: Tensor, eps_s: Tensor, ab_t: float, ab_s: float) -> Tensor:
+    """The 2nd-order (Heun) step x_t -> x_s of EDM's deterministic sampler (Karras et al. 2022,
+    Algorithm 1, lines 5-8) on our schedule. In x^ = x / sqrt(ab) and sigma = sqrt((1 - ab) / ab)
+    the probability-flow ODE is dx^/dsigma = eps, so with the slopes eps at both ends:
+
+    x^_s = x^_t + (sigma_s - sigma_t) (eps_t + eps_s) / 2,  x_s = sqrt(ab_s) x^_s.
+    (One slope alone, the Euler step, is DDIM with eta = 0.)"""
+    sigma = lambda ab: math.sqrt((1 - ab) / ab)
+    x_hat = xt / math.sqrt(ab_t) + (sigma(ab_s) - sigma(ab_t)) * 0.5 * (eps_t + eps_s)
+    return math.sqrt(ab_s) * x_hat
 
 
 def dpm_solver_step(xt: Tensor, x0: Tensor, x0_prev: Tensor | None, ab_t: float, ab_s: float,
@@ -325,17 +354,28 @@ class GaussianDiffusion(nn.Module):
             eps = (x - gather(self.sqrt_alpha_bars, t) * x0) / gather(self.sqrt_one_minus_alpha_bars, t)
         return eps, x0, var_out
 
+    def timesteps(self, sampler: str, steps: int = 0, spacing: str = "uniform") -> list[int]:
+        """The timesteps a sampler visits, from T-1 down: all T for ddpm; else `steps` of them,
+        evenly spaced ("uniform", trailing) or crowded towards low noise ("karras")."""
+        if sampler == "ddpm":
+            return list(range(self.T - 1, -1, -1))
+        if spacing == "karras":
+            return karras_timesteps(self.ab64, steps)
+        return spaced_timesteps(self.T, steps)
+
     @torch.no_grad()
     def sample(self, x_T: Tensor, sampler: str = "ddpm", steps: int = 0, *, eta: float = 0.0,
-               model: nn.Module | None = None, clip_x0: bool = True, cond: dict | None = None,
-               guidance: float = 1.0, strips: int = 0, track=iter) -> tuple[Tensor, list[Tensor]]:
+               spacing: str = "uniform", model: nn.Module | None = None, clip_x0: bool = True,
+               cond: dict | None = None, guidance: float = 1.0, strips: int = 0,
+               track=iter) -> tuple[Tensor, list[Tensor]]:
         """x_T: (B, C, H, W) noise -> x_0 with the ancestral sampler (all T steps, Algorithm 2),
-        DDIM or DPM-Solver++(2M) on `steps` respaced timesteps, using `model` (default: self.model),
-        conditioned on cond (a caption, guided with scale `guidance`, or a low-res image).
+        DDIM, DPM-Solver++(2M) or EDM's Heun on `steps` timesteps (see timesteps), using `model`
+        (default: self.model), conditioned on cond (a caption, guided with scale `guidance`, or a
+        low-res image). Heun evaluates the network twice a step but the last (2 steps - 1).
         Also returns the frames [x_T, ..., x_0]: about `strips` evenly spaced states of the chain.
         """
         model = self.model if model is None else model
-        ts = list(range(self.T - 1, -1, -1)) if sampler == "ddpm" else spaced_timesteps(self.T, steps)
+        ts = self.timesteps(sampler, steps, spacing)
         every = max(1, len(ts) // strips) if strips else 0
         x, frames, x0_prev, h_prev = x_T, [x_T], None, None
         for i, t in enumerate(track(ts)):
@@ -350,6 +390,13 @@ class GaussianDiffusion(nn.Module):
                 x = self.p_sample(x, tt, eps, logvar=logvar)
             elif sampler == "ddim":
                 x = ddim_step(eps, x0, ab_t, ab_s, eta, torch.randn_like(x))
+            elif sampler == "heun":  # Euler (DDIM, eta 0), then the correction but to sigma = 0
+                x_s = ddim_step(eps, x0, ab_t, ab_s, 0.0, torch.zeros_like(x))
+                if ab_s < 1.0:
+                    t_s = torch.full_like(tt, ts[i + 1])
+                    eps_s, _, _ = self.denoise(model, x_s, t_s, cond, guidance, clip_x0)
+                    x_s = heun_step(x, eps, eps_s, ab_t, ab_s)
+                x = x_s
             else:
                 x, h_prev = dpm_solver_step(x, x0, x0_prev, ab_t, ab_s, h_prev)
                 x0_prev = x0

@@ -289,9 +289,20 @@ def test_the_start_up_summary_tells_the_checkpoints_model_not_the_flag_defaults(
     assert first[0].startswith(f"loaded {FIXTURE} (epoch 1, step 2)")
     assert first[1].startswith("model: text-conditioned, 0.") and ", 8 px, 3 channel(s), T = 10" \
         in first[1]
-    assert first[2].startswith("sampling with ddim, 2 steps, EMA weights; cpu, fp32; outputs in "
-                               "output/")
+    assert first[2].startswith("sampling with ddim, 2 uniform-spaced steps, eta 0.0, EMA weights; "
+                               "cpu, fp32; outputs in output/")
     assert "img_size=64" not in r.stdout and "captions=off" not in r.stdout
     written = json.load(open(tmp_path / "output" / "config.json"))
     assert (written["img_size"], written["captions"], written["num_channels"]) == (8, "files", 4)
     assert written["sampler"] == "ddim" and written["loadckpt"] == FIXTURE
+
+
+def test_heun_with_karras_spacing_samples_from_the_cli_and_says_its_network_calls(tmp_path):
+    r = ddpm(tmp_path, "--loadckpt", FIXTURE, "--sampler", "heun", "--sample-steps", "4",
+             "--spacing", "karras", "--batch-size", "4", "--seed", "0")
+    assert r.returncode == 0, r.stderr
+    assert "sampling with heun, 4 karras-spaced steps (7 network calls), EMA weights" in r.stdout
+    grid = np.asarray(Image.open(tmp_path / "output" / "ddpm-all.png"))
+    assert grid.shape == (2 * 9 + 1, 2 * 9 + 1, 3) and grid.std() > 1
+    r = ddpm(tmp_path, "--loadckpt", FIXTURE, "--spacing", "karras")  # ddpm takes all T steps
+    assert r.returncode == 2 and "always takes all T steps" in r.stderr

@@ -7,7 +7,8 @@ import torch
 import checkpoint
 from config import parse_args
 from ddpm import Program, ema_decay, update_ema
-from diffusion import GaussianDiffusion, cosine_betas, ddim_step, dpm_solver_step, spaced_timesteps
+from diffusion import (GaussianDiffusion, cosine_betas, ddim_step, dpm_solver_step, heun_step,
+                       karras_timesteps, spaced_timesteps)
 from unet import UNet
 
 
@@ -67,17 +68,20 @@ def test_ddim_with_eta_0_is_deterministic_given_x_T():
 
 @pytest.mark.parametrize("prediction", ["eps", "v"])
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
-@pytest.mark.parametrize("sampler,steps", [("ddim", 4), ("dpm++", 4), ("ddpm", 0)])
-def test_a_perfect_denoiser_recovers_x0(sampler, steps, schedule, prediction):
+@pytest.mark.parametrize("sampler,steps,spacing", [
+    ("ddim", 4, "uniform"), ("dpm++", 4, "uniform"), ("heun", 4, "uniform"), ("ddpm", 0, "uniform"),
+    ("ddim", 4, "karras"), ("dpm++", 4, "karras"), ("heun", 4, "karras")])
+def test_a_perfect_denoiser_recovers_x0(sampler, steps, spacing, schedule, prediction):
     torch.manual_seed(0)
     x0 = torch.rand(2, 3, 4, 4) * 2 - 1
     d = diffusion(100 if sampler == "ddpm" else 1000, schedule, prediction)
-    out, frames = d.sample(torch.randn_like(x0), sampler, steps, model=Oracle(d, x0), strips=10)
+    out, frames = d.sample(torch.randn_like(x0), sampler, steps, spacing=spacing,
+                           model=Oracle(d, x0), strips=10)
     assert torch.allclose(out, x0, atol=1e-4)
     assert torch.equal(frames[-1], out)
 
 
-def gaussian_data_ode_error(sampler, steps, c=0.5):
+def gaussian_data_ode_error(sampler, steps, c=0.5, spacing="uniform"):
     """Data x0 ~ N(0, c^2): E[x0 | x_t] is linear and the probability-flow ODE is solvable in
     closed form (x0 = c x_T / sqrt(ab c^2 + 1 - ab)), so a sampler's error is measurable."""
     d = diffusion()
@@ -90,7 +94,7 @@ def gaussian_data_ode_error(sampler, steps, c=0.5):
 
     ab_T = d.ab64[-1].item()
     x_T = torch.ones(1, 1, 1, 1)
-    out, _ = d.sample(x_T, sampler, steps, model=Exact())
+    out, _ = d.sample(x_T, sampler, steps, spacing=spacing, model=Exact())
     return abs(out.item() - c / math.sqrt(ab_T * c**2 + 1 - ab_T))
 
 
@@ -99,6 +103,66 @@ def test_dpm_solver_pp_is_more_accurate_than_ddim_on_the_probability_flow_ode():
     dpm = {n: gaussian_data_ode_error("dpm++", n) for n in (10, 20, 50)}
     assert ddim[50] < ddim[20] < ddim[10] and dpm[50] < dpm[20] < dpm[10]
     assert dpm[10] < ddim[10] and dpm[20] < ddim[20] / 2 and dpm[50] < ddim[50] / 20
+
+
+def test_karras_timesteps_start_from_noise_and_crowd_towards_low_noise():
+    d = diffusion()
+    for n in (5, 10, 18, 50):
+        ts = karras_timesteps(d.ab64, n)
+        assert len(ts) == n and ts[0] == 999 and ts[-1] == 0
+        assert all(a > b for a, b in zip(ts, ts[1:]))  # strictly decreasing
+        # sigma^(1/7) is evenly spaced up to rounding t to the nearest log sigma
+        root = ((1 - d.ab64[ts]) / d.ab64[ts]).sqrt() ** (1 / 7)
+        gaps = root[:-1] - root[1:]
+        assert torch.allclose(gaps, gaps.mean().expand_as(gaps), rtol=0.15)
+        # more steps at low noise (t < T/10) than the uniform spacing puts there
+        assert sum(t < 100 for t in ts) > sum(t < 100 for t in spaced_timesteps(1000, n))
+    assert karras_timesteps(d.ab64, 1) == [999]
+    assert len(karras_timesteps(d.ab64, 400)) < 400  # near t = 0, sigmas round to the same t
+
+
+def test_heun_step_is_the_trapezoid_rule_on_the_sigma_ode():
+    # With the same slope at both ends the Heun step is the Euler step, which is DDIM (eta 0).
+    torch.manual_seed(0)
+    d = diffusion()
+    x, eps = torch.randn(3, 4), torch.randn(3, 4)
+    ab_t, ab_s = d.ab64[700].item(), d.ab64[300].item()
+    x0 = (x - math.sqrt(1 - ab_t) * eps) / math.sqrt(ab_t)
+    euler = ddim_step(eps, x0, ab_t, ab_s, 0.0, torch.zeros_like(x))
+    assert torch.allclose(heun_step(x, eps, eps, ab_t, ab_s), euler, atol=1e-5)
+    # Otherwise it averages the slopes: x^_s = x^_t + (sigma_s - sigma_t) (eps_t + eps_s) / 2.
+    eps_s = torch.randn(3, 4)
+    sig_t, sig_s = math.sqrt((1 - ab_t) / ab_t), math.sqrt((1 - ab_s) / ab_s)
+    expected = math.sqrt(ab_s) * (x / math.sqrt(ab_t) + (sig_s - sig_t) * (eps + eps_s) / 2)
+    assert torch.allclose(heun_step(x, eps, eps_s, ab_t, ab_s), expected, atol=1e-6)
+
+
+def test_heun_is_second_order_and_beats_ddim_at_equal_network_calls():
+    heun = {n: gaussian_data_ode_error("heun", n) for n in (10, 20, 35)}  # 19, 39, 69 calls
+    assert heun[35] < heun[20] < heun[10]
+    assert heun[20] < heun[10] / 2.5  # halving the step cuts a 2nd-order error about 4x
+    ddim = {n: gaussian_data_ode_error("ddim", 2 * n - 1) for n in heun}
+    assert all(heun[n] < ddim[n] for n in heun) and heun[35] < ddim[35] / 2
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm++", "heun"])
+def test_karras_spacing_errors_fall_with_steps(sampler):
+    err = {n: gaussian_data_ode_error(sampler, n, spacing="karras") for n in (10, 20, 50)}
+    assert err[50] < err[20] < err[10]
+
+
+def test_heun_calls_the_network_twice_a_step_but_the_last():
+    calls = []
+
+    class Count(torch.nn.Module):
+        def forward(self, xt, t):
+            calls.append(int(t[0]))
+            return torch.zeros_like(xt)
+
+    d = diffusion()
+    d.sample(torch.randn(1, 1, 2, 2), "heun", 6, model=Count())
+    ts = spaced_timesteps(1000, 6)
+    assert calls == [c for t, s in zip(ts, ts[1:]) for c in (t, s)] + [ts[-1]]  # 2 x 6 - 1
 
 
 def test_dpm_solver_2m_step_matches_the_d0_d1_form():
