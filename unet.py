@@ -68,11 +68,16 @@ class AttnBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, C, H, W) -> (B, C, H, W); image i attends only to its own pixels."""
         B, C, H, W = x.shape
-        qkv = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W)
-        q, k, v = qkv.transpose(-1, -2).unbind(1)  # each (B, heads, HW, C/heads)
+        # The 1x1 convs qkv and proj applied as linear maps over (B, HW, C) pixel rows: the same
+        # map, but q, k, v come out with unit stride in the head dim, which the fused (flash)
+        # attention kernels need (else PyTorch falls back to the slower unfused math path).
+        h = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
+        qkv = F.linear(h, self.qkv.weight.flatten(1), self.qkv.bias)  # (B, HW, 3C)
+        q, k, v = qkv.unflatten(-1, (3, self.heads, C // self.heads)).permute(2, 0, 3, 1, 4)
         h = F.scaled_dot_product_attention(q, k, v)  # (B, heads, HW, C/heads)
-        h = h.transpose(-1, -2).reshape(B, C, H, W)
-        return x + self.proj(h)  # residual on the block input, not on the normalised input
+        h = F.linear(h.transpose(1, 2).reshape(B, H * W, C), self.proj.weight.flatten(1),
+                     self.proj.bias)  # (B, HW, C)
+        return x + h.transpose(1, 2).reshape(B, C, H, W)  # residual on the block input
 
 
 class CrossAttnBlock(nn.Module):
@@ -126,15 +131,28 @@ class Downsample(nn.Module):
         return self.conv(x)
 
 
+def nearest_conv_taps(w: Tensor) -> Tensor:
+    """A 3x3 kernel (O, I, 3, 3) applied after nearest x2 up-sampling -> the 4x4 kernel (I, O, 4, 4)
+    of the stride-2 transposed conv that computes the same map. Each output pixel of the
+    up-sampled conv sees only 2x2 distinct input pixels, so taps landing on the same one add up:
+    along each axis [k0, k1, k2] -> [k2, k1 + k2, k0 + k1, k0] (the same sums, 4/9 of the work)."""
+    w = torch.stack([w[..., 2, :], w[..., 1, :] + w[..., 2, :], w[..., 0, :] + w[..., 1, :],
+                     w[..., 0, :]], dim=-2)
+    w = torch.stack([w[..., 2], w[..., 1] + w[..., 2], w[..., 0] + w[..., 1], w[..., 0]], dim=-1)
+    return w.transpose(0, 1)
+
+
 class Upsample(nn.Module):
-    """Double H and W: nearest-neighbour, then a 3x3 conv."""
+    """Double H and W: nearest-neighbour, then a 3x3 conv (computed as the equivalent stride-2 4x4
+    transposed conv, see nearest_conv_taps; the parameters stay those of the 3x3 conv)."""
 
     def __init__(self, ch: int):
         super().__init__()
         self.conv = nn.Conv2d(ch, ch, 3, padding=1)
 
     def forward(self, x: Tensor, temb: Tensor | None = None, ctx=None) -> Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return F.conv_transpose2d(x, nearest_conv_taps(self.conv.weight), self.conv.bias,
+                                  stride=2, padding=1)
 
 
 class UNet(nn.Module):

@@ -77,8 +77,10 @@ def test_guidance_scale_one_is_the_conditional_model_and_w_extrapolates_from_the
     cond, uncond = net(x, t, tok), net(x, t, tokens_of("", ""))
     assert not torch.allclose(cond, uncond, atol=1e-3)  # the caption matters
     torch.testing.assert_close(diffusion.guided(net, x, t, {"tokens": tok}, 1.0), cond)
+    # guided runs one batch of 2B, the references two batches of B: kernels may block (round)
+    # differently per batch size (a few 1e-6 here), and w = 4 amplifies that up to 2w - 1 = 7x.
     torch.testing.assert_close(diffusion.guided(net, x, t, {"tokens": tok}, 4.0),
-                               uncond + 4.0 * (cond - uncond), atol=1e-5, rtol=1e-5)
+                               uncond + 4.0 * (cond - uncond), atol=3e-5, rtol=1e-5)
     torch.testing.assert_close(diffusion.guided(net, x, t, {"tokens": tok}, 0.0), uncond,
                                atol=1e-5, rtol=1e-5)
 

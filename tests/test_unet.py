@@ -1,4 +1,6 @@
 """The UNet: shapes for several configurations and attention that stays within one image."""
+import math
+
 import pytest
 import torch
 import torch.nn as nn
@@ -125,3 +127,29 @@ def test_gradient_checkpointing_recomputes_blocks_in_backward(monkeypatch):
         m(x, t).sum().backward()
         counts.append(len(calls))
     assert counts[1] == 2 * counts[0]  # every block ran again during backward
+
+
+def test_upsample_is_nearest_x2_then_its_3x3_conv():
+    # Upsample runs as a stride-2 4x4 transposed conv built from its 3x3 kernel: the same map.
+    from unet import Upsample
+    torch.manual_seed(0)
+    up = Upsample(5).double()
+    torch.nn.init.normal_(up.conv.weight)
+    torch.nn.init.normal_(up.conv.bias)
+    x = torch.randn(2, 5, 6, 7, dtype=torch.float64)
+    reference = up.conv(torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
+    assert torch.allclose(up(x), reference, atol=1e-12)
+
+
+def test_attention_as_linear_maps_equals_the_1x1_conv_formula():
+    torch.manual_seed(0)
+    block = AttnBlock(128).double()  # 2 heads of 64
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x = torch.randn(3, 128, 4, 5, dtype=torch.float64)
+    B, C, H, W = x.shape
+    qkv = block.qkv(block.norm(x)).reshape(B, 3, 2, C // 2, H * W)  # the 1x1 conv form
+    q, k, v = qkv.transpose(-1, -2).unbind(1)  # (B, heads, HW, C / heads)
+    att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(C // 2), -1) @ v
+    reference = x + block.proj(att.transpose(-1, -2).reshape(B, C, H, W))
+    assert torch.allclose(block(x), reference, atol=1e-10)
