@@ -2,12 +2,14 @@
 optimizer, counters and RNG states, so `--loadckpt` alone rebuilds the model and a resumed run
 goes on exactly as if it had never stopped. Read safely (weights_only), written atomically.
 """
+import glob
+import json
 import math
 import os
 
 import torch
 
-from config import UserError, config_of
+from config import UserError, config_of, stored_config, validate
 from data import atomic_write
 
 FORMAT = 2  # 1: before the redesign (model_config, diffusion_config, cond_config); still read
@@ -15,13 +17,33 @@ READABLE = (1, 2)
 ROTATION = 5  # ckpt-0.pth .. ckpt-4.pth, by epoch
 
 
+def latest(ckpt_dir: str) -> str:
+    """The checkpoint in ckpt_dir with the most optimizer steps (the rotation may have wrapped,
+    so names say nothing); on a tie the newer file."""
+    found = []
+    for path in glob.glob(os.path.join(ckpt_dir, "*.pth")):
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            found.append((ckpt["step"], os.path.getmtime(path), path))
+        except Exception:  # a damaged or foreign file is not a candidate
+            continue
+    if not found:
+        raise UserError(f"--loadckpt latest: no readable checkpoint in {ckpt_dir}/")
+    return max(found)[2]
+
+
 def read(path: str, ckpt_dir: str) -> tuple[dict, str]:
     """Load a ddpm.py checkpoint safely (weights_only: opening it never runs code) -> (the
-    checkpoint, the path it was found at). A bare name is also looked up in ckpt_dir."""
+    checkpoint, the path it was found at). A bare name is also looked up in ckpt_dir; 'latest'
+    is the one there with the most steps; a .safetensors file is an export (see export)."""
+    if path == "latest":
+        path = latest(ckpt_dir)
     if not os.path.exists(path) and os.path.dirname(path) == "":
         path = os.path.join(ckpt_dir, path)
     if not os.path.isfile(path):
         raise UserError(f"checkpoint not found: {path} (also looked in {ckpt_dir}/)")
+    if path.endswith(".safetensors"):
+        return read_export(path), path
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -35,7 +57,12 @@ def read(path: str, ckpt_dir: str) -> tuple[dict, str]:
 def state(prog) -> dict:
     """Everything a Program's checkpoint holds."""
     cuda = prog.device.type == "cuda"
-    return {"format": FORMAT, "config": config_of(prog.args),
+    a = prog.args
+    train = {"batch_size": a.batch_size, "grad_accum": a.grad_accum, "lr": a.lr,
+             "lr_warmup": a.lr_warmup, "lr_schedule": a.lr_schedule,
+             "schedule_steps": prog.schedule_steps, "ema_decay": a.ema_decay,
+             "images_seen": prog.images_seen}  # the recipe and length (--info, resume)
+    return {"format": FORMAT, "config": config_of(a), "train": train,
             "text": prog.vocab.state() if prog.vocab else None,
             "model": prog.model.state_dict(), "ema": prog.ema.state_dict(),
             "importance": prog.importance.state_dict() if prog.importance else None,
@@ -61,15 +88,24 @@ def save(prog, epoch_index: int, name: str = "") -> str | None:
     return path
 
 
-def restore(prog, ckpt: dict) -> None:
+def restore(prog, ckpt: dict, typed: set[str] = frozenset()) -> None:
     """Weights, EMA, optimizer and counters; for training also the RNG states. --lr applies on
-    resume (e.g. a lower one after a NaN stop)."""
+    resume (e.g. a lower one after a NaN stop); the learning-rate warm-up, schedule and its
+    length go on as stored unless typed again (--max-steps sets a new length)."""
+    train = ckpt.get("train", {})
+    for k in ("lr_warmup", "lr_schedule"):
+        if k in train and k not in typed:
+            setattr(prog.args, k, train[k])
+    if "max_steps" not in typed:
+        prog.schedule_steps = train.get("schedule_steps", 0)
     prog.model.load_state_dict(ckpt["model"])
     prog.ema.load_state_dict(ckpt.get("ema", ckpt["model"]))
-    prog.optimizer.load_state_dict(ckpt["optimizer"])
+    if "optimizer" in ckpt:
+        prog.optimizer.load_state_dict(ckpt["optimizer"])
     for group in prog.optimizer.param_groups:
         group["lr"] = prog.args.lr
     prog.epoch, prog.step = ckpt["epoch"], ckpt["step"]
+    prog.images_seen = train.get("images_seen", 0)
     prog.best_fid = ckpt.get("best_fid", math.inf)
     if prog.importance and ckpt.get("importance"):
         prog.importance.load_state_dict(ckpt["importance"])
@@ -78,3 +114,77 @@ def restore(prog, ckpt: dict) -> None:
         torch.set_rng_state(ckpt["torch_rng"])
         if prog.device.type == "cuda" and ckpt.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(ckpt["cuda_rng"], prog.device)
+
+
+def export(ckpt: dict, path: str) -> None:
+    """The EMA weights as safetensors, the model's config (and vocabulary) in the metadata: the
+    format the ecosystem shares weights in. No optimizer state, so it cannot resume training."""
+    from safetensors.torch import save
+    weights = {k: v.contiguous() for k, v in ckpt.get("ema", ckpt["model"]).items()}
+    meta = {"format": "ddpm.py", "config": json.dumps(stored_config(ckpt)),
+            "text": json.dumps(ckpt.get("text")), "epoch": str(ckpt["epoch"]),
+            "step": str(ckpt["step"])}
+    blob = save(weights, metadata=meta)  # bytes
+    atomic_write(path, lambda f: f.write(blob))
+
+
+def read_export(path: str) -> dict:
+    """An exported .safetensors file -> a checkpoint dict (weights as both model and EMA)."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            weights = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"cannot read {path}: not a safetensors file ({e})") from None
+    if meta.get("format") != "ddpm.py":
+        raise UserError(f"{path} was not exported by ddpm.py (no model config in its metadata)")
+    return {"format": FORMAT, "config": json.loads(meta["config"]),
+            "text": json.loads(meta["text"]), "model": weights, "ema": weights,
+            "epoch": int(meta["epoch"]), "step": int(meta["step"]), "exported": True}
+
+
+def describe(ckpt: dict, path: str) -> list[str]:
+    """What a checkpoint is, a few lines for --info."""
+    c, train = stored_config(ckpt), ckpt.get("train", {})
+    kind = ("super-resolution" if c["super_res"] else "text-conditioned" if ckpt.get("text")
+            else "unconditional")
+    params = sum(v.numel() for v in ckpt["model"].values())
+    attn = [str(c["img_size"] >> i) for i, on in enumerate(c["has_attn"]) if on]
+    lines = [f"{path}: {kind} ddpm.py model" + (" (exported weights: samples, cannot resume)"
+                                                if ckpt.get("exported") else ""),
+             f"  UNet: {params / 1e6:.2f} M parameters, width {c['num_channels']} x "
+             f"{c['channel_multiples']}, {c['num_blocks']} blocks a level, self-attention at "
+             + (f"{', '.join(attn)} px" if attn else "no level") + f", dropout {c['dropout']}"
+             + (", learned variance" if c["learn_sigma"] else ""),
+             f"  images: {c['img_size']} px" + (f" from {c['super_res']} px" if c["super_res"]
+                                                else "") + f", {c['img_channels']} channel(s)",
+             f"  diffusion: T = {c['timesteps']}, {c['schedule']} schedule"
+             + (f" (beta {c['beta_min']} .. {c['beta_max']})" if c["schedule"] == "linear" else "")
+             + f", predicts {c['prediction']}",
+             f"  trained: {ckpt['epoch']} epochs, {ckpt['step']} optimizer steps, "
+             + (f"{train['images_seen']:,} images seen" if "images_seen" in train
+                else "images seen not recorded")]
+    if train:
+        lines.append(f"  recipe: batch {train['batch_size']} x {train['grad_accum']} accumulated, "
+                     f"lr {train['lr']} ({train['lr_schedule']}, warm-up {train['lr_warmup']} "
+                     f"steps), EMA decay {train['ema_decay']}")
+    best = ckpt.get("best_fid", math.inf)
+    lines.append(f"  best FID: {best:.2f}" if math.isfinite(best) else "  best FID: not measured")
+    if ckpt.get("text"):
+        lines.append(f"  vocabulary: {len(ckpt['text']['words'])} words, captions of up to "
+                     f"{ckpt['text']['max_len']} tokens")
+    return lines
+
+
+def inspect(a) -> None:
+    """--info PATH: what a checkpoint is; --export FILE with --loadckpt: its EMA weights."""
+    if a.info:
+        ckpt, path = read(a.info, a.ckpt_save_dir)
+        print("\n".join(describe(ckpt, path)))
+        return
+    validate(a)
+    ckpt, path = read(a.loadckpt, a.ckpt_save_dir)
+    export(ckpt, a.export)
+    print(f"exported the EMA weights of {path} (step {ckpt['step']}) to {a.export}: they sample "
+          f"(--loadckpt {a.export}) but hold no optimizer state, so they cannot resume training")

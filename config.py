@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "checkpoint (--loadckpt).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for add_group in (_data_flags, _model_flags, _diffusion_flags, _conditioning_flags,
-                      _training_flags, _sampling_flags, _evaluation_flags, _output_flags):
+                      _training_flags, _run_flags, _sampling_flags, _evaluation_flags,
+                      _output_flags):
         add_group(p)
     return p
 
@@ -106,11 +107,15 @@ def _conditioning_flags(p: argparse.ArgumentParser) -> None:
 def _training_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--train", action="store_true", help="train (otherwise: sample from --loadckpt)")
-    g.add_argument("--epochs", type=int, default=5, help="epochs to train in this run")
+    g.add_argument("--resume", action="store_true",
+                   help="short for --train --loadckpt latest: go on with the newest checkpoint")
     g.add_argument("--batch-size", type=int, default=64,
-                   help="training batch size (the global batch under torchrun); number of "
-                        "samples drawn when sampling")
-    g.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate")
+                   help="training batch size (the global batch under torchrun; one micro-batch "
+                        "with --grad-accum); number of samples drawn when sampling")
+    g.add_argument("--grad-accum", type=int, default=1, metavar="K",
+                   help="K micro-batches of --batch-size per optimizer step (gradients added "
+                        "up): the step sees K x --batch-size images")
+    g.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (the peak)")
     g.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this")
     g.add_argument("--ema-decay", type=float, default=0.9999,
                    help="EMA decay of the weights; warms up as min(decay, (1 + step) / (10 + step))")
@@ -136,13 +141,39 @@ def _training_flags(p: argparse.ArgumentParser) -> None:
                    help="seed every RNG: the same seed gives the same samples (on one device)")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda or cuda:N")
+    g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="auto: bf16 autocast on GPUs that have it, else fp16 with loss scaling; "
+                        "fp32 on the CPU. fp32 is the fix when mixed-precision samples turn black")
+
+
+def _run_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("run length, schedule and monitoring")
+    g.add_argument("--epochs", type=int, default=5, help="epochs to train in this run")
+    g.add_argument("--max-steps", type=int, default=0, metavar="N",
+                   help="stop when the model has taken N optimizer steps in all (0 = no limit); "
+                        "with --epochs, whichever comes first")
+    g.add_argument("--lr-warmup", type=int, default=0, metavar="N",
+                   help="raise the learning rate linearly from --lr / N to --lr over the first "
+                        "N optimizer steps (stored: a resume goes on with it)")
+    g.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"],
+                   help="after warm-up: constant, or cosine decay to 0.1 x --lr at the end of the "
+                        "schedule (--max-steps, else this run's epochs; stored: a resume goes on "
+                        "with it)")
+    g.add_argument("--sample-every", type=int, default=None, metavar="N",
+                   help="every N optimizer steps draw the same fixed noise into a grid with the "
+                        "EMA weights (DDIM, 25 steps): output/progress/step-<step>.png and "
+                        "output/progress.png, a row each (default: once per epoch; 0 = off)")
+    g.add_argument("--tensorboard", action="store_true",
+                   help="also log loss, learning rate, img/s, FID/KID and the progress grids to "
+                        "<--save-dir>/tensorboard (needs the tensorboard package)")
 
 
 def _sampling_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling")
     g.add_argument("--loadckpt", metavar="PATH",
-                   help="checkpoint to sample from, or to resume training from; a bare name is "
-                        "also looked up in --ckpt-save-dir")
+                   help="checkpoint (.pth, or an exported .safetensors) to sample from, or a .pth "
+                        "to resume training from; a bare name is also looked up in "
+                        "--ckpt-save-dir; 'latest': the one with the most optimizer steps there")
     g.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim", "dpm++", "heun"],
                    help="ancestral DDPM (all T steps), or on fewer timesteps: DDIM, "
                         "DPM-Solver++(2M), or EDM's 2nd-order Heun (2 network calls a step)")
@@ -201,6 +232,13 @@ def _output_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("output")
     g.add_argument("--ckpt-save-dir", default="ckpt", help="checkpoint folder")
     g.add_argument("--save-dir", default="output", help="folder for samples and pictures")
+    g.add_argument("--info", metavar="PATH",
+                   help="print what a checkpoint is (kind, architecture, diffusion, training "
+                        "length, EMA, best FID, vocabulary) and exit")
+    g.add_argument("--export", metavar="FILE.safetensors",
+                   help="with --loadckpt: write its EMA weights, with the model config in the "
+                        "metadata, as safetensors (no optimizer state: it samples, but cannot "
+                        "resume training)")
 
 
 def stored_keys(parser: argparse.ArgumentParser | None = None) -> list[str]:
@@ -218,7 +256,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, set[s
     args = parser.parse_args(argv)
     names = vars(parser.parse_args([])).keys()
     typed = parser.parse_args(argv, namespace=argparse.Namespace(**{k: _UNSET for k in names}))
-    return args, {k for k, v in vars(typed).items() if v is not _UNSET}
+    typed = {k for k, v in vars(typed).items() if v is not _UNSET}
+    if args.resume:  # --resume = --train --loadckpt latest
+        args.train, args.loadckpt = True, args.loadckpt or "latest"
+    return args, typed
 
 
 def stored_config(ckpt: dict) -> dict:
@@ -266,7 +307,7 @@ def validate(a: argparse.Namespace, cascade: bool = False) -> None:
 
 def _check_values(a: argparse.Namespace) -> None:
     for name in ("img_size", "num_channels", "num_blocks", "timesteps", "epochs", "batch_size",
-                 "demo_images"):
+                 "demo_images", "grad_accum"):
         if getattr(a, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(a, name)}")
     if any(m <= 0 for m in a.channel_multiples):
@@ -293,6 +334,8 @@ def _check_values(a: argparse.Namespace) -> None:
         raise UserError(f"--ema-decay must be in [0, 1), got {a.ema_decay}")
     if a.lr <= 0:
         raise UserError(f"--lr must be positive, got {a.lr}")
+    if min(a.max_steps, a.lr_warmup) < 0 or (a.sample_every is not None and a.sample_every < 0):
+        raise UserError("--max-steps, --lr-warmup and --sample-every must be >= 0")
     if not 0 <= a.cond_drop <= 1 or a.sr_noise < 0 or a.sr_noise_max < 0 or a.eval_sr < 0:
         raise UserError("need 0 <= --cond-drop <= 1, and --sr-noise, --sr-noise-max, --eval-sr >= 0")
     if a.super_res and a.captions != "off":
@@ -311,7 +354,13 @@ def _check_task(a: argparse.Namespace, cascade: bool) -> None:
         raise UserError("--eval-sr measures held-back real images: give --data-folders DIR")
     if a.eval_bpd and not (a.data_folders or a.demo):
         raise UserError("--eval-bpd measures training images: give --data-folders DIR or --demo")
+    if a.export and not a.loadckpt:
+        raise UserError("--export writes a checkpoint's weights: give --loadckpt PATH")
+    if a.export and not a.export.endswith(".safetensors"):
+        raise UserError(f"--export {a.export}: the file name must end in .safetensors")
     if a.train:
+        if a.export:
+            raise UserError("--export and --train do different things: give one of them")
         if not a.demo and not a.data_folders:
             raise UserError("--train needs --data-folders DIR (or --demo for built-in faces)"
                             if not a.loadckpt else "resuming with --loadckpt needs the "

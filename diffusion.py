@@ -355,9 +355,9 @@ class GaussianDiffusion(nn.Module):
         return eps, x0, var_out
 
     def timesteps(self, sampler: str, steps: int = 0, spacing: str = "uniform") -> list[int]:
-        """The timesteps a sampler visits, from T-1 down: all T for ddpm; else `steps` of them,
-        evenly spaced ("uniform", trailing) or crowded towards low noise ("karras")."""
-        if sampler == "ddpm":
+        """The timesteps a sampler visits, from T-1 down: all T for ddpm (or steps >= T); else
+        `steps` of them, evenly spaced ("uniform", trailing) or crowded to low noise ("karras")."""
+        if sampler == "ddpm" or steps >= self.T:
             return list(range(self.T - 1, -1, -1))
         if spacing == "karras":
             return karras_timesteps(self.ab64, steps)

@@ -398,6 +398,52 @@ def validation_accuracy(clf: TagClassifier, images: Tensor, labels: dict[str, Te
     return {"val_acc": val_acc, "majority_acc": majority_acc}
 
 
+# ----------------------------------------------------------------------------------------------
+# Measuring a ddpm.py Program's model (--eval-fid, --eval-every, --eval-bpd)
+
+
+def sample_quality(prog, n: int) -> dict:
+    """FID and KID of n samples against the --data-folders, and nearest.png of 8 samples."""
+    a = prog.args
+    net = InceptionFeatures(prog.device)
+    ref, ref_paths = reference_features(a.data_folders, a.img_size, a.img_channels, net,
+                                        a.cache_dir, prog.console)
+    samples = prog.draw_many(n, "samples")
+    feats = extract(samples, net, a.batch_size, progress="sample features")
+    result = score(feats, ref)
+    copy = nearest_report(os.path.join(a.save_dir, "nearest.png"), samples[:8], feats, ref,
+                          ref_paths, a.img_size, a.img_channels)
+    prog.console.print(
+        f"FID {result['fid']:.2f}, KID {result['kid'] * 1e3:.2f} ± "
+        f"{result['kid_std'] * 1e3:.2f} (x 1e-3): {n} samples ({prog.sampler_name}, "
+        f"{prog.weights_name} weights) vs {len(ref)} training "
+        f"images; {copy['share']:.0%} of the samples are closer to a training image than "
+        f"the median training image is to its nearest neighbour ({copy['train_median']:.2f})")
+    return result
+
+
+@torch.inference_mode()
+def likelihood(prog, n: int) -> dict:
+    """Bits/dim of the variational bound on the first n training images, batch by batch."""
+    a, model = prog.args, prog.sampling_model()
+    x = data.to_model(prog.load_data().images[:n])
+    model.eval()
+    sums = {}
+    with prog.progress() as progress:
+        for i in range(0, len(x), a.batch_size):
+            desc = f"bound of images {i}..{min(i + a.batch_size, len(x)) - 1}"
+            track = lambda ts: progress.track(ts, total=prog.diffusion.T, description=desc)
+            batch = x[i:i + a.batch_size]
+            parts = prog.diffusion.bits_per_dim(batch, model, track, prog.unconditional(len(batch)))
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v * len(batch)
+    r = {k: v / len(x) for k, v in sums.items()}
+    prog.console.print(f"bits/dim {r['total']:.3f} on {len(x)} training images "
+                       f"({prog.weights_name} weights): prior L_T {r['prior']:.2e}, KL terms "
+                       f"{r['kl_terms']:.3f}, decoder L_0 {r['decoder']:.3f}")
+    return r
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="FID and KID between two image folders.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)

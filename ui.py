@@ -6,7 +6,8 @@ file, `nohup` or `tee` keeps every path and message on one line.
 import contextlib
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 
 
 def make_console(quiet: bool = False) -> Console:
@@ -15,9 +16,11 @@ def make_console(quiet: bool = False) -> Console:
 
 
 def progress_bar(console: Console | None = None, *fields: str, disable: bool = False) -> Progress:
-    """A transient bar: description, bar, done/total, time left, then the named task fields."""
+    """A transient bar: description, bar, done/total, time elapsed and left, then the named task
+    fields. (Training's first bar counts the whole run's optimizer steps.)"""
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeRemainingColumn(), *(TextColumn(f"{{task.fields[{f}]}}") for f in fields),
+                    TimeElapsedColumn(), TimeRemainingColumn(),
+                    *(TextColumn(f"{{task.fields[{f}]}}") for f in fields),
                     console=console, transient=True, disable=disable)
 
 
