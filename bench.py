@@ -6,6 +6,7 @@ per image (torch.utils.flop_counter), MFU against an assumed dense peak, samplin
 import argparse
 import contextlib
 import gc
+import importlib
 import io
 import json
 import os
@@ -23,10 +24,14 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import config
 import ddpm
-from data import DataError, ImageDataset, load_folders
+from data import DataError, ImageDataset, load_folders, to_model
+from ui import make_console
 
 SMALL = ["--img-size", "32", "--num-channels", "32", "--channel-multiples", "1", "2", "2",
          "--has-attn", "f", "t", "f", "--num-blocks", "1"]
+# The architecture of the reference-program comparison (issue #13: CPU step parity).
+PARITY = ["--img-size", "32", "--num-channels", "32", "--channel-multiples", "1", "2", "2",
+          "--has-attn", "f", "t", "f", "--num-blocks", "2"]
 TOKENS = {"plain", "fp32", "bf16", "channels_last", "compile"}
 # Dense peak TFLOP/s from the datasheets (bf16 with fp32 accumulation); first name match wins.
 _H100 = {"bf16": 989, "tf32": 494, "fp32": 67}
@@ -61,11 +66,16 @@ def parse(argv=None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own)")
     p.add_argument("--data-folder", metavar="DIR", help="also time decoding DIR, then its cache")
     p.add_argument("--json", metavar="PATH", help="also write the figures to PATH")
+    p.add_argument("--vs-reference", metavar="FILE.py",
+                   help="instead: our whole training step against the reference program's "
+                        "(e.g. ../shared/anchors/reference_ddpm.py) at " + " ".join(PARITY) +
+                        ", batch 32, fp32, interleaved; --steps per round, --rounds")
+    p.add_argument("--rounds", type=int, default=6, help="rounds of --vs-reference")
     b, rest = p.parse_known_args(argv)
     on_gpu = b.device.startswith("cuda")
     for k, v_gpu, v_cpu in [("warmup", 10, 2), ("steps", 50, 6), ("sample_steps", 20, 3)]:
         setattr(b, k, getattr(b, k) or (v_gpu if on_gpu else v_cpu))
-    b.batch_size = b.batch_size or (32 if b.small else 128)
+    b.batch_size = b.batch_size or (32 if b.small or b.vs_reference else 128)
     b.variants = b.variants or ("plain-fp32,fp32,bf16" if on_gpu else "plain-fp32,fp32")
     return b, rest
 
@@ -246,11 +256,62 @@ def report(b, variants: dict[str, set[str]], out: dict, console: Console) -> Non
                           if load > os.cpu_count() else ""))
 
 
+def vs_reference(b, rest: list[str], console: Console) -> None:
+    """Our training step (Program.train_loop: loss, backward, clip, Adam, EMA, NaN guard) against
+    the reference program's (loss, backward, Adam) on the same batch size and architecture,
+    alternating which goes first each round; medians of seconds per step."""
+    folder, name = os.path.split(os.path.abspath(b.vs_reference))
+    sys.path.insert(0, folder)
+    ref_mod = importlib.import_module(os.path.splitext(name)[0])
+    with tempfile.TemporaryDirectory() as tmp:
+        prog = build(b, PARITY + ["--precision", "fp32", "--sample-every", "0"] + rest, tmp)
+        a, dev = prog.args, prog.device
+        torch.manual_seed(0)
+        ref = ref_mod.GaussianDiffusion(ref_mod.UNet(a.img_channels, a.num_channels,
+                                                     a.channel_multiples, a.has_attn,
+                                                     a.num_blocks), a.timesteps, a.beta_min,
+                                        a.beta_max).to(dev).train()
+        ref_opt = torch.optim.Adam(ref.parameters(), a.lr)
+        images = prog.data.images
+        x0 = to_model(images[:b.batch_size]).to(dev)
+        prog.args.epochs, prog.end_epoch = 1, lambda *args: None
+
+        def ours(steps: int) -> None:
+            prog.data = ImageDataset(images[:steps * b.batch_size], dev)
+            prog.train_loop()
+
+        def theirs(steps: int) -> None:
+            for _ in range(steps):
+                ref_opt.zero_grad(set_to_none=True)
+                ref(x0).backward()
+                ref_opt.step()
+
+        runs, times = {"ours": ours, "reference": theirs}, {"ours": [], "reference": []}
+        for fn in runs.values():
+            fn(b.warmup)
+        for r in range(b.rounds):
+            for k in (("ours", "reference") if r % 2 == 0 else ("reference", "ours")):
+                times[k].append(timed(dev, lambda: runs[k](b.steps)) / b.steps)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        n = {k: sum(p.numel() for p in m.parameters())
+             for k, m in (("ours", prog.model), ("reference", ref))}
+    console.print(f"{' '.join(PARITY)} --batch-size {b.batch_size}, fp32, "
+                  f"{torch.get_num_threads()} thread(s), {b.rounds} rounds of {b.steps} steps "
+                  f"(order alternating)")
+    for k in runs:
+        console.print(f"{k:10s} {n[k] / 1e6:.3f} M parameters: {1e3 * med[k]:.0f} ms/step "
+                      f"(median; rounds {', '.join(f'{1e3 * t:.0f}' for t in times[k])})")
+    console.print(f"ours runs at {med['reference'] / med['ours']:.2f}x the reference's speed")
+
+
 def main(argv=None) -> int:
     b, rest = parse(argv)
-    console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
+    console = make_console()
     if b.threads:
         torch.set_num_threads(b.threads)
+    if b.vs_reference:
+        vs_reference(b, rest, console)
+        return 0
     variants = {v.strip(): set(v.strip().replace("+", "-").split("-"))
                 for v in b.variants.split(",") if v.strip()}
     bad = set().union(*variants.values()) - TOKENS
