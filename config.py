@@ -37,8 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "checkpoint (--loadckpt).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for add_group in (_data_flags, _model_flags, _diffusion_flags, _conditioning_flags,
-                      _training_flags, _run_flags, _sampling_flags, _evaluation_flags,
-                      _output_flags):
+                      _training_flags, _run_flags, _sampling_flags, _editing_flags,
+                      _evaluation_flags, _output_flags):
         add_group(p)
     return p
 
@@ -204,6 +204,31 @@ def _sampling_flags(p: argparse.ArgumentParser) -> None:
                         "then super-resolve them with this super-resolution model")
     g.add_argument("--sr-noise", type=float, default=0.05,
                    help="super-resolution sampling: the noise std a added to the low-res input")
+
+
+def _editing_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("editing", "with --loadckpt: change pictures with the model")
+    g.add_argument("--init-folder", metavar="DIR",
+                   help="image-to-image (SDEdit): noise each image in DIR to --strength, then "
+                        "denoise it with the sampler; with --mask-folder or --mask-box: fill in")
+    g.add_argument("--strength", type=float, default=0.6,
+                   help="image-to-image: how far to noise, 0 < s <= 1 (t = s T; 1 = from pure "
+                        "noise, ignoring the image)")
+    g.add_argument("--mask-folder", metavar="DIR",
+                   help="inpainting (RePaint): a mask per --init-folder image, by file name, "
+                        "--img-size square; white = keep, black = fill")
+    g.add_argument("--mask-box", type=int, nargs=4, metavar=("X0", "Y0", "X1", "Y1"),
+                   help="inpainting: fill this rectangle (pixels, x1 and y1 excluded) in every "
+                        "image")
+    g.add_argument("--resample", type=int, default=1, metavar="R",
+                   help="inpainting: redo each reverse step R times, jumping back in between "
+                        "(1 = plain replacement; RePaint uses 10)")
+    g.add_argument("--interpolate", nargs=2, metavar=("A", "B"),
+                   help="invert two images to noise with DDIM, slerp between the noises, decode "
+                        "each with DDIM: a strip of --frames images from A to B")
+    g.add_argument("--interpolate-seeds", type=int, nargs=2, metavar=("S1", "S2"),
+                   help="the same from the noise of two seeds")
+    g.add_argument("--frames", type=int, default=8, help="frames of an interpolation strip")
 
 
 def _evaluation_flags(p: argparse.ArgumentParser) -> None:
@@ -382,6 +407,33 @@ def _check_task(a: argparse.Namespace, cascade: bool) -> None:
         raise UserError(f"{name} is not a super-resolution model (it draws {a.img_size} px "
                         f"images from noise); --lowres-folder and --eval-sr need one trained "
                         f"with --super-res")
+    _check_edit(a, name)
     if (a.prompt or a.eval_prompts) and a.captions == "off":
         raise UserError(f"{name} is not text-conditioned (trained without --captions): drop "
                         f"--prompt / --eval-prompts")
+
+
+def _check_edit(a: argparse.Namespace, name: str) -> None:
+    """Editing flags (image-to-image, inpainting, interpolation) that cannot work."""
+    editing = a.init_folder or a.interpolate or a.interpolate_seeds
+    if (a.mask_folder or a.mask_box) and not a.init_folder:
+        raise UserError("--mask-folder / --mask-box mark what to fill in the --init-folder images: "
+                        "give --init-folder DIR")
+    if not editing:
+        return
+    if a.super_res:
+        raise UserError(f"{name} is a super-resolution model: --init-folder and --interpolate "
+                        f"need a model that draws from noise")
+    if sum(map(bool, (a.init_folder, a.interpolate, a.interpolate_seeds))) > 1:
+        raise UserError("give one of --init-folder, --interpolate, --interpolate-seeds")
+    if not 0 < a.strength <= 1:
+        raise UserError(f"--strength must be in (0, 1], got {a.strength}")
+    if a.resample < 1 or a.frames < 2:
+        raise UserError("--resample must be >= 1 and --frames >= 2")
+    if (a.mask_folder or a.mask_box) and a.sampler not in ("ddpm", "ddim"):
+        raise UserError(f"inpainting takes --sampler ddpm or ddim (not {a.sampler}): it pastes "
+                        f"the known region in after every step")
+    if a.mask_box and not (0 <= a.mask_box[0] < a.mask_box[2] <= a.img_size
+                           and 0 <= a.mask_box[1] < a.mask_box[3] <= a.img_size):
+        raise UserError(f"--mask-box {' '.join(map(str, a.mask_box))} must lie within the "
+                        f"{a.img_size} x {a.img_size} image, x0 < x1 and y0 < y1")

@@ -23,6 +23,7 @@ from torchvision.utils import save_image
 
 import checkpoint
 import config
+import edit
 import evaluate
 import prompts
 import superres
@@ -282,23 +283,27 @@ class Program:
 
     @torch.inference_mode()
     def draw(self, n: int, desc: str = "sampling", cond: dict | None = None, guidance: float = 1.0,
-             x_T: Tensor | None = None, sampler: tuple[str, int] | None = None):
+             *, x_T: Tensor | None = None, sampler: tuple[str, int] | None = None,
+             start: int | None = None):
         """n samples with the chosen sampler and weights, with a progress bar -> x_0 (n, C, H, W)
         and about 10 frames of the reverse chain. Without cond a text model draws from the empty
         caption; a super-resolution model needs cond. x_T: the noise (default: fresh);
-        sampler: (name, steps) instead of the flags' (eta 0, uniform spacing)."""
-        a, model = self.args, self.sampling_model()
+        sampler: (name, steps) instead of the flags' (eta 0, uniform spacing); start: x_T is
+        at that timestep, and the sampler's steps shrink in proportion (image-to-image)."""
+        a, model, T = self.args, self.sampling_model(), self.diffusion.T
         cond = self.unconditional(n) if cond is None else cond
         if x_T is None:
             x_T = torch.randn(n, a.img_channels, a.img_size, a.img_size, device=self.device)
         name, steps = sampler or (a.sampler, config.sample_steps(a))
+        if start is not None:
+            steps = max(1, math.ceil(steps * (start + 1) / T))
         eta, spacing = (a.eta, a.spacing) if sampler is None else (0.0, "uniform")
         model.eval()
         with self.progress() as progress, self.autocast():
             track = lambda ts: progress.track(ts, description=f"{desc} ({name})")
             x0, frames = self.diffusion.sample(
-                x_T, name, steps, eta=eta, spacing=spacing, model=model, clip_x0=a.clip_x0,
-                cond=cond, guidance=guidance, strips=10, track=track)
+                x_T, name, steps, eta=eta, spacing=spacing, start=start, model=model,
+                clip_x0=a.clip_x0, cond=cond, guidance=guidance, strips=10, track=track)
         model.train()
         return x0, frames
 
@@ -529,6 +534,12 @@ class Program:
             superres.evaluate_sr(self, a.eval_sr)
         elif a.eval_prompts:
             prompts.evaluate_prompts(self, a.eval_prompts)
+        elif a.init_folder and (a.mask_folder or a.mask_box):
+            edit.inpaint(self)
+        elif a.init_folder:
+            edit.img2img(self)
+        elif a.interpolate or a.interpolate_seeds:
+            edit.interpolate(self)
         elif a.prompt:
             prompts.sample_prompts(self)
         elif a.eval_fid:

@@ -354,28 +354,32 @@ class GaussianDiffusion(nn.Module):
             eps = (x - gather(self.sqrt_alpha_bars, t) * x0) / gather(self.sqrt_one_minus_alpha_bars, t)
         return eps, x0, var_out
 
-    def timesteps(self, sampler: str, steps: int = 0, spacing: str = "uniform") -> list[int]:
-        """The timesteps a sampler visits, from T-1 down: all T for ddpm (or steps >= T); else
-        `steps` of them, evenly spaced ("uniform", trailing) or crowded to low noise ("karras")."""
-        if sampler == "ddpm" or steps >= self.T:
-            return list(range(self.T - 1, -1, -1))
+    def timesteps(self, sampler: str, steps: int = 0, spacing: str = "uniform",
+                  start: int | None = None) -> list[int]:
+        """The timesteps a sampler visits, from `start` (default T-1) down: all of them for ddpm
+        (or steps > start); else `steps` of them, evenly spaced ("uniform", trailing) or crowded
+        towards low noise ("karras")."""
+        n = self.T if start is None else start + 1  # the timesteps 0..n-1 are in play
+        if sampler == "ddpm" or steps >= n:
+            return list(range(n - 1, -1, -1))
         if spacing == "karras":
-            return karras_timesteps(self.ab64, steps)
-        return spaced_timesteps(self.T, steps)
+            return karras_timesteps(self.ab64[:n], steps)
+        return spaced_timesteps(n, steps)
 
     @torch.no_grad()
     def sample(self, x_T: Tensor, sampler: str = "ddpm", steps: int = 0, *, eta: float = 0.0,
-               spacing: str = "uniform", model: nn.Module | None = None, clip_x0: bool = True,
-               cond: dict | None = None, guidance: float = 1.0, strips: int = 0,
-               track=iter) -> tuple[Tensor, list[Tensor]]:
+               spacing: str = "uniform", start: int | None = None, model: nn.Module | None = None,
+               clip_x0: bool = True, cond: dict | None = None, guidance: float = 1.0,
+               strips: int = 0, track=iter) -> tuple[Tensor, list[Tensor]]:
         """x_T: (B, C, H, W) noise -> x_0 with the ancestral sampler (all T steps, Algorithm 2),
         DDIM, DPM-Solver++(2M) or EDM's Heun on `steps` timesteps (see timesteps), using `model`
         (default: self.model), conditioned on cond (a caption, guided with scale `guidance`, or a
         low-res image). Heun evaluates the network twice a step but the last (2 steps - 1).
         Also returns the frames [x_T, ..., x_0]: about `strips` evenly spaced states of the chain.
+        start: x_T is x_start instead, at that timestep (image-to-image).
         """
         model = self.model if model is None else model
-        ts = self.timesteps(sampler, steps, spacing)
+        ts = self.timesteps(sampler, steps, spacing, start)
         every = max(1, len(ts) // strips) if strips else 0
         x, frames, x0_prev, h_prev = x_T, [x_T], None, None
         for i, t in enumerate(track(ts)):
@@ -403,3 +407,72 @@ class GaussianDiffusion(nn.Module):
             if every and ((len(ts) - 1 - i) % every == 0):
                 frames.append(x)
         return x, frames
+
+    @torch.no_grad()
+    def inpaint(self, x_T: Tensor, known: Tensor, keep: Tensor, sampler: str = "ddpm",
+                steps: int = 0, *, resample: int = 1, eta: float = 0.0,
+                model: nn.Module | None = None, clip_x0: bool = True, cond: dict | None = None,
+                guidance: float = 1.0, track=iter) -> Tensor:
+        """RePaint (Lugmayr et al. 2022, Algorithm 1): x_T -> x_0 where keep = 1, the region
+        stays `known`. At each reverse step t -> s the known part of x_s is the forward-noised
+        image sqrt(ab_s) known + sqrt(1 - ab_s) z, the unknown part the sampler's step; with
+        resample = R the step is redone R times, each after a jump back x_t ~ q(x_t | x_s)
+        (x_t = sqrt(ab_t / ab_s) x_s + sqrt(1 - ab_t / ab_s) z), so the two parts harmonise.
+        known: (B, C, H, W) in [-1, 1]; keep: (B, 1, H, W) in {0, 1}; sampler ddpm or ddim."""
+        model = self.model if model is None else model
+        ts = self.timesteps(sampler, steps)
+        x = x_T
+        for i, t in enumerate(track(ts)):
+            tt = torch.full((len(x),), t, device=x.device, dtype=torch.long)
+            ab_t = self.ab64[t].item()
+            ab_s = self.ab64[ts[i + 1]].item() if i + 1 < len(ts) else 1.0
+            for r in range(resample):
+                # The sampler's step for the unknown region.
+                eps, x0, var_out = self.denoise(model, x, tt, cond, guidance, clip_x0)
+                if sampler == "ddpm":
+                    logvar = None if var_out is None else self.model_logvar(tt, var_out)
+                    x_s = self.p_sample(x, tt, eps, logvar=logvar)
+                else:
+                    x_s = ddim_step(eps, x0, ab_t, ab_s, eta, torch.randn_like(x))
+                # The known region noised to s (the image itself at the clean end), pasted in.
+                noised = math.sqrt(ab_s) * known + math.sqrt(1 - ab_s) * torch.randn_like(x)
+                x_s = keep * noised + (1 - keep) * x_s
+                if r < resample - 1 and ab_s < 1.0:  # jump back to t and redo the step
+                    x = (math.sqrt(ab_t / ab_s) * x_s
+                         + math.sqrt(1 - ab_t / ab_s) * torch.randn_like(x))
+            x = x_s
+        return x
+
+    @torch.no_grad()
+    def invert(self, x0: Tensor, steps: int, *, model: nn.Module | None = None,
+               cond: dict | None = None, track=iter) -> Tensor:
+        """DDIM inversion (Song et al. 2021, Sec. 4.3): the deterministic DDIM ODE run from the
+        data up to x_T on `steps` uniform timesteps, each step x_t -> x_u (u > t) as
+        x_u = sqrt(ab_u) x0_hat + sqrt(1 - ab_u) eps with eps, x0_hat of the network at (x_t, t)
+        (at the clean start, at the first timestep). DDIM with eta = 0 maps x_T back."""
+        model = self.model if model is None else model
+        ts = self.timesteps("ddim", steps)[::-1]  # increasing
+        x, t_eval = x0, ts[0]
+        for t in track(ts):
+            tt = torch.full((len(x),), t_eval, device=x.device, dtype=torch.long)
+            eps, x0_hat, _ = self.denoise(model, x, tt, cond, 1.0, clip_x0=False)
+            ab_u = self.ab64[t].item()
+            x = math.sqrt(ab_u) * x0_hat + math.sqrt(1 - ab_u) * eps
+            t_eval = t
+        return x
+
+
+def slerp(a: Tensor, b: Tensor, w: float) -> Tensor:
+    """Spherical interpolation of two noise images (Shoemake 1985), w in [0, 1]:
+    sin((1 - w) theta) / sin theta a + sin(w theta) / sin theta b, theta the angle between
+    them; for high-dimensional Gaussian noise it keeps the norm where a straight line shrinks
+    it. w = 0 and 1 return a and b exactly."""
+    if w <= 0.0:
+        return a.clone()
+    if w >= 1.0:
+        return b.clone()
+    cos = (a.flatten() @ b.flatten() / (a.norm() * b.norm())).clamp(-1, 1).item()
+    theta = math.acos(cos)
+    if theta < 1e-6:  # (nearly) parallel: the straight line
+        return (1 - w) * a + w * b
+    return (math.sin((1 - w) * theta) * a + math.sin(w * theta) * b) / math.sin(theta)
