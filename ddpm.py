@@ -6,7 +6,6 @@ maths is in diffusion.py, the network in unet.py, super-resolution and prompts i
 """
 import contextlib
 import copy
-import json
 import math
 import os
 import random
@@ -161,7 +160,7 @@ class Program:
         self.grids = None  # monitor.ProgressGrids, made at the first progress grid
         self.tensorboard = TensorBoard(a.save_dir) if a.train and a.tensorboard and self.main else None
         if not cascade:
-            self.summary()
+            monitor.summary(self)
 
     def build(self) -> None:
         """The UNet, its EMA copy, the diffusion around it, the optimizer (and DDP, compile)."""
@@ -203,39 +202,6 @@ class Program:
                 raise UserError(f"cannot create folder {folder}: {e.strerror}") from None
             if folder and not os.access(folder, os.W_OK):
                 raise UserError(f"cannot write to folder {folder}: choose another one")
-
-    def summary(self) -> None:
-        """What this run is, in a few true lines (after the checkpoint's config is applied), and
-        the whole resolved config as config.json beside the outputs."""
-        a = self.args
-        kind = ("super-resolution" if a.super_res else "text-conditioned" if self.vocab
-                else "unconditional")
-        size = f"{a.super_res} -> {a.img_size}" if a.super_res else f"{a.img_size}"
-        params = sum(p.numel() for p in self.model.parameters())
-        self.console.print(
-            f"model: {kind}, {params / 1e6:.2f} M parameters, {size} px, {a.img_channels} "
-            f"channel(s), T = {a.timesteps} ({a.schedule}, predicts {a.prediction}"
-            f"{', learned variance' if a.learn_sigma else ''})")
-        precision = {None: "fp32", torch.bfloat16: "bf16 autocast",
-                     torch.float16: "fp16 autocast"}[self.amp_dtype]
-        world = f" x {self.world} processes" if self.world > 1 else ""
-        if a.train:
-            what = (f"training on {len(self.data)} images, batch {a.batch_size}, {a.epochs} "
-                    f"epoch(s), lr {a.lr}; checkpoints in {a.ckpt_save_dir}/")
-            if self.world > 1:
-                self.console.print(f"distributed: {self.world} processes, global batch "
-                                   f"{a.batch_size} = {a.batch_size // self.world} per process")
-        else:
-            what = f"sampling with {self.sampler_name}, {self.weights_name} weights"
-        self.console.print(f"{what}; {self.device.type}{world}, {precision}; "
-                           f"outputs in {a.save_dir}/ (config.json: every setting)")
-        if self.main:
-            with open(os.path.join(a.save_dir, "config.json"), "w") as f:
-                json.dump(vars(a), f, indent=1)
-        ab_T = self.diffusion.alpha_bars[-1].item()
-        if ab_T > 1e-3:
-            self.console.print(f"warning: alpha_bar_T = {ab_T:.3g}, so x_T is not pure noise and "
-                               f"samples will be off; raise --beta-max (about 0.02 * 1000 / T)")
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -380,7 +346,7 @@ class Program:
         per_epoch = data.num_batches(a.batch_size * K, self.world)  # optimizer steps
         self.schedule_steps = self.schedule_steps or a.max_steps or self.step + a.epochs * per_epoch
         planned = min(a.epochs * per_epoch, a.max_steps - self.step if a.max_steps else math.inf)
-        every = per_epoch if a.sample_every is None else a.sample_every
+        every, lr = per_epoch if a.sample_every is None else a.sample_every, a.lr
         with self.progress("info") as progress:
             run = progress.add_task("this run", total=max(planned, 0), info="")
             for e in range(self.epoch, self.epoch + a.epochs):
@@ -394,9 +360,8 @@ class Program:
                     n, share = len(x0) * self.world, slice(self.rank, None, self.world)
                     t_all, w_all = (self.importance.sample(n, dev) if self.importance
                                     else (torch.randint(0, T, (n,), device=dev), None))
-                    t = t_all[share]
+                    t, eps = t_all[share], torch.randn(n, *x0.shape[1:], device=dev)[share]
                     w = torch.ones_like(t, dtype=torch.float) if w_all is None else w_all[share]
-                    eps = torch.randn(n, *x0.shape[1:], device=dev)[share]
                     cond = self.train_cond(x0, tokens, n, share)
                     lr = self.set_lr()
                     self.optimizer.zero_grad(set_to_none=True)
@@ -411,8 +376,7 @@ class Program:
                                 losses = self.diffusion.losses(x0[part], t[part], eps[part], part_cond)
                                 part_loss = (losses * w[part]).sum() / len(x0)  # -> batch mean
                             self.scaler.scale(part_loss).backward()
-                        per_image.append(losses.detach())
-                        loss = loss + part_loss.detach()
+                        per_image, loss = per_image + [losses.detach()], loss + part_loss.detach()
                     progress.advance(bar)
                     if not self.loss_is_finite(loss):
                         continue
@@ -525,29 +489,19 @@ class Program:
             superres.save_sr(sr, x0, superres.super_resolve(sr, x0), [str(i) for i in range(len(x0))])
 
     def run(self) -> None:
+        """The one thing asked: the first command whose flag is given, in this order."""
         a = self.args
-        if a.train:
-            self.train()
-        elif a.lowres_folder:
-            superres.sample_folder(self)
-        elif a.eval_sr:
-            superres.evaluate_sr(self, a.eval_sr)
-        elif a.eval_prompts:
-            prompts.evaluate_prompts(self, a.eval_prompts)
-        elif a.init_folder and (a.mask_folder or a.mask_box):
-            edit.inpaint(self)
-        elif a.init_folder:
-            edit.img2img(self)
-        elif a.interpolate or a.interpolate_seeds:
-            edit.interpolate(self)
-        elif a.prompt:
-            prompts.sample_prompts(self)
-        elif a.eval_fid:
-            evaluate.sample_quality(self, a.eval_fid)
-        elif a.eval_bpd:
-            evaluate.likelihood(self, a.eval_bpd)
-        else:
-            self.sample()
+        commands = [
+            (a.train, self.train), (a.lowres_folder, lambda: superres.sample_folder(self)),
+            (a.eval_sr, lambda: superres.evaluate_sr(self, a.eval_sr)),
+            (a.eval_prompts, lambda: prompts.evaluate_prompts(self, a.eval_prompts)),
+            (a.init_folder and (a.mask_folder or a.mask_box), lambda: edit.inpaint(self)),
+            (a.init_folder, lambda: edit.img2img(self)),
+            (a.interpolate or a.interpolate_seeds, lambda: edit.interpolate(self)),
+            (a.prompt, lambda: prompts.sample_prompts(self)),
+            (a.eval_fid, lambda: evaluate.sample_quality(self, a.eval_fid)),
+            (a.eval_bpd, lambda: evaluate.likelihood(self, a.eval_bpd)), (True, self.sample)]
+        next(command for given, command in commands if given)()
         if self.world > 1:
             dist.destroy_process_group()
 

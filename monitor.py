@@ -1,9 +1,10 @@
-"""Watching a training run: the forward and reverse strips, progress grids from fixed noise
-(--sample-every), and optional TensorBoard logging (--tensorboard).
+"""Watching a run: the start-up summary, the forward and reverse strips, progress grids from
+fixed noise (--sample-every), and optional TensorBoard logging (--tensorboard).
 
 Everything here draws on a side RNG and its own fixed-noise generator, so watching a run never
 changes what it trains on (an exact resume still holds).
 """
+import json
 import os
 import re
 
@@ -40,6 +41,43 @@ def strip(prog, name: str) -> None:
     with prog.side_rng():
         cond = strip_cond(prog, 8) if prog.args.super_res else None
         save_reverse_strip(prog, prog.draw(8, name, cond)[1], f"{name}.png")
+
+
+def summary(prog) -> None:
+    """What this run is, in a few true lines (after the checkpoint's config is applied), and
+    the whole resolved config as config.json beside the outputs."""
+    a = prog.args
+    kind = ("super-resolution" if a.super_res else "text-conditioned" if prog.vocab
+            else "unconditional")
+    size = f"{a.super_res} -> {a.img_size}" if a.super_res else f"{a.img_size}"
+    params = sum(p.numel() for p in prog.model.parameters())
+    prog.console.print(
+        f"model: {kind}, {params / 1e6:.2f} M parameters, {size} px, {a.img_channels} "
+        f"channel(s), T = {a.timesteps} ({a.schedule}, predicts {a.prediction}"
+        f"{', learned variance' if a.learn_sigma else ''})")
+    precision = {None: "fp32", torch.bfloat16: "bf16 autocast",
+                 torch.float16: "fp16 autocast"}[prog.amp_dtype]
+    world = f" x {prog.world} processes" if prog.world > 1 else ""
+    if a.train:
+        accum = f" x {a.grad_accum} accumulated" if a.grad_accum > 1 else ""
+        until = f" or {a.max_steps} steps in all" if a.max_steps else ""
+        what = (f"training on {len(prog.data)} images, batch {a.batch_size}{accum}, {a.epochs} "
+                f"epoch(s){until}, lr {a.lr} ({a.lr_schedule}, warm-up {a.lr_warmup}); "
+                f"checkpoints in {a.ckpt_save_dir}/")
+        if prog.world > 1:
+            prog.console.print(f"distributed: {prog.world} processes, global batch "
+                               f"{a.batch_size} = {a.batch_size // prog.world} per process")
+    else:
+        what = f"sampling with {prog.sampler_name}, {prog.weights_name} weights"
+    prog.console.print(f"{what}; {prog.device.type}{world}, {precision}; "
+                       f"outputs in {a.save_dir}/ (config.json: every setting)")
+    if prog.main:
+        with open(os.path.join(a.save_dir, "config.json"), "w") as f:
+            json.dump(vars(a), f, indent=1)
+    ab_T = prog.diffusion.alpha_bars[-1].item()
+    if ab_T > 1e-3:
+        prog.console.print(f"warning: alpha_bar_T = {ab_T:.3g}, so x_T is not pure noise and "
+                           f"samples will be off; raise --beta-max (about 0.02 * 1000 / T)")
 
 
 class ProgressGrids:

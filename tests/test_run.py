@@ -18,21 +18,11 @@ import checkpoint
 import monitor
 from config import parse_args
 from ddpm import Program, lr_at, main
+from test_faults import tiny
 
 DDPM = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ddpm.py")
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures",
                        "text-model-bc9cbb7.pth")
-
-
-def tiny(tmp_path, *extra):
-    return ["--train", "--demo", "--demo-images", "32", "--img-size", "8", "--num-channels", "8",
-            "--channel-multiples", "1", "--has-attn", "t", "--timesteps", "10", "--beta-max",
-            "0.5", "--batch-size", "8", "--seed", "7", "--ckpt-save-dir", str(tmp_path / "ckpt"),
-            "--save-dir", str(tmp_path / "out"), *extra]
-
-
-def weights(path):
-    return torch.load(path, weights_only=True)["model"]
 
 
 def test_progress_grids_of_an_unchanged_model_are_identical_and_stack_into_progress_png(tmp_path):
