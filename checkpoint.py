@@ -59,7 +59,7 @@ def state(prog) -> dict:
     cuda = prog.device.type == "cuda"
     a = prog.args
     train = {"batch_size": a.batch_size, "grad_accum": a.grad_accum, "lr": a.lr,
-             "lr_warmup": a.lr_warmup, "lr_schedule": a.lr_schedule,
+             "lr_warmup": a.lr_warmup, "lr_schedule": a.lr_schedule, "hflip": a.hflip,
              "schedule_steps": prog.schedule_steps, "ema_decay": a.ema_decay,
              "images_seen": prog.images_seen}  # the recipe and length (--info, resume)
     return {"format": FORMAT, "config": config_of(a), "train": train,
@@ -88,16 +88,23 @@ def save(prog, epoch_index: int, name: str = "") -> str | None:
     return path
 
 
-def restore(prog, ckpt: dict, typed: set[str] = frozenset()) -> None:
-    """Weights, EMA, optimizer and counters; for training also the RNG states. --lr applies on
-    resume (e.g. a lower one after a NaN stop); the learning-rate warm-up, schedule and its
-    length go on as stored unless typed again (--max-steps sets a new length)."""
+RECIPE = ("lr_warmup", "lr_schedule", "hflip")  # training flags a resume goes on with
+
+
+def resume_recipe(a, ckpt: dict, typed: set[str]) -> int:
+    """A resumed run goes on with its learning-rate warm-up and schedule and its flips, unless
+    typed again -> the schedule's length in steps (0: set at the start; --max-steps sets anew)."""
     train = ckpt.get("train", {})
-    for k in ("lr_warmup", "lr_schedule"):
+    for k in RECIPE:
         if k in train and k not in typed:
-            setattr(prog.args, k, train[k])
-    if "max_steps" not in typed:
-        prog.schedule_steps = train.get("schedule_steps", 0)
+            setattr(a, k, train[k])
+    return 0 if "max_steps" in typed else train.get("schedule_steps", 0)
+
+
+def restore(prog, ckpt: dict) -> None:
+    """Weights, EMA, optimizer and counters; for training also the RNG states. --lr applies on
+    resume (e.g. a lower one after a NaN stop)."""
+    train = ckpt.get("train", {})
     prog.model.load_state_dict(ckpt["model"])
     prog.ema.load_state_dict(ckpt.get("ema", ckpt["model"]))
     if "optimizer" in ckpt:

@@ -124,6 +124,9 @@ def _training_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--importance-sampling", action="store_true",
                    help="draw t with p_t ~ sqrt(E[L_t^2]) over the last 10 losses per t, loss "
                         "reweighted to stay unbiased (Nichol & Dhariwal 2021); kept on resume")
+    g.add_argument("--hflip", default="on", choices=["on", "off"],
+                   help="mirror each training image left-right with probability 1/2; off for "
+                        "digits, letters, logos and anything with a handedness (kept on resume)")
     g.add_argument("--cond-drop", type=float, default=0.1,
                    help="text models: the probability that an image's caption is replaced by "
                         "the empty caption (this trains the unconditional model guidance needs)")

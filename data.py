@@ -254,11 +254,12 @@ class ImageDataset:
     """All training images as one uint8 (N, C, H, W) tensor; batches are shuffled, flipped, scaled.
     Optional tokens: int64 (N, L), each image's caption, which batches_with_tokens returns too."""
 
-    def __init__(self, images: Tensor, device: torch.device, tokens: Tensor | None = None):
+    def __init__(self, images: Tensor, device: torch.device, tokens: Tensor | None = None,
+                 hflip: bool = True):
         assert images.dtype == torch.uint8 and images.ndim == 4, "images: uint8 (N, C, H, W)"
         self.images = images.to(device)  # the whole set lives on the training device
         self.tokens = None if tokens is None else tokens.to(device)
-        self.device = device
+        self.device, self.hflip = device, hflip  # hflip False: never mirrored
 
     def __len__(self) -> int:
         return len(self.images)
@@ -276,7 +277,7 @@ class ImageDataset:
     def batches_with_tokens(self, batch_size: int, generator: torch.Generator, rank: int = 0,
                             world: int = 1):
         """As batches, with each batch's caption tokens (B, L) (None without captions)."""
-        for idx, flip in batch_plan(len(self), batch_size, generator, rank, world):
+        for idx, flip in batch_plan(len(self), batch_size, generator, rank, world, self.hflip):
             idx = idx.to(self.device)
             x = self.images[idx]
             x = torch.where(flip.to(self.device)[:, None, None, None], x.flip(-1), x)
@@ -287,7 +288,7 @@ class ImageDataset:
         """The same batches the per-image way (a DataLoader-style reference): one image at a time
         is converted and flipped on the CPU, then stacked and copied to the device."""
         images = self.images.cpu()
-        for idx, flip in batch_plan(len(self), batch_size, generator, rank, world):
+        for idx, flip in batch_plan(len(self), batch_size, generator, rank, world, self.hflip):
             items = [to_model(images[i]).flip(-1) if f else to_model(images[i])
                      for i, f in zip(idx.tolist(), flip.tolist())]
             yield (torch.stack(items).to(self.device),
@@ -295,13 +296,13 @@ class ImageDataset:
 
 
 def batch_plan(n: int, batch_size: int, generator: torch.Generator, rank: int = 0,
-               world: int = 1):
+               world: int = 1, hflip: bool = True):
     """An epoch's random order and flips: (indices (B,), flip (B,) bool) per batch, on the CPU.
     With world > 1: the last partial batch is dropped and this rank gets [rank::world] of each."""
     order = torch.randperm(n, generator=generator)
     for i in range(0, n, batch_size):
         idx = order[i:i + batch_size]
-        flip = torch.rand(len(idx), generator=generator) < 0.5
+        flip = (torch.rand(len(idx), generator=generator) < 0.5) & hflip  # drawn either way
         if world > 1 and len(idx) < batch_size:
             return
         yield idx[rank::world], flip[rank::world]

@@ -125,13 +125,14 @@ class Program:
         self.rank, self.world, device = init_distributed(a.device)
         self.main = self.rank == 0  # only the first process writes files and prints
         self.console = make_console(quiet=not self.main)
-        ckpt = None
+        ckpt, self.schedule_steps = None, 0  # the length of the lr schedule, kept on resume
         if a.loadckpt:
             ckpt, a.loadckpt = checkpoint.read(a.loadckpt, a.ckpt_save_dir)
             if a.train and "optimizer" not in ckpt:
                 raise UserError(f"{a.loadckpt} holds exported weights without optimizer state: "
                                 f"it samples, but training resumes only from a .pth checkpoint")
             config.apply_stored(a, typed, config.stored_config(ckpt))
+            self.schedule_steps = checkpoint.resume_recipe(a, ckpt, typed)
             self.console.print(f"loaded {a.loadckpt} (epoch {ckpt['epoch']}, step {ckpt['step']})")
         config.validate(a, cascade)
         self.device, self.amp_dtype = pick_device(device, a.precision)
@@ -144,14 +145,13 @@ class Program:
             a.seed if a.seed is not None else random.randrange(2**63))
         self.epoch, self.step, self.images_seen = 0, 0, 0  # completed
         self.best_fid, self.bad_steps = math.inf, 0
-        self.schedule_steps = 0  # the length of the learning-rate schedule, kept on resume
         # A text model's vocabulary comes from its checkpoint, or from the captions of a new run.
         self.vocab = Vocab.from_state(ckpt["text"]) if ckpt and ckpt.get("text") else None
         self.data = self.load_data() if a.train else None
         self.build()
         if ckpt:
             try:
-                checkpoint.restore(self, ckpt, typed)
+                checkpoint.restore(self, ckpt)
             except (KeyError, RuntimeError, ValueError, TypeError) as e:
                 first = str(e).strip().splitlines()[0][:120]
                 raise UserError(f"checkpoint {a.loadckpt} does not fit this program (damaged, or "
@@ -310,7 +310,7 @@ class Program:
                                f"{self.vocab.max_len} per caption")
         self.console.print(f"training set: {len(images)} images of {tuple(images.shape[1:])}, "
                            f"ready in {time.time() - t0:.1f}s")
-        return ImageDataset(images, self.device, tokens)
+        return ImageDataset(images, self.device, tokens, hflip=a.hflip == "on")
 
     def train_cond(self, x0: Tensor, tokens: Tensor | None, n: int, share: slice) -> dict:
         """A training batch's conditioning: captions, each dropped with probability --cond-drop;

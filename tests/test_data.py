@@ -164,3 +164,14 @@ def test_awkward_files_are_decoded_or_skipped_with_a_counted_reason(tmp_path, mo
     with pytest.raises(DataError, match="could be read"):
         load_folders([str(d)], 16, 3, warn=warnings.append)
     assert "could not be read (permission denied)" in warnings[-1]
+
+
+@pytest.mark.parametrize("path", ["batches_with_tokens", "plain_batches"])
+def test_hflip_off_never_mirrors_and_on_mirrors_about_half(path):
+    images = torch.zeros(64, 1, 4, 4, dtype=torch.uint8)
+    images[:, :, :, 0] = 255  # a marked left side
+    for hflip, lo, hi in ((False, 0, 0), (True, 20, 44)):
+        ds = ImageDataset(images, torch.device("cpu"), hflip=hflip)
+        x = torch.cat([b for b, _ in getattr(ds, path)(8, torch.Generator().manual_seed(0))])
+        mirrored = int((x[:, 0, 0, -1] > 0).sum())  # the mark on the right
+        assert lo <= mirrored <= hi and len(x) == 64

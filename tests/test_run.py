@@ -178,3 +178,13 @@ def test_precision_decides_the_autocast_dtype(tmp_path, precision, dtype):
     p = Program(*parse_args(tiny(tmp_path, "--precision", precision)))
     assert p.amp_dtype == dtype
     assert Program(*parse_args(tiny(tmp_path))).amp_dtype is None  # auto on a CPU: fp32
+
+
+def test_hflip_off_is_stored_and_a_resume_keeps_it(tmp_path):
+    Program(*parse_args(tiny(tmp_path, "--epochs", "1", "--hflip", "off"))).run()
+    ckpt = torch.load(tmp_path / "ckpt" / "ckpt-0.pth", weights_only=True)
+    assert ckpt["train"]["hflip"] == "off"
+    p = Program(*parse_args(tiny(tmp_path, "--epochs", "1", "--loadckpt", "latest")))
+    assert p.args.hflip == "off" and p.data.hflip is False
+    q = Program(*parse_args(tiny(tmp_path, "--loadckpt", "latest", "--hflip", "on")))
+    assert q.data.hflip is True  # typed again: the new value
