@@ -86,8 +86,12 @@ def _diffusion_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--schedule", default="linear", choices=["linear", "cosine"],
                    help="noise schedule: linear betas (Ho et al.) or cosine alpha_bar (Nichol & "
                         "Dhariwal; ignores --beta-min/--beta-max)")
-    g.add_argument("--prediction", default="eps", choices=["eps", "v"],
-                   help="what the network predicts: the noise eps, or v (Salimans & Ho 2022)")
+    g.add_argument("--prediction", default="v", choices=["eps", "v"],
+                   help="what the network predicts: v = sqrt(ab) eps - sqrt(1 - ab) x0 (Salimans & "
+                        "Ho 2022; the default), or the noise eps (Ho et al. 2020). An eps model "
+                        "must reproduce the size of its input x_t at t = T-1 to within "
+                        "sqrt(ab_T) = 0.6%%, which a GroupNorm-ended UNet cannot: DDIM, "
+                        "DPM-Solver++ and Heun then turn some seeds into noise (issue 19)")
 
 
 def _conditioning_flags(p: argparse.ArgumentParser) -> None:

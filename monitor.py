@@ -74,6 +74,11 @@ def summary(prog) -> None:
     if prog.main:
         with open(os.path.join(a.save_dir, "config.json"), "w") as f:
             json.dump(vars(a), f, indent=1)
+    deterministic = a.sampler in ("dpm++", "heun") or (a.sampler == "ddim" and a.eta == 0)
+    if not a.train and a.prediction == "eps" and not a.super_res and deterministic:
+        prog.console.print(f"warning: {a.loadckpt} predicts eps; with --sampler {a.sampler} "
+                           f"(deterministic) some seeds can come out as noise. Use --sampler ddpm "
+                           f"or --eta 1, or train with --prediction v (the default)")
     ab_T = prog.diffusion.alpha_bars[-1].item()
     if ab_T > 1e-3:
         prog.console.print(f"warning: alpha_bar_T = {ab_T:.3g}, so x_T is not pure noise and "

@@ -64,7 +64,7 @@ def test_checkpoint_describes_itself_and_loads_without_code(trained):
     assert {k: cfg[k] for k in ("img_size", "timesteps", "beta_min", "beta_max", "schedule",
                                 "prediction", "captions", "super_res")} == {
         "img_size": 16, "timesteps": 20, "beta_min": 0.005, "beta_max": 0.5, "schedule": "linear",
-        "prediction": "eps", "captions": "off", "super_res": 0}
+        "prediction": "v", "captions": "off", "super_res": 0}
     assert set(ckpt) >= {"model", "ema", "optimizer", "epoch", "step", "data_rng"}
 
 
