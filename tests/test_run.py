@@ -188,3 +188,16 @@ def test_hflip_off_is_stored_and_a_resume_keeps_it(tmp_path):
     assert p.args.hflip == "off" and p.data.hflip is False
     q = Program(*parse_args(tiny(tmp_path, "--loadckpt", "latest", "--hflip", "on")))
     assert q.data.hflip is True  # typed again: the new value
+
+
+def test_info_describes_a_super_resolution_checkpoint(tmp_path, capsys):
+    assert main(["--train", "--demo", "--demo-images", "8", "--img-size", "8", "--super-res", "4",
+                 "--num-channels", "4", "--channel-multiples", "1", "--has-attn", "f",
+                 "--timesteps", "10", "--beta-max", "0.5", "--batch-size", "4", "--epochs", "1",
+                 "--ckpt-save-dir", str(tmp_path), "--save-dir", str(tmp_path)]) == 0
+    capsys.readouterr()
+    assert main(["--info", str(tmp_path / "ckpt-0.pth")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"{tmp_path / 'ckpt-0.pth'}: super-resolution ddpm.py model"
+    assert out[2] == "  images: 8 px from 4 px, 3 channel(s)"
+    assert "1 epochs, 2 optimizer steps, 8 images seen" in out[4]
