@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 
+import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
@@ -24,7 +25,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import config
 import ddpm
-from data import DataError, ImageDataset, load_folders, to_model
+import data
+from data import DataError, ImageDataset, MappedImages, load_folders, to_model
 from ui import make_console
 
 SMALL = ["--img-size", "32", "--num-channels", "32", "--channel-multiples", "1", "2", "2",
@@ -71,6 +73,12 @@ def parse(argv=None) -> tuple[argparse.Namespace, list[str]]:
                         "(e.g. ../shared/anchors/reference_ddpm.py) at " + " ".join(PARITY) +
                         ", batch 32, fp32, interleaved; --steps per round, --rounds")
     p.add_argument("--rounds", type=int, default=6, help="rounds of --vs-reference")
+    p.add_argument("--data-speed", type=float, metavar="GiB",
+                   help="instead: batches/s of the data path alone, from memory and from disk "
+                        "(cold: the file's pages dropped from the page cache first; then warm), "
+                        "on a synthetic 64x64 decode-cache file of GiB, and resident memory")
+    p.add_argument("--data-batches", type=int, default=200,
+                   help="batches timed per path with --data-speed")
     b, rest = p.parse_known_args(argv)
     on_gpu = b.device.startswith("cuda")
     for k, v_gpu, v_cpu in [("warmup", 10, 2), ("steps", 50, 6), ("sample_steps", 20, 3)]:
@@ -304,6 +312,62 @@ def vs_reference(b, rest: list[str], console: Console) -> None:
     console.print(f"ours runs at {med['reference'] / med['ours']:.2f}x the reference's speed")
 
 
+def resident_mib() -> dict:
+    """This process's resident memory now (VmRSS; anonymous and file-backed), MiB; Linux only."""
+    try:
+        with open("/proc/self/status") as f:
+            return {k: int(v.split()[0]) / 1024 for k, v in (line.split(":", 1) for line in f)
+                    if k in ("VmRSS", "RssAnon", "RssFile")}
+    except OSError:
+        return {}
+
+
+def data_speed(b, console: Console) -> None:
+    """The data path alone (ImageDataset.batches, as training reads it): a synthetic uint8 cache
+    file of 64x64 RGB images, read with random order and flips, from disk (cold, then warm) and
+    from memory; batches/s over --data-batches batches of --batch-size, and resident memory."""
+    dev = torch.device(b.device)
+    n = int(b.data_speed * 2**30) // (3 * 64 * 64)
+    with tempfile.TemporaryDirectory(dir=".") as tmp:
+        path = os.path.join(tmp, "images.npy")
+        out = np.lib.format.open_memmap(path, "w+", np.uint8, (n, 3, 64, 64))
+        rng = np.random.default_rng(0)
+        for i in range(0, n, 4096):  # written in chunks: never all in memory
+            out[i:i + 4096] = rng.integers(0, 256, out[i:i + 4096].shape, dtype=np.uint8)
+        out.flush()
+        del out
+        console.print(f"{n:,} images of 3x64x64 ({n * 3 * 64 * 64 / 2**30:.2f} GiB) in {path}; "
+                      f"{b.data_batches} batches of {b.batch_size} per path, on {dev}")
+
+        def rate(ds, label: str) -> None:
+            batches = ds.batches(b.batch_size, torch.Generator().manual_seed(0))
+            t0, got = time.perf_counter(), 0
+            for x in batches:
+                got += 1
+                if got == b.data_batches:
+                    break
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            secs = time.perf_counter() - t0
+            batches.close()
+            mem = resident_mib()
+            console.print(f"{label:24s} {got / secs:8.1f} batches/s ({got * b.batch_size / secs:,.0f}"
+                          f" img/s); resident now: " + ", ".join(f"{k} {v:,.0f} MiB"
+                                                                 for k, v in mem.items()))
+
+        mapped = MappedImages(path, n)
+        with open(path, "rb") as f:  # drop the file's pages from the page cache: a cold read
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        rate(ImageDataset(mapped, dev), "disk, cold page cache")
+        rate(ImageDataset(mapped, dev), "disk, warm page cache")
+        free = data.free_memory(torch.device("cpu")) or 0
+        if n * 3 * 64 * 64 < free // 2:
+            rate(ImageDataset(mapped.images.to(dev, copy=True), dev), "memory")
+        else:
+            console.print(f"memory: not measured, the set is over half the free memory "
+                          f"({free / 2**30:.1f} GiB)")
+
+
 def main(argv=None) -> int:
     b, rest = parse(argv)
     console = make_console()
@@ -311,6 +375,9 @@ def main(argv=None) -> int:
         torch.set_num_threads(b.threads)
     if b.vs_reference:
         vs_reference(b, rest, console)
+        return 0
+    if b.data_speed:
+        data_speed(b, console)
         return 0
     variants = {v.strip(): set(v.strip().replace("+", "-").split("-"))
                 for v in b.variants.split(",") if v.strip()}

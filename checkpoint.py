@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from config import UserError, config_of, stored_config, validate
+from config import UserError, config_of, size_name, stored_config, validate
 from data import atomic_write
 
 FORMAT = 2  # 1: before the redesign (model_config, diffusion_config, cond_config); still read
@@ -157,14 +157,16 @@ def describe(ckpt: dict, path: str) -> list[str]:
     kind = ("super-resolution" if c["super_res"] else "text-conditioned" if ckpt.get("text")
             else "unconditional")
     params = sum(v.numel() for v in ckpt["model"].values())
-    attn = [str(c["img_size"] >> i) for i, on in enumerate(c["has_attn"]) if on]
+    attn = [size_name(c["img_size"] >> i if isinstance(c["img_size"], int)
+                      else [s >> i for s in c["img_size"]])
+            for i, on in enumerate(c["has_attn"]) if on]
     lines = [f"{path}: {kind} ddpm.py model" + (" (exported weights: samples, cannot resume)"
                                                 if ckpt.get("exported") else ""),
              f"  UNet: {params / 1e6:.2f} M parameters, width {c['num_channels']} x "
              f"{c['channel_multiples']}, {c['num_blocks']} blocks a level, self-attention at "
              + (f"{', '.join(attn)} px" if attn else "no level") + f", dropout {c['dropout']}"
              + (", learned variance" if c["learn_sigma"] else ""),
-             f"  images: {c['img_size']} px" + (f" from {c['super_res']} px" if c["super_res"]
+             f"  images: {size_name(c['img_size'])} px" + (f" from {c['super_res']} px" if c["super_res"]
                                                 else "") + f", {c['img_channels']} channel(s)",
              f"  diffusion: T = {c['timesteps']}, {c['schedule']} schedule"
              + (f" (beta {c['beta_min']} .. {c['beta_max']})" if c["schedule"] == "linear" else "")

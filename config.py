@@ -8,6 +8,8 @@ import argparse
 
 import torch
 
+from data import hw
+
 STORED_GROUPS = ("model", "diffusion", "conditioning")  # the groups saved in a checkpoint
 DEFAULT_STEPS = {"ddpm": 0, "ddim": 50, "dpm++": 20, "heun": 18}  # sampler steps; 0: all T
 # Checkpoints written before the redesign kept three dicts, without the later flags.
@@ -55,6 +57,14 @@ def _data_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data-path", default="device", choices=["device", "plain"],
                    help="device: batches gathered, flipped and scaled on the device in one go; "
                         "plain: the per-image reference path (for benchmarks and tests)")
+    g.add_argument("--data-on", default="auto", choices=["auto", "memory", "disk"],
+                   help="where the training images live: memory (on the training device, the "
+                        "fastest), disk (the decode cache file, memory-mapped; batches are read "
+                        "ahead by a thread), or auto: memory if they fit in --data-memory")
+    g.add_argument("--data-memory", type=float, metavar="MiB",
+                   help="the most memory the training images may take: in memory if they fit "
+                        "(default: half the device's free memory), else from disk with at most "
+                        "this much of the file resident (default: 1024 MiB)")
     g.add_argument("--cache-dir", default=".cache",
                    help="folder for caches: the decoded training images and their Inception "
                         "features (rebuilt when a file changes; safe to delete)")
@@ -62,8 +72,9 @@ def _data_flags(p: argparse.ArgumentParser) -> None:
 
 def _model_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model", "the UNet (stored in the checkpoint)")
-    g.add_argument("--img-size", type=int, default=64,
-                   help="images are resized (shorter side) and centre-cropped to this square")
+    g.add_argument("--img-size", type=int, nargs="+", default=64, metavar="PX",
+                   help="S: images are resized (shorter side) and centre-cropped to S x S; "
+                        "H W: resized to cover H x W and centre-cropped (non-square)")
     g.add_argument("--img-channels", type=int, default=3, choices=[1, 3],
                    help="3 = RGB, 1 = grayscale")
     g.add_argument("--num-channels", type=int, default=64, help="UNet base width")
@@ -289,9 +300,19 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, set[s
     names = vars(parser.parse_args([])).keys()
     typed = parser.parse_args(argv, namespace=argparse.Namespace(**{k: _UNSET for k in names}))
     typed = {k for k, v in vars(typed).items() if v is not _UNSET}
+    args.img_size = _img_size(args.img_size)
     if args.resume:  # --resume = --train --loadckpt latest
         args.train, args.loadckpt = True, args.loadckpt or "latest"
     return args, typed
+
+
+def _img_size(v):
+    """--img-size as typed -> an int for a square (as checkpoints have always stored it), [H, W]
+    for a non-square size."""
+    v = [v] if isinstance(v, int) else list(v)
+    if len(v) not in (1, 2):
+        raise UserError(f"--img-size takes one number (a square) or two (H W), got {len(v)}")
+    return v[0] if len(set(v)) == 1 else v
 
 
 def stored_config(ckpt: dict) -> dict:
@@ -325,6 +346,11 @@ def config_of(a: argparse.Namespace) -> dict:
     return {k: _as_list(getattr(a, k)) for k in stored_keys()}
 
 
+def size_name(size) -> str:
+    """64 -> '64', [16, 32] -> '16x32' (H x W)."""
+    return "x".join(map(str, hw(size))) if not isinstance(size, int) else str(size)
+
+
 def sample_steps(a: argparse.Namespace) -> int:
     """The steps the chosen sampler takes: --sample-steps or the sampler's default (0: all T)."""
     return a.sample_steps or DEFAULT_STEPS[a.sampler]
@@ -338,18 +364,22 @@ def validate(a: argparse.Namespace, cascade: bool = False) -> None:
 
 
 def _check_values(a: argparse.Namespace) -> None:
-    for name in ("img_size", "num_channels", "num_blocks", "timesteps", "epochs", "batch_size",
+    for name in ("num_channels", "num_blocks", "timesteps", "epochs", "batch_size",
                  "demo_images", "grad_accum"):
         if getattr(a, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(a, name)}")
+    if min(hw(a.img_size)) <= 0:
+        raise UserError(f"--img-size must be positive, got {size_name(a.img_size)}")
+    if a.data_memory is not None and a.data_memory <= 0:
+        raise UserError(f"--data-memory must be positive (MiB), got {a.data_memory}")
     if any(m <= 0 for m in a.channel_multiples):
         raise UserError(f"--channel-multiples must be positive, got {a.channel_multiples}")
     if len(a.has_attn) != len(a.channel_multiples):
         raise UserError(f"--has-attn needs one t/f per --channel-multiples entry "
                         f"({len(a.channel_multiples)}), got {len(a.has_attn)}")
     f = 2 ** (len(a.channel_multiples) - 1)
-    if a.img_size % f:
-        raise UserError(f"--img-size {a.img_size} must be divisible by {f} for "
+    if any(s % f for s in hw(a.img_size)):
+        raise UserError(f"--img-size {size_name(a.img_size)} must be divisible by {f} for "
                         f"{len(a.channel_multiples)} levels; change it or use fewer multiples")
     if not 0 < a.beta_min < a.beta_max < 1:
         raise UserError(f"need 0 < --beta-min < --beta-max < 1, got {a.beta_min}, {a.beta_max}")
@@ -373,6 +403,9 @@ def _check_values(a: argparse.Namespace) -> None:
     if a.super_res and a.captions != "off":
         raise UserError("a model is either text-conditioned (--captions) or super-resolution "
                         "(--super-res), not both")
+    if a.super_res and not isinstance(a.img_size, int):
+        raise UserError(f"super-resolution models are square: --img-size takes one number, "
+                        f"got {size_name(a.img_size)}")
     if a.super_res and not 0 < a.super_res < a.img_size:
         raise UserError(f"--super-res {a.super_res} must be between 0 and --img-size "
                         f"{a.img_size} (the low and the high resolution)")
@@ -431,6 +464,9 @@ def _check_edit(a: argparse.Namespace, name: str) -> None:
     if a.super_res:
         raise UserError(f"{name} is a super-resolution model: --init-folder and --interpolate "
                         f"need a model that draws from noise")
+    if not isinstance(a.img_size, int):
+        raise UserError(f"{name} draws {size_name(a.img_size)} images: editing (--init-folder, "
+                        f"--interpolate) works with square models only")
     if sum(map(bool, (a.init_folder, a.interpolate, a.interpolate_seeds))) > 1:
         raise UserError("give one of --init-folder, --interpolate, --interpolate-seeds")
     if not 0 < a.strength <= 1:

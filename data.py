@@ -1,11 +1,19 @@
-"""In-memory image data for ddpm.py: folders of pictures (or built-in demo faces) as uint8 (N, C, H, W).
+"""Image data for ddpm.py: folders or zip files of pictures (or built-in demo faces) as uint8
+(N, C, H, W), decoded once into a cache file; held on the training device where it fits, else
+read from that file (memory-mapped) a batch at a time by a background thread.
 
 to_model / to_uint8 are the only two conversions between stored pixels and the model's [-1, 1].
 """
 import contextlib
 import hashlib
+import io
+import json
 import math
+import mmap
 import os
+import queue
+import threading
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -49,16 +57,71 @@ def upsample(x: Tensor, size: int) -> Tensor:
     return F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False).clamp(-1, 1)
 
 
+def hw(size) -> tuple[int, int]:
+    """--img-size as stored (an int for a square, [H, W] otherwise) -> (H, W)."""
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
 def list_images(folders: list[str]) -> list[str]:
-    """Every file with an image extension under the folders (recursively), sorted per folder."""
+    """Every file with an image extension under the folders (recursively), sorted per folder.
+    A .zip file counts as a folder: its members are named <zip>/<member>."""
     paths = []
     for folder in folders:
+        if os.path.isfile(folder) and folder.lower().endswith(".zip"):
+            paths += [os.path.join(folder, m) for m in zip_members(folder)]
+            continue
         if not os.path.isdir(folder):
             raise DataError(f"data folder not found: {folder}")
         for root, files in walk(folder):
             paths += [os.path.join(root, f) for f in files
                       if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
     return paths
+
+
+def zip_members(path: str) -> list[str]:
+    """The image members of a zip file, in the order walk gives the same files unpacked (a
+    folder's files by name, then its sub-folders by name)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = [i.filename for i in z.infolist() if not i.is_dir()]
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise DataError(f"{path} is not a readable zip file ({e})") from None
+    names = [n for n in names if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS
+             and not n.startswith("__MACOSX/")]  # macOS resource forks are not images
+    # Per level: a file (0, name) comes before a folder (1, name), as os.walk visits them.
+    return sorted(names, key=lambda n: [(1, p) for p in n.split("/")[:-1]] + [(0, n)])
+
+
+class ZipReader:
+    """Open zip files, shared by the decoding threads (one lock per archive: the archive's file
+    position is shared; decoding happens outside the lock)."""
+
+    def __init__(self):
+        self.open, self.lock = {}, threading.Lock()
+
+    def find(self, path: str) -> tuple[str, str] | None:
+        """'<zip>/<member>' -> (zip file, member), or None for a plain file."""
+        low, i = path.lower(), path.lower().find(".zip" + os.sep)
+        while i != -1:
+            if os.path.isfile(path[:i + 4]):
+                return path[:i + 4], path[i + 5:].replace(os.sep, "/")
+            i = low.find(".zip" + os.sep, i + 1)
+        return None
+
+    def read(self, path: str):
+        """A plain path as it is; a zip member as a file object of its bytes."""
+        where = self.find(path) if ".zip" in path.lower() else None
+        if where is None:
+            return path
+        with self.lock:
+            if where[0] not in self.open:
+                self.open[where[0]] = (zipfile.ZipFile(where[0]), threading.Lock())
+        z, lock = self.open[where[0]]
+        with lock:
+            return io.BytesIO(z.read(where[1]))
+
+
+ZIPS = ZipReader()  # zip members are read through this (archives stay open)
 
 
 def walk(folder: str):
@@ -75,14 +138,15 @@ class SkipImage(Exception):
     """A file that is not used for training; the message is the reason."""
 
 
-def load_image(path: str, size: int, channels: int, keep_small: bool = False) -> np.ndarray:
+def load_image(path: str, size, channels: int, keep_small: bool = False) -> np.ndarray:
     """Decode one image (the first frame of an animation), flatten transparency onto white,
-    resize the shorter side to `size`, centre-crop. Returns uint8 (channels, size, size).
+    resize it to cover size = S or (H, W), centre-crop. Returns uint8 (channels, H, W).
 
-    Raises SkipImage for an image smaller than `size` unless keep_small (then it is upscaled).
+    Raises SkipImage for an image smaller than that unless keep_small (then it is upscaled).
     """
+    (H, W) = hw(size)
     try:
-        im = Image.open(path)
+        im = Image.open(ZIPS.read(path))
     except PermissionError:
         raise SkipImage("could not be read (permission denied)") from None
     except Image.DecompressionBombError:  # over 2 x Image.MAX_IMAGE_PIXELS: refuse, never decode
@@ -90,9 +154,9 @@ def load_image(path: str, size: int, channels: int, keep_small: bool = False) ->
     except Exception:  # any decoder failure means "not a usable image"
         raise SkipImage("could not be decoded") from None
     with im:
-        if min(im.size) < size and not keep_small:
-            raise SkipImage(f"smaller than {size} px")
-        im.draft("RGB" if channels == 3 else "L", (size, size))  # big JPEGs: decode at 1/2..1/8
+        if (im.size[0] < W or im.size[1] < H) and not keep_small:
+            raise SkipImage(f"smaller than {W} x {H} px" if H != W else f"smaller than {H} px")
+        im.draft("RGB" if channels == 3 else "L", (W, H))  # big JPEGs: decode at 1/2..1/8
         try:
             im.load()
         except Exception:
@@ -105,57 +169,92 @@ def load_image(path: str, size: int, channels: int, keep_small: bool = False) ->
             im.alpha_composite(rgba)
         im = im.convert("RGB" if channels == 3 else "L")
     w, h = im.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    scale = max(W / w, H / h)  # the smallest scale that covers H x W
+    nw, nh = max(W, round(w * scale)), max(H, round(h * scale))
     im = im.resize((nw, nh), Image.BICUBIC, reducing_gap=3.0)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    im = im.crop((left, top, left + size, top + size))
+    left, top = (nw - W) // 2, (nh - H) // 2
+    im = im.crop((left, top, left + W, top + H))
     arr = np.asarray(im, dtype=np.uint8)
     return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
 
 
-def folder_key(folders: list[str], size: int, channels: int, salt: str = "") -> tuple[str, list]:
+def folder_key(folders: list[str], size, channels: int, salt: str = "") -> tuple[str, list]:
     """A key that changes when any image file under the folders is added, removed or modified
-    (sha256 of each path, size and mtime, plus size, channels and salt), and the image paths."""
+    (sha256 of each path, size and mtime, or of a zip file's, plus size, channels and salt),
+    and the image paths."""
     paths, key = list_images(folders), hashlib.sha256(f"{salt}|{size}|{channels}".encode())
+    stats = {}  # a zip member's key is its archive's
     for p in paths:
-        st = os.stat(p)
+        where = ZIPS.find(p) if ".zip" in p.lower() else None
+        src = where[0] if where else p
+        st = stats[src] = stats.get(src) or os.stat(src)
         key.update(f"|{os.path.abspath(p)}|{st.st_size}|{st.st_mtime_ns}".encode())
     return key.hexdigest()[:32], paths
 
 
-def load_folders(folders: list[str], size: int, channels: int, warn=print,
-                 cache_dir: str | None = None, keep_small: bool = False, with_paths: bool = False):
-    """Decode every image under the folders (all cores, progress bar) -> uint8 (N, C, size, size).
+class MappedImages:
+    """A decode cache file (.npy of uint8 (N, C, H, W)) memory-mapped: `images` is a tensor view
+    of its first `count` images, read from disk as they are touched. `release` drops the pages
+    this process has touched (they stay in the kernel's page cache), so that reading a whole
+    epoch never makes the file resident in this process."""
+
+    def __init__(self, path: str, count: int):
+        header = np.load(path, mmap_mode="r")  # reads the header only
+        offset, shape = header.offset, (count, *header.shape[1:])
+        del header
+        self.path = path
+        with open(path, "rb") as f:  # copy-on-write: a writable view that never writes the file
+            self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        flat = np.frombuffer(self.mm, np.uint8, count=math.prod(shape), offset=offset)
+        self.images = torch.from_numpy(flat.reshape(shape))
+
+    def release(self) -> None:
+        if hasattr(mmap, "MADV_DONTNEED"):  # Linux and most Unixes; elsewhere the OS decides
+            self.mm.madvise(mmap.MADV_DONTNEED)
+
+
+def load_folders(folders: list[str], size, channels: int, warn=print,
+                 cache_dir: str | None = None, keep_small: bool = False, with_paths: bool = False,
+                 mapped: bool = False):
+    """Decode every image under the folders (all cores, progress bar) -> uint8 (N, C, H, W).
 
     Files that are not images by extension are ignored; files that fail to decode are skipped with
     one warning line that counts and names them by reason (undecodable, unreadable, smaller than
     `size` unless keep_small); no usable image at all raises DataError. With cache_dir, the
-    decoded set is kept in cache_dir/images-<folder_key>.npz and read back on the next start.
-    with_paths: also return the file of each image (a list of N paths).
+    decoded set is streamed into cache_dir/images-<folder_key>.npy (never all in memory) and read
+    back on the next start. mapped (needs cache_dir): return a MappedImages of that file instead
+    of a copy in memory. with_paths: also return the file of each image (a list of N paths).
     """
-    key, paths = folder_key(folders, size, channels, f"decoded v2 keep_small={keep_small}")
+    key, paths = folder_key(folders, size, channels, f"decoded v3 keep_small={keep_small}")
     if not paths:
         raise DataError(f"no image files (.jpg, .png, ...) in {', '.join(folders)}")
-    cache = cache_dir and os.path.join(cache_dir, f"images-{key}.npz")
-    if cache and os.path.isfile(cache):
-        with np.load(cache) as z:
-            images, bad = z["images"], [tuple(s.split("|", 1)) for s in z["skipped"]]
+    cache = cache_dir and os.path.join(cache_dir, f"images-{key}")
+    if cache and os.path.isfile(cache + ".json") and os.path.isfile(cache + ".npy"):
+        with open(cache + ".json") as f:
+            meta = json.load(f)
+        count, bad = meta["count"], [tuple(b) for b in meta["skipped"]]
+    elif cache:
+        os.makedirs(cache_dir, exist_ok=True)
+        count, bad = decode_to_file(paths, size, channels, keep_small, cache + ".npy")
+        atomic_write(cache + ".json", lambda f: f.write(json.dumps(
+            {"count": count, "skipped": bad}).encode()))  # written last: marks the cache whole
     else:
         images, bad = decode_all(paths, size, channels, keep_small)
+        count = len(images)
     if bad:
-        warn(f"warning: used {len(images)} of {len(paths)} image files, skipped {len(bad)}: "
+        warn(f"warning: used {count} of {len(paths)} image files, skipped {len(bad)}: "
              + skip_summary(bad))
-    if not len(images):
+    if not count:
         raise DataError(f"none of the {len(paths)} image files in {', '.join(folders)} could be read")
-    if cache and not os.path.isfile(cache):
-        os.makedirs(cache_dir, exist_ok=True)
-        atomic_write(cache, lambda f: np.savez(  # a file object: savez would append .npz to a name
-            f, images=images, skipped=np.array([f"{r}|{p}" for p, r in bad], dtype=str)))
+    if cache:
+        images = MappedImages(cache + ".npy", count)
+        images = images if mapped else images.images.clone()  # clone: a copy in memory
+    else:
+        images = torch.from_numpy(images)
     if with_paths:
         skipped = {p for p, _ in bad}
-        return torch.from_numpy(images), [p for p in paths if p not in skipped]
-    return torch.from_numpy(images)
+        return images, [p for p in paths if p not in skipped]
+    return images
 
 
 def skip_summary(bad: list[tuple[str, str]]) -> str:
@@ -167,21 +266,50 @@ def skip_summary(bad: list[tuple[str, str]]) -> str:
                      for r, ps in by_reason.items())
 
 
-def decode_all(paths: list[str], size: int, channels: int,
-               keep_small: bool = False) -> tuple[np.ndarray, list[tuple[str, str]]]:
-    """Decode images on all cores with a progress bar -> uint8 (N, C, size, size) and the
-    (path, reason) of every file skipped."""
+def decode_into(out: np.ndarray, paths: list[str], size, channels: int,
+                keep_small: bool = False) -> tuple[int, list[list[str]]]:
+    """Decode images on all cores with a progress bar into out[0..count) (uint8 (len(paths), C,
+    H, W), in memory or a memory-mapped file), in order -> count and the [path, reason] of every
+    file skipped. Only a chunk of decoded images is held at a time."""
     def decode(path):
         try:
             return load_image(path, size, channels, keep_small)
         except SkipImage as e:
             return str(e)
 
-    images, bad = [], []
+    count, bad = 0, []
     for path, arr in zip(paths, decode_parallel(paths, decode, f"loading {len(paths)} images")):
-        (bad.append((path, arr)) if isinstance(arr, str) else images.append(arr))
-    empty = np.empty((0, channels, size, size), np.uint8)
-    return (np.stack(images) if images else empty), bad
+        if isinstance(arr, str):
+            bad.append([path, arr])
+        else:
+            out[count], count = arr, count + 1
+    return count, bad
+
+
+def decode_all(paths: list[str], size, channels: int,
+               keep_small: bool = False) -> tuple[np.ndarray, list[list[str]]]:
+    """decode_into an array in memory -> uint8 (N, C, H, W) of the images used, and the skipped."""
+    out = np.empty((len(paths), channels, *hw(size)), np.uint8)
+    count, bad = decode_into(out, paths, size, channels, keep_small)
+    return out[:count], bad
+
+
+def decode_to_file(paths: list[str], size, channels: int, keep_small: bool,
+                   path: str) -> tuple[int, list[list[str]]]:
+    """decode_into an .npy file (len(paths) rows; the first `count` used), streamed: memory stays
+    bounded whatever the size of the set. Written beside `path` and renamed when complete."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        out = np.lib.format.open_memmap(tmp, "w+", np.uint8, (len(paths), channels, *hw(size)))
+        count, bad = decode_into(out, paths, size, channels, keep_small)
+        out.flush()
+        del out
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    return count, bad
 
 
 def decode_parallel(paths: list[str], decode, desc: str, console=None, chunk: int = 512):
@@ -211,14 +339,16 @@ def atomic_write(path: str, write) -> None:
         raise
 
 
-def demo_faces(n: int, size: int, channels: int = 3, seed: int = 0) -> Tensor:
-    """n procedurally drawn cartoon faces, the same for the same seed -> uint8 (n, C, size, size).
+def demo_faces(n: int, size, channels: int = 3, seed: int = 0) -> Tensor:
+    """n procedurally drawn cartoon faces, the same for the same seed -> uint8 (n, C, H, W)
+    (size = S or (H, W); drawn square at the longer side, centre-cropped).
 
     Random background, skin tone, face position and size, hair colour and style, eye colour.
     """
     rng = np.random.default_rng(seed)
+    (H, W), size = hw(size), max(hw(size))
     s = 4 * size  # draw large, then downsample for anti-aliasing
-    out = np.empty((n, channels, size, size), dtype=np.uint8)
+    out = np.empty((n, channels, H, W), dtype=np.uint8)
     hair_colours = [(20, 20, 20), (230, 200, 90), (200, 60, 40), (60, 90, 200), (240, 150, 190),
                     (110, 70, 40), (90, 180, 90), (235, 235, 240)]
     eye_colours = [(40, 90, 200), (200, 40, 40), (40, 150, 60), (150, 60, 180), (200, 140, 30)]
@@ -246,18 +376,67 @@ def demo_faces(n: int, size: int, channels: int = 3, seed: int = 0) -> Tensor:
               fill=(150, 50, 60), width=max(1, s // 64))
         im = im.resize((size, size), Image.LANCZOS).convert("RGB" if channels == 3 else "L")
         arr = np.asarray(im)
-        out[i] = arr[None] if channels == 1 else arr.transpose(2, 0, 1)
+        arr = arr[None] if channels == 1 else arr.transpose(2, 0, 1)
+        out[i] = arr[:, (size - H) // 2:(size - H) // 2 + H, (size - W) // 2:(size - W) // 2 + W]
     return torch.from_numpy(out)
 
 
-class ImageDataset:
-    """All training images as one uint8 (N, C, H, W) tensor; batches are shuffled, flipped, scaled.
-    Optional tokens: int64 (N, L), each image's caption, which batches_with_tokens returns too."""
+FAULT_AROUND = 1 << 16  # a page fault on a file mapping may map up to 64 KiB around it (Linux)
+DISK_RESIDENT = 1 << 30  # the most of the cache file the disk path keeps mapped in, by default
 
-    def __init__(self, images: Tensor, device: torch.device, tokens: Tensor | None = None,
-                 hflip: bool = True):
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free on the training device (the host's available memory for the CPU), or None."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def placement(images, device: torch.device, choice: str,
+              limit: int | None) -> tuple[bool, int, str]:
+    """Where the training images live: (on disk?, the most bytes of the file kept resident when
+    on disk, the reason in one line). images: MappedImages (a cache file) or a tensor; choice:
+    auto | memory | disk; limit: bytes the images may take in memory (None: half the free
+    memory of the device)."""
+    mapped = isinstance(images, MappedImages)
+    x = images.images if mapped else images
+    size = f"{len(x):,} images of {'x'.join(map(str, x.shape[1:]))} ({x.numel() / 2**20:,.1f} MiB)"
+    free = free_memory(device) if limit is None else None
+    budget = limit if limit is not None else None if free is None else free // 2
+    resident = min(budget or DISK_RESIDENT, DISK_RESIDENT)
+    why = (f"--data-memory {limit / 2**20:g} MiB" if limit is not None else
+           "the free memory is unknown" if free is None else
+           f"half the free memory of {'the host' if device.type == 'cpu' else device.type}: "
+           f"{budget / 2**20:,.0f} MiB")
+    if choice == "disk" or (choice == "auto" and budget is not None and x.numel() > budget):
+        if not mapped:
+            raise DataError("the disk path reads the decode cache file: train on --data-folders "
+                            "with a --cache-dir, or use --data-on memory")
+        return True, resident, (
+            f"data: {size} read from disk, memory-mapped from {images.path}, batches gathered "
+            f"ahead by a thread ({'--data-on disk' if choice == 'disk' else 'more than ' + why}; "
+            f"at most {resident / 2**20:,.0f} MiB of the file resident)")
+    return False, 0, (f"data: {size} in memory on {device.type} "
+                      f"({'--data-on memory' if choice == 'memory' else 'within ' + why})")
+
+
+class ImageDataset:
+    """The training images, uint8 (N, C, H, W): batches are shuffled, flipped and scaled.
+    In memory (a tensor, moved to the training device) or on disk (a MappedImages: each batch is
+    gathered from the file on the CPU by a thread that reads `ahead` batches in advance, pinned,
+    and copied to the device; at most `resident` bytes of the file stay mapped in). Both paths
+    give the same batches. Optional tokens: int64 (N, L), each image's caption."""
+
+    def __init__(self, images, device: torch.device, tokens: Tensor | None = None,
+                 hflip: bool = True, resident: int = DISK_RESIDENT, ahead: int = 4):
+        self.mapped = images if isinstance(images, MappedImages) else None
+        images = self.mapped.images if self.mapped else images.to(device)  # on disk: a view
         assert images.dtype == torch.uint8 and images.ndim == 4, "images: uint8 (N, C, H, W)"
-        self.images = images.to(device)  # the whole set lives on the training device
+        self.images, self.resident, self.ahead = images, resident, ahead
         self.tokens = None if tokens is None else tokens.to(device)
         self.device, self.hflip = device, hflip  # hflip False: never mirrored
 
@@ -277,11 +456,52 @@ class ImageDataset:
     def batches_with_tokens(self, batch_size: int, generator: torch.Generator, rank: int = 0,
                             world: int = 1):
         """As batches, with each batch's caption tokens (B, L) (None without captions)."""
-        for idx, flip in batch_plan(len(self), batch_size, generator, rank, world, self.hflip):
-            idx = idx.to(self.device)
-            x = self.images[idx]
+        plan = batch_plan(len(self), batch_size, generator, rank, world, self.hflip)
+        gathered = (self.read_ahead(plan) if self.mapped else
+                    ((idx, flip, self.images.index_select(0, idx.to(self.device))) for idx, flip in plan))
+        for idx, flip, x in gathered:
+            x = x.to(self.device, non_blocking=True)  # uint8 (B, C, H, W)
             x = torch.where(flip.to(self.device)[:, None, None, None], x.flip(-1), x)
-            yield to_model(x), None if self.tokens is None else self.tokens[idx]
+            yield to_model(x), None if self.tokens is None else self.tokens[idx.to(self.device)]
+
+    def read_ahead(self, plan):
+        """(idx, flip, uint8 images (B, C, H, W) on the CPU) per batch of the plan, gathered from
+        the memory-mapped file by a background thread up to `ahead` batches early. Before a batch
+        would take the pages touched since the last release past `resident`, they are released."""
+        done, out = threading.Event(), queue.Queue(self.ahead)
+        item = self.images[0].numel()
+        per_image = (item // FAULT_AROUND + 2) * FAULT_AROUND  # most bytes one read maps in
+        pin = self.device.type == "cuda"
+
+        def work():
+            touched = 0
+            try:
+                for idx, flip in plan:
+                    if touched + len(idx) * per_image > self.resident:
+                        self.mapped.release()
+                        touched = 0
+                    x = self.images.index_select(0, idx)  # the gather reads the file
+                    touched += len(idx) * per_image
+                    out.put((idx, flip, x.pin_memory() if pin else x))
+                    if done.is_set():
+                        return
+                out.put(None)
+            except BaseException as e:  # handed to the consumer, raised there
+                out.put(e)
+
+        thread = threading.Thread(target=work, name="read-ahead", daemon=True)
+        thread.start()
+        try:
+            while (got := out.get()) is not None:
+                if isinstance(got, BaseException):
+                    raise got
+                yield got
+        finally:  # the consumer stopped (end, --max-steps, Ctrl-C): let the thread finish
+            done.set()
+            while thread.is_alive():
+                with contextlib.suppress(queue.Empty):
+                    out.get(timeout=0.1)
+            self.mapped.release()
 
     def plain_batches(self, batch_size: int, generator: torch.Generator, rank: int = 0,
                       world: int = 1):
@@ -298,11 +518,13 @@ class ImageDataset:
 def batch_plan(n: int, batch_size: int, generator: torch.Generator, rank: int = 0,
                world: int = 1, hflip: bool = True):
     """An epoch's random order and flips: (indices (B,), flip (B,) bool) per batch, on the CPU.
-    With world > 1: the last partial batch is dropped and this rank gets [rank::world] of each."""
+    Both are drawn at the epoch's start, so the generator moves the same whether or not the
+    epoch is read to its end. With world > 1: the last partial batch is dropped and this rank
+    gets [rank::world] of each."""
     order = torch.randperm(n, generator=generator)
+    flips = (torch.rand(n, generator=generator) < 0.5) & hflip  # drawn either way
     for i in range(0, n, batch_size):
-        idx = order[i:i + batch_size]
-        flip = (torch.rand(len(idx), generator=generator) < 0.5) & hflip  # drawn either way
+        idx, flip = order[i:i + batch_size], flips[i:i + batch_size]
         if world > 1 and len(idx) < batch_size:
             return
         yield idx[rank::world], flip[rank::world]

@@ -27,7 +27,8 @@ import evaluate
 import prompts
 import superres
 from config import UserError
-from data import DataError, ImageDataset, demo_faces, load_folders, to_model, to_uint8
+from data import (DataError, ImageDataset, MappedImages, demo_faces, hw, load_folders,
+                  placement, to_model, to_uint8)
 from diffusion import GaussianDiffusion, ImportanceSampler
 import monitor
 from monitor import TensorBoard
@@ -259,7 +260,7 @@ class Program:
         a, model, T = self.args, self.sampling_model(), self.diffusion.T
         cond = self.unconditional(n) if cond is None else cond
         if x_T is None:
-            x_T = torch.randn(n, a.img_channels, a.img_size, a.img_size, device=self.device)
+            x_T = torch.randn(n, a.img_channels, *hw(a.img_size), device=self.device)
         name, steps = sampler or (a.sampler, config.sample_steps(a))
         if start is not None:
             steps = max(1, math.ceil(steps * (start + 1) / T))
@@ -291,10 +292,15 @@ class Program:
         a, t0, tokens = self.args, time.time(), None
         if a.demo:
             images = demo_faces(a.demo_images, a.img_size, a.img_channels, seed=0)
-        else:
+        else:  # a memory-mapped view of the decode cache: nothing is read into memory yet
             images, paths = load_folders(a.data_folders, a.img_size, a.img_channels,
                                          warn=self.console.print, cache_dir=a.cache_dir,
-                                         keep_small=a.keep_small, with_paths=True)
+                                         keep_small=a.keep_small, with_paths=True, mapped=True)
+        limit = None if a.data_memory is None else int(a.data_memory * 2**20)
+        on_disk, resident, why = placement(images, self.device, a.data_on, limit)
+        self.console.print(why)
+        if isinstance(images, MappedImages) and not on_disk:
+            images = images.images.to(self.device, copy=True)  # read into memory once
         if a.captions != "off" and not a.demo:
             captions = read_captions(paths, a.data_folders, a.captions)
             have = sum(map(bool, captions))
@@ -308,9 +314,8 @@ class Program:
             self.console.print(f"captions: {have} of {len(images)} images have one "
                                f"({a.captions}); vocabulary of {len(self.vocab) - 2} words, up to "
                                f"{self.vocab.max_len} per caption")
-        self.console.print(f"training set: {len(images)} images of {tuple(images.shape[1:])}, "
-                           f"ready in {time.time() - t0:.1f}s")
-        return ImageDataset(images, self.device, tokens, hflip=a.hflip == "on")
+        self.console.print(f"training set ready in {time.time() - t0:.1f}s")
+        return ImageDataset(images, self.device, tokens, hflip=a.hflip == "on", resident=resident)
 
     def train_cond(self, x0: Tensor, tokens: Tensor | None, n: int, share: slice) -> dict:
         """A training batch's conditioning: captions, each dropped with probability --cond-drop;

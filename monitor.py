@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from config import UserError
+from config import UserError, size_name
+from data import hw
 from superres import strip_cond
 
 PROGRESS_SAMPLER = ("ddim", 25)  # deterministic (eta 0): grids of one model are identical
@@ -49,7 +50,7 @@ def summary(prog) -> None:
     a = prog.args
     kind = ("super-resolution" if a.super_res else "text-conditioned" if prog.vocab
             else "unconditional")
-    size = f"{a.super_res} -> {a.img_size}" if a.super_res else f"{a.img_size}"
+    size = f"{a.super_res} -> {a.img_size}" if a.super_res else size_name(a.img_size)
     params = sum(p.numel() for p in prog.model.parameters())
     prog.console.print(
         f"model: {kind}, {params / 1e6:.2f} M parameters, {size} px, {a.img_channels} "
@@ -92,7 +93,7 @@ class ProgressGrids:
     def __init__(self, prog, n: int = 8, seed: int = 0):
         a = prog.args
         g = torch.Generator().manual_seed(seed)  # its own generator: fixed whatever the run does
-        self.x_T = torch.randn(n, a.img_channels, a.img_size, a.img_size, generator=g)
+        self.x_T = torch.randn(n, a.img_channels, *hw(a.img_size), generator=g)
         self.folder = os.path.join(a.save_dir, "progress")
         os.makedirs(self.folder, exist_ok=True)
 
