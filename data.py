@@ -266,11 +266,11 @@ def skip_summary(bad: list[tuple[str, str]]) -> str:
                      for r, ps in by_reason.items())
 
 
-def decode_into(out: np.ndarray, paths: list[str], size, channels: int,
+def decode_into(put, paths: list[str], size, channels: int,
                 keep_small: bool = False) -> tuple[int, list[list[str]]]:
-    """Decode images on all cores with a progress bar into out[0..count) (uint8 (len(paths), C,
-    H, W), in memory or a memory-mapped file), in order -> count and the [path, reason] of every
-    file skipped. Only a chunk of decoded images is held at a time."""
+    """Decode images on all cores with a progress bar, in order, calling put(i, image) for the
+    i-th image used (uint8 (C, H, W)) -> count and the [path, reason] of every file skipped.
+    Only a chunk of decoded images is held at a time."""
     def decode(path):
         try:
             return load_image(path, size, channels, keep_small)
@@ -282,7 +282,8 @@ def decode_into(out: np.ndarray, paths: list[str], size, channels: int,
         if isinstance(arr, str):
             bad.append([path, arr])
         else:
-            out[count], count = arr, count + 1
+            put(count, arr)
+            count += 1
     return count, bad
 
 
@@ -290,20 +291,26 @@ def decode_all(paths: list[str], size, channels: int,
                keep_small: bool = False) -> tuple[np.ndarray, list[list[str]]]:
     """decode_into an array in memory -> uint8 (N, C, H, W) of the images used, and the skipped."""
     out = np.empty((len(paths), channels, *hw(size)), np.uint8)
-    count, bad = decode_into(out, paths, size, channels, keep_small)
+    count, bad = decode_into(out.__setitem__, paths, size, channels, keep_small)
     return out[:count], bad
 
 
 def decode_to_file(paths: list[str], size, channels: int, keep_small: bool,
                    path: str) -> tuple[int, list[list[str]]]:
-    """decode_into an .npy file (len(paths) rows; the first `count` used), streamed: memory stays
-    bounded whatever the size of the set. Written beside `path` and renamed when complete."""
+    """decode_into an .npy file of len(paths) rows (the first `count` used, the rest zeros),
+    appended image by image with plain writes: neither the set nor the file is ever held in
+    memory, whatever its size. Written beside `path` and renamed when complete."""
+    shape = (len(paths), channels, *hw(size))
+    header = {"descr": "|u1", "fortran_order": False, "shape": shape}
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
-        out = np.lib.format.open_memmap(tmp, "w+", np.uint8, (len(paths), channels, *hw(size)))
-        count, bad = decode_into(out, paths, size, channels, keep_small)
-        out.flush()
-        del out
+        with open(tmp, "wb") as f:
+            np.lib.format.write_array_header_1_0(f, header)
+            count, bad = decode_into(lambda i, arr: f.write(arr.tobytes()), paths, size,
+                                     channels, keep_small)
+            f.truncate(f.tell() + (len(paths) - count) * math.prod(shape[1:]))
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
