@@ -302,21 +302,16 @@ def decode_to_file(paths: list[str], size, channels: int, keep_small: bool,
     memory, whatever its size. Written beside `path` and renamed when complete."""
     shape = (len(paths), channels, *hw(size))
     header = {"descr": "|u1", "fortran_order": False, "shape": shape}
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            np.lib.format.write_array_header_1_0(f, header)
-            count, bad = decode_into(lambda i, arr: f.write(arr.tobytes()), paths, size,
-                                     channels, keep_small)
-            f.truncate(f.tell() + (len(paths) - count) * math.prod(shape[1:]))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-    return count, bad
+    result = []
+
+    def write(f):
+        np.lib.format.write_array_header_1_0(f, header)
+        result[:] = decode_into(lambda i, arr: f.write(arr.tobytes()), paths, size, channels,
+                                keep_small)
+        f.truncate(f.tell() + (len(paths) - result[0]) * math.prod(shape[1:]))
+
+    atomic_write(path, write)
+    return result[0], result[1]
 
 
 def decode_parallel(paths: list[str], decode, desc: str, console=None, chunk: int = 512):
