@@ -166,8 +166,9 @@ def describe(ckpt: dict, path: str) -> list[str]:
              f"{c['channel_multiples']}, {c['num_blocks']} blocks a level, self-attention at "
              + (f"{', '.join(attn)} px" if attn else "no level") + f", dropout {c['dropout']}"
              + (", learned variance" if c["learn_sigma"] else ""),
-             f"  images: {size_name(c['img_size'])} px" + (f" from {c['super_res']} px" if c["super_res"]
-                                                else "") + f", {c['img_channels']} channel(s)",
+             f"  images: {size_name(c['img_size'])} px"
+             + (f" from {c['super_res']} px" if c["super_res"] else "")
+             + f", {c['img_channels']} channel(s)",
              f"  diffusion: T = {c['timesteps']}, {c['schedule']} schedule"
              + (f" (beta {c['beta_min']} .. {c['beta_max']})" if c["schedule"] == "linear" else "")
              + f", predicts {c['prediction']}",
