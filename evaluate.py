@@ -196,10 +196,11 @@ def copy_score(sample_feats, ref_feats, subset: int = 2000, seed: int = 0) -> di
 def copy_alarm(n: int) -> float:
     """The copy rate above which a model is taken to copy its training images, for n samples.
     A model that does not copy draws like fresh real images, whose copy rate is about 1/2 (a
-    fresh image and a training image are alike to the rest of the set; held-out anime faces
-    measure 0.49 against 1,000 training images, see the README), each sample a coin flip:
+    fresh image and a training image are alike to the rest of the set), each sample a coin flip:
     the rate is Binomial(n, 1/2) / n, with spread 0.5 / sqrt(n). The alarm sits 3 spreads above
-    1/2: a model that does not copy trips it about once in 700 measurements."""
+    1/2: a model that does not copy trips it about once in 700 measurements. Measured (README):
+    2,000 held-out anime faces score 0.506 against 1,000 training faces at 32 px; random sets of
+    200 of them spread by 0.033 (0.5 / sqrt(200) = 0.035) and 0.09 % are above the alarm."""
     return 0.5 + 3 * 0.5 / np.sqrt(n)
 
 
