@@ -269,7 +269,7 @@ def plot_curves(records: list[dict], path: str) -> None:
         low.plot([r["epoch"] for r in copy], [r["copy_alarm"] for r in copy], ":",
                  color="tab:red", label="alarm")
         low.axhline(0.5, color="grey", lw=0.8, label="real images")
-        low.set(xlabel="epoch", ylabel="copy rate", ylim=(0, 1))
+        low.set(xlabel="epoch", ylabel="copy rate", ylim=(-0.03, 1.03))
         low.legend(fontsize=7, loc="upper left")
     else:
         fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
