@@ -165,7 +165,9 @@ def describe(ckpt: dict, path: str) -> list[str]:
              f"  UNet: {params / 1e6:.2f} M parameters, width {c['num_channels']} x "
              f"{c['channel_multiples']}, {c['num_blocks']} blocks a level, self-attention at "
              + (f"{', '.join(attn)} px" if attn else "no level") + f", dropout {c['dropout']}"
-             + (", learned variance" if c["learn_sigma"] else ""),
+             + (", learned variance" if c["learn_sigma"] else "")
+             + (f", augmentation labels (trained with --augment {c['augment']})"
+                if c["augment"] else ""),
              f"  images: {size_name(c['img_size'])} px"
              + (f" from {c['super_res']} px" if c["super_res"] else "")
              + f", {c['img_channels']} channel(s)",

@@ -20,6 +20,7 @@ import torch.nn as nn
 from torch import Tensor
 from torchvision.utils import save_image
 
+import augment
 import checkpoint
 import config
 import edit
@@ -172,7 +173,8 @@ class Program:
             dropout=a.dropout, learn_sigma=a.learn_sigma,
             vocab_size=len(self.vocab) if self.vocab else 0,
             text_len=self.vocab.max_len if self.vocab else 0,
-            lowres_channels=a.img_channels if a.super_res else 0).to(self.device)
+            lowres_channels=a.img_channels if a.super_res else 0,
+            augment_dim=augment.AUGMENT_DIM if a.augment > 0 else 0).to(self.device)
         self.diffusion = GaussianDiffusion(
             self.model, a.timesteps, a.beta_min, a.beta_max, schedule=a.schedule,
             prediction=a.prediction, min_snr_gamma=a.min_snr_gamma,
@@ -363,11 +365,15 @@ class Program:
                     # t and eps for the whole global batch of n, this process's share taken as
                     # the data is: N processes draw what one process with the global batch would.
                     n, share = len(x0) * self.world, slice(self.rank, None, self.world)
+                    if a.augment:  # non-leaking: the network is told what was done (labels)
+                        x0, labels = augment.augment(x0, a.augment, n, share)
                     t_all, w_all = (self.importance.sample(n, dev) if self.importance
                                     else (torch.randint(0, T, (n,), device=dev), None))
                     t, eps = t_all[share], torch.randn(n, *x0.shape[1:], device=dev)[share]
                     w = torch.ones_like(t, dtype=torch.float) if w_all is None else w_all[share]
                     cond = self.train_cond(x0, tokens, n, share)
+                    if a.augment:
+                        cond["augment_labels"] = labels
                     lr = self.set_lr()
                     self.optimizer.zero_grad(set_to_none=True)
                     per_image, loss = [], torch.zeros((), device=dev)

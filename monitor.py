@@ -62,8 +62,9 @@ def summary(prog) -> None:
     if a.train:
         accum = f" x {a.grad_accum} accumulated" if a.grad_accum > 1 else ""
         until = f" or {a.max_steps} steps in all" if a.max_steps else ""
-        what = (f"training on {len(prog.data)} images, batch {a.batch_size}{accum}, {a.epochs} "
-                f"epoch(s){until}, lr {a.lr} ({a.lr_schedule}, warm-up {a.lr_warmup}); "
+        augmented = f" (augmented, p {a.augment})" if a.augment else ""
+        what = (f"training on {len(prog.data)} images{augmented}, batch {a.batch_size}{accum}, "
+                f"{a.epochs} epoch(s){until}, lr {a.lr} ({a.lr_schedule}, warm-up {a.lr_warmup}); "
                 f"checkpoints in {a.ckpt_save_dir}/")
         if prog.world > 1:
             prog.console.print(f"distributed: {prog.world} processes, global batch "

@@ -6,6 +6,8 @@ conv up-sampling and skip connections across. Attention is per image (scaled_dot
 Optional conditioning: a caption (cross-attention to its tokens where there is self-attention, and
 its pooled feature added to the time embedding), or a low-resolution image for super-resolution
 (concatenated to x_t as extra channels, its noise-augmentation level embedded like t; SR3).
+With augment_dim > 0 the network is also told how its input was augmented (augment.py): a label
+vector mapped linearly (no bias: zero labels add exactly zero) onto the sinusoidal t embedding (EDM).
 """
 import math
 
@@ -163,13 +165,15 @@ class UNet(nn.Module):
     self-attention where has_attn[i]; H and W must be divisible by 2^(levels - 1).
     vocab_size > 0 adds a caption encoder (tokens of text_len ids) and cross-attention;
     lowres_channels > 0 makes a super-resolution model that also takes the upsampled low-res image.
-    Either way an unconditional model has none of these parameters.
+    augment_dim > 0 adds the augmentation-label embedding (non-leaking augmentation, EDM).
+    Either way a model without them has none of these parameters.
     """
 
     def __init__(self, img_channels: int = 3, num_channels: int = 64,
                  channel_multiples: tuple = (1, 2, 4, 8), has_attn: tuple = (False, False, True, True),
                  num_blocks: int = 2, dropout: float = 0.0, learn_sigma: bool = False,
-                 vocab_size: int = 0, text_len: int = 0, lowres_channels: int = 0):
+                 vocab_size: int = 0, text_len: int = 0, lowres_channels: int = 0,
+                 augment_dim: int = 0):
         super().__init__()
         assert len(channel_multiples) == len(has_attn), "one has_attn entry per channel multiple"
         self.levels = len(channel_multiples)
@@ -178,6 +182,8 @@ class UNet(nn.Module):
         self.time_mlp = nn.Sequential(
             nn.Linear(num_channels, t_dim), nn.SiLU(), nn.Linear(t_dim, t_dim))
         self.num_channels = num_channels
+        if augment_dim:  # what augmentation the input went through; none (zeros) adds exactly 0
+            self.augment_embed = nn.Linear(augment_dim, num_channels, bias=False)
         ctx_dim = t_dim if vocab_size else 0
         if vocab_size:  # caption -> tokens for cross-attention, pooled -> + time embedding
             self.text = TextEncoder(vocab_size, text_len, ctx_dim)
@@ -218,15 +224,22 @@ class UNet(nn.Module):
         nn.init.zeros_(self.conv_out.bias)
 
     def forward(self, x: Tensor, t: Tensor, tokens: Tensor | None = None,
-                lowres: Tensor | None = None, aug: Tensor | None = None) -> Tensor:
+                lowres: Tensor | None = None, aug: Tensor | None = None,
+                augment_labels: Tensor | None = None) -> Tensor:
         """x: (B, C, H, W) in about [-1, 1], t: (B,) int64 in 0..T-1 -> (B, C or 2C, H, W).
         Text model: tokens (B, text_len) int64. SR model: lowres (B, C, H, W) (the low-res image
-        upsampled to H x W, noise-augmented) and aug (B,) float, its noise level in [0, 1]."""
+        upsampled to H x W, noise-augmented) and aug (B,) float, its noise level in [0, 1].
+        Augmenting model: augment_labels (B, augment_dim); None (sampling) means zeros."""
         assert x.ndim == 4 and t.shape == (x.shape[0],), "x: (B, C, H, W), t: (B,)"
         f = 2 ** (self.levels - 1)
         assert x.shape[-1] % f == 0 and x.shape[-2] % f == 0, \
             f"image size {tuple(x.shape[-2:])} must be divisible by {f} (2^(levels-1))"
-        temb = self.time_mlp(timestep_embedding(t, self.num_channels))  # (B, 4 * num_channels)
+        temb = timestep_embedding(t, self.num_channels)  # (B, num_channels)
+        if hasattr(self, "augment_embed"):  # EDM: added to the noise embedding, before the MLP
+            if augment_labels is None:  # sampling: the un-augmented distribution
+                augment_labels = x.new_zeros(len(x), self.augment_embed.in_features)
+            temb = temb + self.augment_embed(augment_labels.to(temb.dtype))
+        temb = self.time_mlp(temb)  # (B, 4 * num_channels)
         ctx = None
         if hasattr(self, "text"):
             assert tokens is not None, "a text-conditioned UNet needs tokens (B, text_len)"

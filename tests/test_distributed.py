@@ -1,22 +1,25 @@
-"""torchrun with 2 CPU processes (gloo) trains exactly like 1 process with the same global batch."""
+"""torchrun with 2 CPU processes (gloo) trains exactly like 1 process with the same global batch
+(with and without --augment: the augmentation draws are for the global batch, sharded)."""
 import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 DDPM = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ddpm.py")
 
 
-def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path):
+@pytest.mark.parametrize("augment,port", [("0", 29533), ("0.5", 29535)])
+def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path, augment, port):
     flags = ["--train", "--demo", "--demo-images", "32", "--img-size", "8", "--num-channels", "8",
              "--channel-multiples", "1", "2", "--has-attn", "f", "t", "--num-blocks", "1",
              "--timesteps", "10", "--beta-max", "0.5", "--batch-size", "8", "--epochs", "2",
-             "--seed", "11", "--device", "cpu"]
+             "--seed", "11", "--device", "cpu", "--augment", augment]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     runs = {"one": [sys.executable, DDPM],
             "two": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                    "--master_addr=127.0.0.1", "--master_port=29533", DDPM]}
+                    "--master_addr=127.0.0.1", f"--master_port={port}", DDPM]}
     out = {}
     for name, cmd in runs.items():
         r = subprocess.run(cmd + flags + ["--ckpt-save-dir", str(tmp_path / name / "ckpt"),
@@ -29,6 +32,7 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
     one = torch.load(tmp_path / "one" / "ckpt" / "ckpt-1.pth", weights_only=True)
     two = torch.load(tmp_path / "two" / "ckpt" / "ckpt-1.pth", weights_only=True)
     assert one["step"] == two["step"] == 8
+    assert ("augment_embed.weight" in one["model"]) == (augment != "0")
     for k, w in one["model"].items():
         assert torch.allclose(w, two["model"][k], atol=1e-5, rtol=1e-4), k
     moved = max((one["model"][k] - w).abs().max().item()
