@@ -158,14 +158,16 @@ def describe(ckpt: dict, path: str) -> list[str]:
             else "unconditional")
     params = sum(v.numel() for v in ckpt["model"].values())
     attn = [str(c["img_size"] >> i) for i, on in enumerate(c["has_attn"]) if on]
+    sr = (f" from {c['super_res']} px, diffusing the "
+          + ("residual over bicubic" if c["sr_target"] == "residual" else "image itself")
+          if c["super_res"] else "")
     lines = [f"{path}: {kind} ddpm.py model" + (" (exported weights: samples, cannot resume)"
                                                 if ckpt.get("exported") else ""),
              f"  UNet: {params / 1e6:.2f} M parameters, width {c['num_channels']} x "
              f"{c['channel_multiples']}, {c['num_blocks']} blocks a level, self-attention at "
              + (f"{', '.join(attn)} px" if attn else "no level") + f", dropout {c['dropout']}"
              + (", learned variance" if c["learn_sigma"] else ""),
-             f"  images: {c['img_size']} px" + (f" from {c['super_res']} px" if c["super_res"]
-                                                else "") + f", {c['img_channels']} channel(s)",
+             f"  images: {c['img_size']} px{sr}, {c['img_channels']} channel(s)",
              f"  diffusion: T = {c['timesteps']}, {c['schedule']} schedule"
              + (f" (beta {c['beta_min']} .. {c['beta_max']})" if c["schedule"] == "linear" else "")
              + f", predicts {c['prediction']}",

@@ -13,6 +13,9 @@ DEFAULT_STEPS = {"ddpm": 0, "ddim": 50, "dpm++": 20, "heun": 18}  # sampler step
 # Checkpoints written before the redesign kept three dicts, without the later flags.
 OLD_DEFAULTS = {"schedule": "linear", "prediction": "eps", "learn_sigma": False, "captions": "off",
                 "super_res": 0}
+# Stored flags added later, with what a checkpoint written before them was: SR models diffused
+# the image itself until issue 20.
+LATER_DEFAULTS = {"sr_target": "image"}
 DERIVED = ("vocab_size", "text_len", "lowres_channels")  # in old model_configs; now computed
 
 
@@ -86,9 +89,11 @@ def _diffusion_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--schedule", default="linear", choices=["linear", "cosine"],
                    help="noise schedule: linear betas (Ho et al.) or cosine alpha_bar (Nichol & "
                         "Dhariwal; ignores --beta-min/--beta-max)")
-    g.add_argument("--prediction", default="v", choices=["eps", "v"],
+    g.add_argument("--prediction", default="v", choices=["eps", "v", "x0"],
                    help="what the network predicts: v = sqrt(ab) eps - sqrt(1 - ab) x0 (Salimans & "
-                        "Ho 2022; the default), or the noise eps (Ho et al. 2020). An eps model "
+                        "Ho 2022; the default), the noise eps (Ho et al. 2020), or x0 itself (the "
+                        "default of a super-resolution model of the residual: untrained, its "
+                        "zero output is the bicubic image). An eps model "
                         "must reproduce the size of its input x_t at t = T-1 to within "
                         "sqrt(ab_T) = 0.6%%, which a GroupNorm-ended UNet cannot: DDIM, "
                         "DPM-Solver++ and Heun then turn some seeds into noise (issue 19)")
@@ -106,6 +111,10 @@ def _conditioning_flags(p: argparse.ArgumentParser) -> None:
                    help="train a super-resolution model (SR3, Saharia et al. 2021) from LOW x LOW "
                         "to --img-size; each (low, high) pair is made on the fly from the "
                         "training images")
+    g.add_argument("--sr-target", default="residual", choices=["residual", "image"],
+                   help="super-resolution: diffuse the residual x_high - bicubic(x_low) (SRDiff, "
+                        "Li et al. 2022), so that a model that has learned little returns bicubic, "
+                        "or the high-res image itself (SR3; the checkpoints before issue 20)")
 
 
 def _training_flags(p: argparse.ArgumentParser) -> None:
@@ -289,6 +298,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, set[s
     names = vars(parser.parse_args([])).keys()
     typed = parser.parse_args(argv, namespace=argparse.Namespace(**{k: _UNSET for k in names}))
     typed = {k for k, v in vars(typed).items() if v is not _UNSET}
+    if args.super_res and args.sr_target == "residual" and "prediction" not in typed:
+        args.prediction = "x0"  # zero-initialised output = zero residual = bicubic (issue 20)
     if args.resume:  # --resume = --train --loadckpt latest
         args.train, args.loadckpt = True, args.loadckpt or "latest"
     return args, typed
@@ -298,9 +309,9 @@ def stored_config(ckpt: dict) -> dict:
     """A checkpoint's config: one dict of the stored flags. Checkpoints written before the
     redesign kept model_config, diffusion_config and cond_config (and derived sizes)."""
     if "config" in ckpt:
-        return dict(ckpt["config"])
-    merged = {**OLD_DEFAULTS, **ckpt["model_config"], **ckpt["diffusion_config"],
-              **ckpt.get("cond_config", {})}
+        return {**LATER_DEFAULTS, **ckpt["config"]}
+    merged = {**LATER_DEFAULTS, **OLD_DEFAULTS, **ckpt["model_config"],
+              **ckpt["diffusion_config"], **ckpt.get("cond_config", {})}
     return {k: v for k, v in merged.items() if k not in DERIVED}
 
 
