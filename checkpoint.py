@@ -160,6 +160,9 @@ def describe(ckpt: dict, path: str) -> list[str]:
     attn = [size_name(c["img_size"] >> i if isinstance(c["img_size"], int)
                       else [s >> i for s in c["img_size"]])
             for i, on in enumerate(c["has_attn"]) if on]
+    sr = (f" from {c['super_res']} px, diffusing the "
+          + ("residual over bicubic" if c["sr_target"] == "residual" else "image itself")
+          if c["super_res"] else "")
     lines = [f"{path}: {kind} ddpm.py model" + (" (exported weights: samples, cannot resume)"
                                                 if ckpt.get("exported") else ""),
              f"  UNet: {params / 1e6:.2f} M parameters, width {c['num_channels']} x "
@@ -168,9 +171,7 @@ def describe(ckpt: dict, path: str) -> list[str]:
              + (", learned variance" if c["learn_sigma"] else "")
              + (f", augmentation labels (trained with --augment {c['augment']})"
                 if c["augment"] else ""),
-             f"  images: {size_name(c['img_size'])} px"
-             + (f" from {c['super_res']} px" if c["super_res"] else "")
-             + f", {c['img_channels']} channel(s)",
+             f"  images: {size_name(c['img_size'])} px{sr}, {c['img_channels']} channel(s)",
              f"  diffusion: T = {c['timesteps']}, {c['schedule']} schedule"
              + (f" (beta {c['beta_min']} .. {c['beta_max']})" if c["schedule"] == "linear" else "")
              + f", predicts {c['prediction']}",

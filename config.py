@@ -14,10 +14,11 @@ STORED_GROUPS = ("model", "diffusion", "conditioning")  # the groups saved in a 
 DEFAULT_STEPS = {"ddpm": 0, "ddim": 50, "dpm++": 20, "heun": 18}  # sampler steps; 0: all T
 # Checkpoints written before the redesign kept three dicts, without the later flags.
 OLD_DEFAULTS = {"schedule": "linear", "prediction": "eps", "learn_sigma": False, "captions": "off",
-                "super_res": 0, "augment": 0.0}
+                "super_res": 0}
 DERIVED = ("vocab_size", "text_len", "lowres_channels")  # in old model_configs; now computed
-# Stored flags added after the redesign, and what older checkpoints mean by their absence.
-ADDED_LATER = {"augment": 0.0}
+# Stored flags added after the redesign, and what older checkpoints mean by their absence: no
+# augmentation; SR models diffused the image itself until issue 20.
+ADDED_LATER = {"augment": 0.0, "sr_target": "image"}
 
 
 class UserError(Exception):
@@ -99,9 +100,11 @@ def _diffusion_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--schedule", default="linear", choices=["linear", "cosine"],
                    help="noise schedule: linear betas (Ho et al.) or cosine alpha_bar (Nichol & "
                         "Dhariwal; ignores --beta-min/--beta-max)")
-    g.add_argument("--prediction", default="v", choices=["eps", "v"],
+    g.add_argument("--prediction", default="v", choices=["eps", "v", "x0"],
                    help="what the network predicts: v = sqrt(ab) eps - sqrt(1 - ab) x0 (Salimans & "
-                        "Ho 2022; the default), or the noise eps (Ho et al. 2020). An eps model "
+                        "Ho 2022; the default), the noise eps (Ho et al. 2020), or x0 itself (the "
+                        "default of a super-resolution model of the residual: untrained, its "
+                        "zero output is the bicubic image). An eps model "
                         "must reproduce the size of its input x_t at t = T-1 to within "
                         "sqrt(ab_T) = 0.6%%, which a GroupNorm-ended UNet cannot: DDIM, "
                         "DPM-Solver++ and Heun then turn some seeds into noise (issue 19)")
@@ -126,6 +129,10 @@ def _conditioning_flags(p: argparse.ArgumentParser) -> None:
                         "hue; the network is told what was done (a label embedding) and samples "
                         "with zero labels come out un-augmented. 0 = off; EDM used 0.12-0.15 "
                         "(a positive P may be changed on resume)")
+    g.add_argument("--sr-target", default="residual", choices=["residual", "image"],
+                   help="super-resolution: diffuse the residual x_high - bicubic(x_low) (SRDiff, "
+                        "Li et al. 2022), so that a model that has learned little returns bicubic, "
+                        "or the high-res image itself (SR3; the checkpoints before issue 20)")
 
 
 def _training_flags(p: argparse.ArgumentParser) -> None:
@@ -318,6 +325,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, set[s
     typed = parser.parse_args(argv, namespace=argparse.Namespace(**{k: _UNSET for k in names}))
     typed = {k for k, v in vars(typed).items() if v is not _UNSET}
     args.img_size = _img_size(args.img_size)
+    if args.super_res and args.sr_target == "residual" and "prediction" not in typed:
+        args.prediction = "x0"  # zero-initialised output = zero residual = bicubic (issue 20)
     if args.resume:  # --resume = --train --loadckpt latest
         args.train, args.loadckpt = True, args.loadckpt or "latest"
     return args, typed
@@ -337,8 +346,8 @@ def stored_config(ckpt: dict) -> dict:
     redesign kept model_config, diffusion_config and cond_config (and derived sizes)."""
     if "config" in ckpt:
         return {**ADDED_LATER, **ckpt["config"]}
-    merged = {**OLD_DEFAULTS, **ckpt["model_config"], **ckpt["diffusion_config"],
-              **ckpt.get("cond_config", {})}
+    merged = {**ADDED_LATER, **OLD_DEFAULTS, **ckpt["model_config"],
+              **ckpt["diffusion_config"], **ckpt.get("cond_config", {})}
     return {k: v for k, v in merged.items() if k not in DERIVED}
 
 

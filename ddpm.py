@@ -258,9 +258,12 @@ class Program:
         and about 10 frames of the reverse chain. Without cond a text model draws from the empty
         caption; a super-resolution model needs cond. x_T: the noise (default: fresh);
         sampler: (name, steps) instead of the flags' (eta 0, uniform spacing); start: x_T is
-        at that timestep, and the sampler's steps shrink in proportion (image-to-image)."""
+        at that timestep, and the sampler's steps shrink in proportion (image-to-image).
+        A residual SR model's cond holds its base (the bicubic image): x_0 and the frames are
+        base + the sampled residual."""
         a, model, T = self.args, self.sampling_model(), self.diffusion.T
-        cond = self.unconditional(n) if cond is None else cond
+        cond = self.unconditional(n) if cond is None else dict(cond)
+        base = cond.pop("base", 0.0) if cond else 0.0  # (n, C, H, W), or 0: no base
         if x_T is None:
             x_T = torch.randn(n, a.img_channels, *hw(a.img_size), device=self.device)
         name, steps = sampler or (a.sampler, config.sample_steps(a))
@@ -274,7 +277,7 @@ class Program:
                 x_T, name, steps, eta=eta, spacing=spacing, start=start, model=model,
                 clip_x0=a.clip_x0, cond=cond, guidance=guidance, strips=10, track=track)
         model.train()
-        return x0, frames
+        return base + x0, [base + f for f in frames]
 
     def draw_many(self, n: int, desc: str, cond_for=lambda i, j: None,
                   guidance: float = 1.0) -> Tensor:
@@ -374,6 +377,8 @@ class Program:
                     cond = self.train_cond(x0, tokens, n, share)
                     if a.augment:
                         cond["augment_labels"] = labels
+                    if a.super_res:  # what it diffuses: the residual x0 - bicubic(x_low), or x0
+                        x0 = superres.train_target(self, x0)
                     lr = self.set_lr()
                     self.optimizer.zero_grad(set_to_none=True)
                     per_image, loss = [], torch.zeros((), device=dev)

@@ -9,7 +9,8 @@ throughout.
 #   posterior_var   beta~_t = (1 - ab_{t-1}) / (1 - ab_t) beta_t, the variance of q(x_{t-1} | x_t, x_0)
 #                   (Eq. 7); 0 at index 0, where x_{t-1} is the data itself
 #   sigma_t         the reverse process's noise: sqrt(beta~_t), or learned (Nichol & Dhariwal 2021)
-#   eps, v          the network predicts eps, or v = sqrt(ab) eps - sqrt(1 - ab) x_0 (Salimans & Ho)
+#   eps, v, x0      the network predicts eps, v = sqrt(ab) eps - sqrt(1 - ab) x_0 (Salimans & Ho),
+#                   or x_0 itself
 #   var_out         the learned-variance half of the network's output, in [-1, 1] (their "v")
 #   Algorithm 1     training: losses();  Algorithm 2: ancestral sampling, p_sample()
 # Images are float (B, C, H, W) in [-1, 1] here; data.to_model / data.to_uint8 convert.
@@ -176,14 +177,14 @@ class ImportanceSampler:
 
 class GaussianDiffusion(nn.Module):
     """The DDPM forward process q and the learned reverse process p_theta around a network that
-    predicts eps (Ho et al. 2020) or v = sqrt(ab) eps - sqrt(1 - ab) x0 (Salimans & Ho 2022)."""
+    predicts eps (Ho et al. 2020), v = sqrt(ab) eps - sqrt(1 - ab) x0 (Salimans & Ho 2022) or x0."""
 
     def __init__(self, model: nn.Module, timesteps: int = 1000, beta_min: float = 1e-4,
                  beta_max: float = 0.02, *, schedule: str = "linear", prediction: str = "eps",
                  min_snr_gamma: float = 0.0, learn_sigma: bool = False):
         super().__init__()
         assert 0 < beta_min < beta_max < 1, "need 0 < beta_min < beta_max < 1"
-        assert schedule in ("linear", "cosine") and prediction in ("eps", "v")
+        assert schedule in ("linear", "cosine") and prediction in ("eps", "v", "x0")
         self.model, self.T = model, timesteps
         self.prediction, self.min_snr_gamma, self.learn_sigma = prediction, min_snr_gamma, learn_sigma
         betas = (linear_betas(timesteps, beta_min, beta_max) if schedule == "linear"
@@ -213,18 +214,20 @@ class GaussianDiffusion(nn.Module):
         return gather(self.sqrt_alpha_bars, t) * eps - gather(self.sqrt_one_minus_alpha_bars, t) * x0
 
     def eps_and_x0(self, xt: Tensor, t: Tensor, out: Tensor) -> tuple[Tensor, Tensor]:
-        """The network output (eps or v) at x_t -> (eps, x0_hat), both (B, C, H, W) float32.
+        """The network output (eps, v or x0) at x_t -> (eps, x0_hat), both (B, C, H, W) float32.
 
         eps: x0 = (x_t - sqrt(1 - ab) eps) / sqrt(ab);  v: x0 = sqrt(ab) x_t - sqrt(1 - ab) v,
-        eps = sqrt(1 - ab) x_t + sqrt(ab) v.
+        eps = sqrt(1 - ab) x_t + sqrt(ab) v;  x0: eps = (x_t - sqrt(ab) x0) / sqrt(1 - ab).
         """
         a, s, out = gather(self.sqrt_alpha_bars, t), gather(self.sqrt_one_minus_alpha_bars, t), out.float()
         if self.prediction == "eps":
             return out, (xt - s * out) / a
+        if self.prediction == "x0":
+            return (xt - a * out) / s, out
         return s * xt + a * out, a * xt - s * out
 
     def split(self, out: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Network output -> (eps or v prediction (B, C, H, W), var_out (B, C, H, W) or None)."""
+        """Network output -> (the eps, v or x0 prediction (B, C, H, W), var_out or None)."""
         if not self.learn_sigma:
             return out.float(), None
         pred, var_out = out.float().chunk(2, dim=1)
@@ -261,8 +264,8 @@ class GaussianDiffusion(nn.Module):
     def losses(self, x0: Tensor, t: Tensor | None = None, eps: Tensor | None = None,
                cond: dict | None = None) -> Tensor:
         """Per image: ||target - net(sqrt(ab_t) x0 + sqrt(1 - ab_t) eps, t)||^2 -> (B,), t uniform
-        (B,) and eps ~ N(0, I) unless given; target eps or v, weighted by min(SNR, gamma) / SNR
-        (or / (SNR + 1) for v) if gamma > 0 (min-SNR-gamma, Hang et al. 2023).
+        (B,) and eps ~ N(0, I) unless given; target eps, v or x0, weighted by min(SNR, gamma) / SNR
+        (/ (SNR + 1) for v, / 1 for x0) if gamma > 0 (min-SNR-gamma, Hang et al. 2023).
         cond: the network's conditioning inputs (tokens=..., or lowres=..., aug=...)."""
         if t is None:
             t = torch.randint(0, self.T, (x0.shape[0],), device=x0.device)  # (B,)
@@ -270,11 +273,13 @@ class GaussianDiffusion(nn.Module):
             eps = torch.randn_like(x0)
         xt = self.q_sample(x0, t, eps)
         out, var_out = self.split(self.model(xt, t, **(cond or {})))
-        target = eps if self.prediction == "eps" else self.v_target(x0, t, eps)
+        target = (eps if self.prediction == "eps" else x0 if self.prediction == "x0"
+                  else self.v_target(x0, t, eps))
         mse = (out - target).pow(2).mean(dim=(1, 2, 3))  # (B,)
         if self.min_snr_gamma > 0:
             snr = self.alpha_bars[t] / (1 - self.alpha_bars[t])
-            mse = mse * snr.clamp(max=self.min_snr_gamma) / (snr if self.prediction == "eps" else snr + 1)
+            mse = mse * snr.clamp(max=self.min_snr_gamma) / {"eps": snr, "v": snr + 1, "x0": 1}[
+                self.prediction]
         if var_out is not None:  # hybrid loss: + lambda L_vlb, lambda = 1e-3, the mean frozen (Sec. 3.1)
             eps_hat, _ = self.eps_and_x0(xt, t, out.detach())
             mse = mse + self.vb_terms(x0, xt, t, eps_hat, var_out, eps) * self.T * 1e-3

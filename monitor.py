@@ -51,9 +51,11 @@ def summary(prog) -> None:
     kind = ("super-resolution" if a.super_res else "text-conditioned" if prog.vocab
             else "unconditional")
     size = f"{a.super_res} -> {a.img_size}" if a.super_res else size_name(a.img_size)
+    diffused = {"residual": " (diffusing the residual over bicubic)",
+                "image": " (diffusing the image itself)"}[a.sr_target] if a.super_res else ""
     params = sum(p.numel() for p in prog.model.parameters())
     prog.console.print(
-        f"model: {kind}, {params / 1e6:.2f} M parameters, {size} px, {a.img_channels} "
+        f"model: {kind}{diffused}, {params / 1e6:.2f} M parameters, {size} px, {a.img_channels} "
         f"channel(s), T = {a.timesteps} ({a.schedule}, predicts {a.prediction}"
         f"{', learned variance' if a.learn_sigma else ''})")
     precision = {None: "fp32", torch.bfloat16: "bf16 autocast",

@@ -2,7 +2,9 @@
 cascade after a base model, upsampling a folder, and the comparison with bicubic (--eval-sr).
 
 The model sees x_t and the bicubic-upsampled low-res image, noised with std a, and a itself
-(noise-conditioning augmentation, Ho et al. 2022, Cascaded Diffusion, Sec. 4.1).
+(noise-conditioning augmentation, Ho et al. 2022, Cascaded Diffusion, Sec. 4.1). It diffuses the
+residual x_high - bicubic(x_low) (SRDiff, Li et al. 2022; --sr-target residual, predicting x0: a
+zero output returns bicubic) or, as checkpoints before issue 20 do, x_high itself.
 """
 import os
 
@@ -23,24 +25,31 @@ def train_cond(prog, x0: Tensor, n: int, share: slice) -> dict:
     return {"lowres": make_lowres(x0, prog.args.super_res) + aug[:, None, None, None] * z, "aug": aug}
 
 
-def sample_cond(up: Tensor, level: float) -> dict:
+def train_target(prog, x0: Tensor) -> Tensor:
+    """What a training batch x0 (B, C, H, W) diffuses: the residual x0 - make_lowres(x0), or x0."""
+    return x0 - make_lowres(x0, prog.args.super_res) if prog.args.sr_target == "residual" else x0
+
+
+def sample_cond(prog, up: Tensor) -> dict:
     """The input at sampling: the upsampled low-res image up (B, C, H, W) with noise of std
-    `level` (--sr-noise), and that level."""
-    return {"lowres": up + level * torch.randn_like(up),
+    a = --sr-noise, and a; for a residual model also the base the sample is added to (up itself,
+    without the noise; Program.draw adds it)."""
+    level = prog.args.sr_noise
+    cond = {"lowres": up + level * torch.randn_like(up),
             "aug": torch.full((len(up),), level, device=up.device)}
+    return {**cond, "base": up} if prog.args.sr_target == "residual" else cond
 
 
 def strip_cond(prog, n: int) -> dict:
     """The conditioning of the training-time strips: the first n training images, made low-res."""
-    low = make_lowres(to_model(prog.data.images[:n]), prog.args.super_res)
-    return sample_cond(low, prog.args.sr_noise)
+    return sample_cond(prog, make_lowres(to_model(prog.data.images[:n]), prog.args.super_res))
 
 
 def super_resolve(prog, low: Tensor) -> Tensor:
     """low (N, C, LOW, LOW) in [-1, 1] (or uint8) -> uint8 (N, C, H, W) samples of the SR model."""
     low = to_model(low) if low.dtype == torch.uint8 else low
     up = lambda i, j: upsample(low[i:j].to(prog.device), prog.args.img_size)  # noqa: E731
-    return prog.draw_many(len(low), "super-resolving", lambda i, j: sample_cond(up(i, j), prog.args.sr_noise))
+    return prog.draw_many(len(low), "super-resolving", lambda i, j: sample_cond(prog, up(i, j)))
 
 
 def save_sr(prog, low: Tensor, high: Tensor, names: list[str]) -> None:

@@ -1,12 +1,15 @@
 """Super-resolution: (low, high) pairs, the 2C-input UNet, training and upsampling through the CLI,
 the cascade, and clear messages when base and SR checkpoints are mixed up."""
+import os
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from data import make_lowres, to_model, upsample
+import config
+from data import make_lowres, to_model, to_uint8, upsample
 import superres
 from config import parse_args
 from ddpm import Program, main
@@ -139,3 +142,114 @@ def test_eval_sr_compares_ours_and_bicubic_with_the_real_images(sr_run, monkeypa
     # The 4x4-block test images are smooth at 8 px, so bicubic is close to them.
     assert rows["bicubic"]["psnr"] > 15 and 0 < rows["bicubic"]["ssim"] <= 1
     assert png_size(sr_run / "esr" / "sr-compare.png") == (6 * 17 + 1, 4 * 17 + 1)
+
+
+class ZeroResidual(torch.nn.Module):
+    """A stub SR network whose output means "the clean sample is 0" for the prediction type in
+    use: x0 = 0 itself; v = sqrt(ab) x_t / sqrt(1 - ab), from x0 = sqrt(ab) x_t - sqrt(1 - ab) v;
+    eps = x_t / sqrt(1 - ab), from x0 = (x_t - sqrt(1 - ab) eps) / sqrt(ab)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.d = d
+
+    def forward(self, x, t, lowres=None, aug=None):
+        a = self.d.sqrt_alpha_bars[t][:, None, None, None]
+        s = self.d.sqrt_one_minus_alpha_bars[t][:, None, None, None]
+        return {"x0": torch.zeros_like(x), "v": a * x / s, "eps": x / s}[self.d.prediction]
+
+
+def stubbed(path: str, sampler: str, prediction: str | None = None, **flags) -> Program:
+    """A Program around an SR checkpoint whose sampling network is ZeroResidual."""
+    args, typed = parse_args(["--loadckpt", path, "--lowres-folder", ".", "--sampler", sampler,
+                              "--save-dir", "stub"] + [f"--{k}={v}" for k, v in flags.items()])
+    prog = Program(args, typed)
+    if prediction:
+        prog.diffusion.prediction = prediction
+    prog.ema = ZeroResidual(prog.diffusion)
+    return prog
+
+
+@pytest.mark.parametrize("prediction", ["x0", "v", "eps"])
+@pytest.mark.parametrize("sampler, flags", [
+    ("ddpm", {}), ("ddim", {"sample-steps": 5}), ("ddim", {"sample-steps": 5, "eta": 1}),
+    ("dpm++", {"sample-steps": 5}), ("heun", {"sample-steps": 5}),
+    ("dpm++", {"sample-steps": 5, "spacing": "karras"})])
+def test_a_residual_model_that_predicts_a_zero_residual_returns_bicubic(sr_run, monkeypatch,
+                                                                         prediction, sampler,
+                                                                         flags):
+    """Issue 20: with --sr-target residual a model that has learned nothing (its clean residual
+    is 0 at every step) returns the bicubic image itself, with every sampler."""
+    assert set(config.DEFAULT_STEPS) == {"ddpm", "ddim", "dpm++", "heun"}  # every sampler here
+    monkeypatch.chdir(sr_run)
+    prog = stubbed("sr/ckpt-0.pth", sampler, prediction, **flags, **{"sr-noise": 0.1})
+    assert prog.args.sr_target == "residual"
+    torch.manual_seed(0)
+    low = torch.rand(4, 3, 8, 8) * 2 - 1
+    up = upsample(low, 16)
+    x0, frames = prog.draw(4, cond=superres.sample_cond(prog, up))
+    torch.testing.assert_close(x0, up, atol=1e-5, rtol=0)
+    assert (frames[0] - up).abs().mean() > 0.3  # it started from noise around the bicubic image
+    assert (superres.super_resolve(prog, low).int() - to_uint8(up).int()).abs().max() <= 1
+
+
+def test_new_sr_models_diffuse_the_residual_with_x0_prediction_and_start_as_bicubic(sr_run):
+    cfg = torch.load(sr_run / "sr" / "ckpt-0.pth", weights_only=True)["config"]
+    assert cfg["sr_target"] == "residual" and cfg["prediction"] == "x0"
+    assert parse_args(["--super-res", "8", "--prediction", "v"])[0].prediction == "v"  # typed wins
+    assert parse_args(["--super-res", "8", "--sr-target", "image"])[0].prediction == "v"
+    # The training target is the residual: x0 - bicubic(x_low), which is 0 for a flat image.
+    prog = Program(*parse_args(["--train", "--demo", "--demo-images", "8", "--super-res", "8",
+                                *TINY, "--img-size", "16", "--save-dir", str(sr_run / "t0"),
+                                "--ckpt-save-dir", str(sr_run / "t0")]))
+    x0 = to_model(prog.data.images[:4])
+    torch.testing.assert_close(superres.train_target(prog, x0), x0 - make_lowres(x0, 8))
+    flat = torch.full((2, 3, 16, 16), -0.5)
+    torch.testing.assert_close(superres.train_target(prog, flat), torch.zeros_like(flat))
+    # Its zero-initialised output layer: the untrained model super-resolves to bicubic.
+    low = torch.rand(3, 3, 8, 8) * 2 - 1
+    prog.args.sampler, prog.args.sample_steps = "ddim", 4
+    assert torch.equal(superres.super_resolve(prog, low), to_uint8(upsample(low, 16)))
+
+
+OLD_SR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures",
+                      "sr-model-793c7e5.pth")
+
+
+def test_an_sr_checkpoint_from_before_issue_20_loads_as_the_image_formulation(tmp_path,
+                                                                           monkeypatch):
+    old = torch.load(OLD_SR, weights_only=True)
+    assert "sr_target" not in old["config"] and old["config"]["prediction"] == "v"
+    assert config.stored_config(old)["sr_target"] == "image"
+    monkeypatch.chdir(tmp_path)
+    # The same "clean sample 0" stub: the old formulation returns 0 (mid-grey), not bicubic.
+    prog = stubbed(OLD_SR, "ddim")
+    assert (prog.args.sr_target, prog.args.prediction) == ("image", "v")
+    up = upsample(torch.rand(2, 3, 4, 4) * 2 - 1, 8)
+    x0, _ = prog.draw(2, cond=superres.sample_cond(prog, up))
+    torch.testing.assert_close(x0, torch.zeros_like(up), atol=1e-5, rtol=0)
+
+
+def test_an_sr_checkpoint_from_before_issue_20_samples_and_resumes(tmp_path):
+    (tmp_path / "small").mkdir()
+    (tmp_path / "faces").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).save(
+            tmp_path / "small" / f"{i}.png")
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(
+            tmp_path / "faces" / f"{i}.png")
+    for sampler, steps in (("ddpm", []), ("ddim", ["--sample-steps", "3"]),
+                           ("dpm++", ["--sample-steps", "3"]), ("heun", ["--sample-steps", "3"])):
+        out = tmp_path / sampler
+        assert main(["--loadckpt", OLD_SR, "--lowres-folder", str(tmp_path / "small"),
+                     "--sampler", sampler, *steps, "--batch-size", "4", "--seed", "0",
+                     "--save-dir", str(out)]) == 0
+        img = np.asarray(Image.open(out / "sr-0.png"))
+        assert img.shape == (8, 8, 3) and img.std() > 1
+    assert main(["--train", "--loadckpt", OLD_SR, "--data-folders", str(tmp_path / "faces"),
+                 "--epochs", "1", "--batch-size", "4", "--ckpt-save-dir", str(tmp_path / "ckpt"),
+                 "--save-dir", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "c")]) == 0
+    new = torch.load(tmp_path / "ckpt" / "ckpt-1.pth", weights_only=True)
+    assert new["config"] == config.stored_config(torch.load(OLD_SR, weights_only=True))
+    assert new["config"]["sr_target"] == "image" and new["step"] == 4
