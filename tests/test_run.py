@@ -199,5 +199,6 @@ def test_info_describes_a_super_resolution_checkpoint(tmp_path, capsys):
     assert main(["--info", str(tmp_path / "ckpt-0.pth")]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == f"{tmp_path / 'ckpt-0.pth'}: super-resolution ddpm.py model"
-    assert out[2] == "  images: 8 px from 4 px, 3 channel(s)"
+    assert out[2] == "  images: 8 px from 4 px, diffusing the residual over bicubic, 3 channel(s)"
+    assert out[3].endswith("predicts x0")
     assert "1 epochs, 2 optimizer steps, 8 images seen" in out[4]
