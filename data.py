@@ -174,7 +174,7 @@ def load_image(path: str, size, channels: int, keep_small: bool = False) -> np.n
     im = im.resize((nw, nh), Image.BICUBIC, reducing_gap=3.0)
     left, top = (nw - W) // 2, (nh - H) // 2
     im = im.crop((left, top, left + W, top + H))
-    arr = np.asarray(im, dtype=np.uint8)
+    arr = np.array(im, dtype=np.uint8)  # a writable copy (np.asarray of a PIL image is read-only)
     return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
 
 

@@ -532,6 +532,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, DataError, CaptionError, evaluate.MissingNetwork) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `--info ckpt.pth | head`: the reader has gone; stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so exit's flush is quiet
+        return 1
     return 0
 
 

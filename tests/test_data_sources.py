@@ -114,6 +114,7 @@ def test_non_square_images_cover_the_size_and_are_centre_cropped(tmp_path):
     Image.fromarray(tall).save(tmp_path / "tall.png")
     x = data.load_image(str(tmp_path / "tall.png"), (8, 16), 3)  # cover 8 x 16: scale 1
     assert x.shape == (3, 8, 16) and (x[1] == 255).all() and (x[[0, 2]] == 0).all()
+    assert x.flags.writeable  # torch.from_numpy of it must not warn (evaluate's nearest.png)
     wide = data.load_image(str(tmp_path / "tall.png"), (8, 32), 3, keep_small=True)
     assert wide.shape == (3, 8, 32)  # upscaled x2 to 120 x 32, the green middle kept
     assert (wide[1] > 250).all()

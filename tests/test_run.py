@@ -144,6 +144,15 @@ def test_info_describes_base_and_text_checkpoints(tmp_path, capsys):
     assert "batch 4 x 2 accumulated, lr 0.0001 (constant, warm-up 0 steps), EMA decay 0.9999" in out
 
 
+def test_info_into_a_closed_pipe_stops_quietly(tmp_path):
+    read, write = os.pipe()
+    os.close(read)  # the reader has gone before the first line, like `--info ckpt.pth | head -0`
+    r = subprocess.run([sys.executable, DDPM, "--info", FIXTURE], stdout=write,
+                       stderr=subprocess.PIPE, text=True, timeout=120)
+    os.close(write)
+    assert r.returncode == 1 and r.stderr == ""  # no BrokenPipeError traceback
+
+
 def test_an_export_samples_the_same_images_as_its_checkpoint_and_cannot_resume(tmp_path):
     pytest.importorskip("safetensors")
     out = tmp_path / "model.safetensors"
