@@ -145,7 +145,6 @@ def test_a_checkpoint_with_pickled_code_is_refused_without_running_it(tmp_path):
 
 
 def test_eval_fid_scores_samples_and_reuses_the_cached_training_features(trained):
-    pytest.importorskip("scipy")
     root, _ = trained
     args = ["--loadckpt", "ckpt-1.pth", "--eval-fid", "10", "--data-folders", "faces",
             "--batch-size", "5", "--save-dir", "eval", "--cache-dir", "cache", "--seed", "0"]

