@@ -15,7 +15,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
@@ -300,6 +299,8 @@ def psnr_ssim(images: Tensor, reference: Tensor) -> tuple[float, float]:
     """Mean PSNR (dB) and SSIM of uint8 (N, C, H, W) images against the reference (N, C, H, W),
     image by image over all channels (scikit-image's peak_signal_noise_ratio and
     structural_similarity: Gaussian-weighted 7 x 7 windows as Wang et al. 2004, data range 255)."""
+    # Imported here: scikit-image pulls scipy.stats, about 1 s of every start-up otherwise.
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
     assert images.shape == reference.shape and images.dtype == reference.dtype == torch.uint8
     psnr, ssim = [], []
     for a, b in zip(images.numpy(), reference.numpy()):
