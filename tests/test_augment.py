@@ -168,15 +168,29 @@ def test_the_copy_alarm_stays_quiet_for_fresh_draws_and_rings_for_copies():
     rng = np.random.default_rng(1)
     train = rng.normal(size=(500, 16))
     quiet = [evaluate.copy_score(rng.normal(size=(200, 16)), train)["share"] for _ in range(5)]
-    assert max(quiet) < evaluate.copy_alarm(200) < 1  # 5 fresh sets of 200: none rings
+    assert max(quiet) < evaluate.copy_alarm(200, 500) < 1  # 5 fresh sets of 200: none rings
     near = train[:200] + 0.05 * rng.normal(size=(200, 16))  # near-copies
-    assert evaluate.copy_score(near, train)["share"] > evaluate.copy_alarm(200)
-    assert evaluate.copy_alarm(1000) < evaluate.copy_alarm(200)  # more samples, a tighter alarm
+    assert evaluate.copy_score(near, train)["share"] > evaluate.copy_alarm(200, 500)
+    assert evaluate.copy_alarm(1000, 500) < evaluate.copy_alarm(200, 500)  # more samples: tighter
+    assert evaluate.copy_alarm(200, 50) > evaluate.copy_alarm(200, 5000)  # fewer training images
 
+
+def test_the_copy_rate_of_fresh_draws_spreads_as_the_alarm_assumes():
+    """Against n training points the rate of N fresh ones spreads by 0.5 sqrt(1/N + 1/n): the
+    median training distance is an estimate too. With n = 40 that is 1.8x the 0.5 / sqrt(N) of
+    the samples alone, which would put the alarm too low for small training sets."""
+    rng = np.random.default_rng(2)
+    N = 200
+    for n in (40, 400):
+        rates = [evaluate.copy_score(rng.normal(size=(N, 8)), rng.normal(size=(n, 8)))["share"]
+                 for _ in range(100)]
+        assert np.std(rates) == pytest.approx(0.5 * np.sqrt(1 / N + 1 / n), rel=0.2)
+        assert abs(np.mean(rates) - 0.5) < 0.03
+        assert np.mean(np.array(rates) > evaluate.copy_alarm(N, n)) <= 1 / 100
 
 
 def test_the_alarm_line_names_the_rate_the_level_and_what_to_do():
-    line = evaluate.copy_warning(1.0, 16, "out/nearest.png")
+    line = evaluate.copy_warning(1.0, 16, 1000, "out/nearest.png")
     assert line.startswith("warning: copy rate 100% is above 88%") and "\n" not in line
     assert "--augment" in line and "out/nearest.png" in line
-    assert evaluate.copy_warning(0.5, 16, "x") is None  # real images' rate: quiet
+    assert evaluate.copy_warning(0.5, 16, 1000, "x") is None  # real images' rate: quiet

@@ -231,7 +231,7 @@ def test_eval_every_adds_fid_to_the_metrics_and_keeps_the_best_checkpoint(traine
     assert r.returncode == 0, r.stderr
     record = json.loads(open(tmp_path / "metrics.jsonl").readlines()[-1])
     assert record["fid"] > 0 and "kid" in record and "kid_std" in record
-    assert 0 <= record["copy_rate"] <= 1 and record["copy_alarm"] == evaluate.copy_alarm(10)
+    assert 0 <= record["copy_rate"] <= 1 and record["copy_alarm"] == evaluate.copy_alarm(10, 12)
     assert png_size(tmp_path / "loss.png") == (600, 550)  # the copy rate under the loss
     best = torch.load(tmp_path / "best.pth", weights_only=True)
     assert best["best_fid"] == pytest.approx(record["fid"]) and best["epoch"] == 3
