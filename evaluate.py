@@ -273,7 +273,7 @@ def plot_curves(records: list[dict], path: str) -> None:
     import matplotlib.ticker
     matplotlib.use("Agg")  # files only, no window
     import matplotlib.pyplot as plt
-    fid = [(r["epoch"], r["fid"]) for r in records if r.get("fid") is not None]
+    fids = [(r["epoch"], r["fid"]) for r in records if r.get("fid") is not None]
     copy = [r for r in records if r.get("copy_rate") is not None]
     if copy:
         fig, (ax, low) = plt.subplots(2, 1, figsize=(6, 5.5), dpi=100, sharex=True,
@@ -290,9 +290,9 @@ def plot_curves(records: list[dict], path: str) -> None:
     ax.plot([r["epoch"] for r in records], [r["loss"] for r in records], "o-", label="loss")
     ax.set(xlabel="" if copy else "epoch", ylabel="mean training loss", yscale="log")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    if fid:
+    if fids:
         ax2 = ax.twinx()
-        ax2.plot(*zip(*fid), "s--", color="tab:red", label="FID")
+        ax2.plot(*zip(*fids), "s--", color="tab:red", label="FID")
         ax2.set_ylabel("FID", color="tab:red")
     fig.tight_layout()
     fig.savefig(path)
