@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from config import UserError, config_of, size_name, stored_config, validate
+from config import UserError, config_of, size_name, sr_target_name, stored_config, validate
 from data import atomic_write
 
 FORMAT = 2  # 1: before the redesign (model_config, diffusion_config, cond_config); still read
@@ -160,8 +160,7 @@ def describe(ckpt: dict, path: str) -> list[str]:
     attn = [size_name(c["img_size"] >> i if isinstance(c["img_size"], int)
                       else [s >> i for s in c["img_size"]])
             for i, on in enumerate(c["has_attn"]) if on]
-    sr = (f" from {c['super_res']} px, diffusing the "
-          + ("residual over bicubic" if c["sr_target"] == "residual" else "image itself")
+    sr = (f" from {c['super_res']} px, diffusing {sr_target_name(c['sr_target'])}"
           if c["super_res"] else "")
     lines = [f"{path}: {kind} ddpm.py model" + (" (exported weights: samples, cannot resume)"
                                                 if ckpt.get("exported") else ""),

@@ -379,6 +379,11 @@ def size_name(size) -> str:
     return "x".join(map(str, hw(size))) if not isinstance(size, int) else str(size)
 
 
+def sr_target_name(sr_target: str) -> str:
+    """What a super-resolution model diffuses, in words (--info and the start-up summary)."""
+    return {"residual": "the residual over bicubic", "image": "the image itself"}[sr_target]
+
+
 def sample_steps(a: argparse.Namespace) -> int:
     """The steps the chosen sampler takes: --sample-steps or the sampler's default (0: all T)."""
     return a.sample_steps or DEFAULT_STEPS[a.sampler]

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from config import UserError, size_name
+from config import UserError, size_name, sr_target_name
 from data import hw
 from superres import strip_cond
 
@@ -51,8 +51,7 @@ def summary(prog) -> None:
     kind = ("super-resolution" if a.super_res else "text-conditioned" if prog.vocab
             else "unconditional")
     size = f"{a.super_res} -> {a.img_size}" if a.super_res else size_name(a.img_size)
-    diffused = {"residual": " (diffusing the residual over bicubic)",
-                "image": " (diffusing the image itself)"}[a.sr_target] if a.super_res else ""
+    diffused = f" (diffusing {sr_target_name(a.sr_target)})" if a.super_res else ""
     params = sum(p.numel() for p in prog.model.parameters())
     prog.console.print(
         f"model: {kind}{diffused}, {params / 1e6:.2f} M parameters, {size} px, {a.img_channels} "
