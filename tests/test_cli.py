@@ -225,10 +225,17 @@ def test_eval_every_adds_fid_to_the_metrics_and_keeps_the_best_checkpoint(traine
     except evaluate.MissingNetwork as e:
         pytest.skip(str(e))
     root, _ = trained
+    held = tmp_path / "held"  # 7 other pictures: FID/KID against these, the copy rate against the 12
+    held.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(7):
+        Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(held / f"{i}.png")
     r = ddpm(root, "--train", "--data-folders", "faces", "--loadckpt", "ckpt/ckpt-1.pth",
              "--epochs", "1", "--batch-size", "8", "--eval-every", "1", "--eval-samples", "10",
-             "--cache-dir", "cache", "--ckpt-save-dir", str(tmp_path), "--save-dir", str(tmp_path))
+             "--eval-folders", str(held), "--cache-dir", "cache", "--ckpt-save-dir", str(tmp_path),
+             "--save-dir", str(tmp_path))
     assert r.returncode == 0, r.stderr
+    assert "vs 7 held-out images" in r.stdout
     record = json.loads(open(tmp_path / "metrics.jsonl").readlines()[-1])
     assert record["fid"] > 0 and "kid" in record and "kid_std" in record
     assert 0 <= record["copy_rate"] <= 1 and record["copy_alarm"] == evaluate.copy_alarm(10, 12)
