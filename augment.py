@@ -125,8 +125,32 @@ def augment(x: Tensor, p: float, n: int, share: slice) -> tuple[Tensor, Tensor]:
     labels = labels_of(d)[share]
     d = {k: v[share] if isinstance(v, Tensor) else v for k, v in d.items()}
     s = torch.exp2(d["w_scale"] * SCALE_STD)
-    a = torch.exp2(d["w_aniso"] * ANISO_STD)
-    x = warp(x, d["flip"], d["rot"], d["tx"], d["ty"], s * a, s / a)
+    aniso = torch.exp2(d["w_aniso"] * ANISO_STD)
+    x = warp(x, d["flip"], d["rot"], d["tx"], d["ty"], s * aniso, s / aniso)
     x = recolour(x, d["w_bright"] * BRIGHTNESS_STD, torch.exp2(d["w_contrast"] * CONTRAST_STD),
                  torch.exp2(d["w_sat"] * SATURATION_STD), d["hue"])
     return x, labels
+
+
+class Augmented:
+    """Any model kind (trainer.Plain's interface) trained on augmented images: the network is
+    also given the augmentation labels; samples are drawn with zero labels (the UNet's default),
+    that is from the un-augmented images."""
+
+    def __init__(self, inner, p: float):
+        self.inner, self.p = inner, p
+        self.name = inner.name
+
+    def unet_inputs(self) -> dict:
+        return {**self.inner.unet_inputs(), "augment_dim": AUGMENT_DIM}
+
+    def train_batch(self, x0: Tensor, tokens: Tensor | None, n: int, share: slice):
+        x0, labels = augment(x0, self.p, n, share)
+        target, cond = self.inner.train_batch(x0, tokens, n, share)
+        return target, {**cond, "augment_labels": labels}
+
+    def unconditional(self, n: int, device):
+        return self.inner.unconditional(n, device)
+
+    def preview(self, n: int, device):
+        return self.inner.preview(n, device)

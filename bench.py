@@ -1,6 +1,7 @@
 """bench.py: how fast ddpm.py trains and samples on one device, variant by variant, in one table.
 
-Everything runs through ddpm.Program (the code users run): img/s, ms/step, peak memory, model FLOPs
+Everything runs through ddpm.Program (the code users run; a step is Program.train_step, the one
+the training loop calls): img/s, ms/step, peak memory, model FLOPs
 per image (torch.utils.flop_counter), MFU against an assumed dense peak, sampling and data times.
 """
 import argparse
@@ -31,7 +32,7 @@ from ui import make_console
 
 SMALL = ["--img-size", "32", "--num-channels", "32", "--channel-multiples", "1", "2", "2",
          "--has-attn", "f", "t", "f", "--num-blocks", "1"]
-# The architecture of the reference-program comparison (issue #13: CPU step parity).
+# The architecture of the comparison with the reference program (our CPU step against theirs).
 PARITY = ["--img-size", "32", "--num-channels", "32", "--channel-multiples", "1", "2", "2",
           "--has-attn", "f", "t", "f", "--num-blocks", "2"]
 TOKENS = {"plain", "fp32", "bf16", "channels_last", "compile"}
@@ -117,12 +118,13 @@ def timed(device: torch.device, fn, n: int = 1) -> float:
 def flops_per_image(prog: ddpm.Program, x0: torch.Tensor) -> tuple[float, float]:
     """Model FLOPs per image (matmul, conv, attention): loss forward + backward, one UNet forward.
     Attention runs on the math backend here, so no fused kernel's recomputation is counted."""
+    nets = prog.trainer
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as train:
-        prog.diffusion(x0).backward()
-    prog.model.zero_grad(set_to_none=True)
+        nets.diffusion(x0).backward()
+    nets.model.zero_grad(set_to_none=True)
     t = torch.zeros(len(x0), dtype=torch.long, device=x0.device)
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fwd:
-        prog.model(x0, t)
+        nets.model(x0, t)
     return train.get_total_flops() / len(x0), fwd.get_total_flops() / len(x0)
 
 
@@ -141,33 +143,34 @@ def peak_tflops(device: torch.device, amp_dtype, override: float | None):
     return None, f"none known for {name} (give --peak-tflops)"
 
 
+def train_steps(prog: ddpm.Program, data: ImageDataset, steps: int, batch_size: int,
+                plain: bool = False) -> None:
+    """`steps` optimizer steps (Program.train_step, the training loop's step) on the first
+    steps x batch_size images, read by the device data path (plain: the per-image one)."""
+    ds = ImageDataset(data.images[:steps * batch_size], prog.device)
+    batches = ds.plain_batches if plain else ds.batches_with_tokens
+    for x0, tokens in batches(batch_size, prog.data_gen):
+        prog.train_step(x0, tokens)
+
+
 def run_variant(b, rest, tmp, data, toks: set[str], sample: bool, flops: float) -> dict:
     """Train (warm-up, then timed steps), then optionally sample, with one variant."""
     cuda = b.device.startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats(b.device)
     prog = build(b, rest, tmp)
+    nets = prog.trainer
     if "fp32" in toks:
-        prog.amp_dtype = None
+        nets.amp_dtype = None
     if "bf16" in toks:
-        prog.amp_dtype = torch.bfloat16
-    cl = "channels_last" in toks
-    if cl:
-        for m in (prog.model, prog.ema):
+        nets.amp_dtype = torch.bfloat16
+    if "channels_last" in toks:
+        for m in (nets.model, nets.ema):
             m.to(memory_format=torch.channels_last)  # in place: the optimizer keeps its params
-    if "compile" in toks:  # in place (nn.Module.compile): diffusion.model is prog.model
-        prog.model.compile()
-        prog.ema.compile()
-
-    # The real training loop (Program.train_loop), one epoch of exactly `steps` batches, without
-    # the end-of-epoch work (checkpoint, metrics, plot).
-    prog.args.data_path, prog.args.epochs = "plain" if "plain" in toks else "device", 1
-    prog.end_epoch = lambda *args: None
-
-    def loop(steps: int) -> None:
-        prog.data = ImageDataset(data.images[:steps * b.batch_size], prog.device)
-        prog.train_loop()
-
+    if "compile" in toks:  # in place (nn.Module.compile): diffusion.model is nets.model
+        nets.model.compile()
+        nets.ema.compile()
+    loop = lambda steps: train_steps(prog, data, steps, b.batch_size, "plain" in toks)  # noqa
     loop(b.warmup)
     secs = timed(prog.device, lambda: loop(b.steps)) / b.steps  # per step
     if cuda:
@@ -175,14 +178,14 @@ def run_variant(b, rest, tmp, data, toks: set[str], sample: bool, flops: float) 
     else:  # KiB on Linux; the whole process so far, not this variant alone
         mem = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB*"
     img_s = b.batch_size / secs
-    peak, peak_desc = peak_tflops(prog.device, prog.amp_dtype, b.peak_tflops)
+    peak, peak_desc = peak_tflops(prog.device, nets.amp_dtype, b.peak_tflops)
     row = {"img_s": img_s, "ms_step": 1e3 * secs, "peak_mem": mem, "peak_tflops": peak,
            "peak": peak_desc, "mfu": flops * img_s / (peak * 1e12) if peak else None}
-    if sample:  # the real sampling loop (Program.draw) with EMA weights on DDIM-spaced steps
+    if sample:  # the real sampling loop (Drawer.draw) with EMA weights on DDIM-spaced steps
         prog.args.sampler, prog.args.sample_steps = "ddim", 2
-        prog.draw(b.sample_batch)  # warm-up (and compilation)
+        prog.drawer.draw(b.sample_batch)  # warm-up (and compilation)
         prog.args.sample_steps = b.sample_steps
-        secs = timed(prog.device, lambda: prog.draw(b.sample_batch))
+        secs = timed(prog.device, lambda: prog.drawer.draw(b.sample_batch))
         row["sample_img_steps_s"] = b.sample_batch * b.sample_steps / secs
     del prog
     gc.collect()
@@ -200,7 +203,7 @@ def measure(b, rest, variants: dict[str, set[str]], console: Console) -> dict:
                f"CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads",
                "torch": torch.__version__, "config": config.config_of(prog.args),
                "batch_size": b.batch_size,
-               "params": sum(p.numel() for p in prog.model.parameters())}
+               "params": sum(p.numel() for p in prog.trainer.model.parameters())}
         t0 = time.perf_counter()
         data = prog.load_data()
         out["demo_images"], out["demo_set_s"] = len(data), time.perf_counter() - t0
@@ -245,7 +248,7 @@ def report(b, variants: dict[str, set[str]], out: dict, console: Console) -> Non
     console.print(f"FLOPs (matmul, conv, attention; torch.utils.flop_counter): {gf:.2f} GFLOP per "
                   f"training image (forward + backward), {out['fwd_flops'] / 1e9:.2f} per sampling "
                   f"step. MFU peak: {'; '.join(sorted({r['peak'] for r in rows.values()}))}")
-    console.print(f"sampling (Program.draw, EMA weights, batch {b.sample_batch}, {b.sample_steps} "
+    console.print(f"sampling (Drawer.draw, EMA weights, batch {b.sample_batch}, {b.sample_steps} "
                   f"DDIM-spaced steps timed): 64 samples x {c['timesteps']} DDPM steps ~ "
                   + ", ".join(f"{64 * c['timesteps'] / r['sample_img_steps_s']:.0f} s ({v})"
                               for v, r in rows.items() if "sample_img_steps_s" in r))
@@ -265,7 +268,7 @@ def report(b, variants: dict[str, set[str]], out: dict, console: Console) -> Non
 
 
 def vs_reference(b, rest: list[str], console: Console) -> None:
-    """Our training step (Program.train_loop: loss, backward, clip, Adam, EMA, NaN guard) against
+    """Our training step (Program.train_step: loss, backward, clip, Adam, EMA, NaN guard) against
     the reference program's (loss, backward, Adam) on the same batch size and architecture,
     alternating which goes first each round; medians of seconds per step."""
     folder, name = os.path.split(os.path.abspath(b.vs_reference))
@@ -280,13 +283,8 @@ def vs_reference(b, rest: list[str], console: Console) -> None:
                                                      a.num_blocks), a.timesteps, a.beta_min,
                                         a.beta_max).to(dev).train()
         ref_opt = torch.optim.Adam(ref.parameters(), a.lr)
-        images = prog.data.images
-        x0 = to_model(images[:b.batch_size]).to(dev)
-        prog.args.epochs, prog.end_epoch = 1, lambda *args: None
-
-        def ours(steps: int) -> None:
-            prog.data = ImageDataset(images[:steps * b.batch_size], dev)
-            prog.train_loop()
+        x0 = to_model(prog.data.images[:b.batch_size]).to(dev)
+        ours = lambda steps: train_steps(prog, prog.data, steps, b.batch_size)  # noqa: E731
 
         def theirs(steps: int) -> None:
             for _ in range(steps):
@@ -302,7 +300,7 @@ def vs_reference(b, rest: list[str], console: Console) -> None:
                 times[k].append(timed(dev, lambda: runs[k](b.steps)) / b.steps)
         med = {k: statistics.median(v) for k, v in times.items()}
         n = {k: sum(p.numel() for p in m.parameters())
-             for k, m in (("ours", prog.model), ("reference", ref))}
+             for k, m in (("ours", prog.trainer.model), ("reference", ref))}
     console.print(f"{' '.join(PARITY)} --batch-size {b.batch_size}, fp32, "
                   f"{torch.get_num_threads()} thread(s), {b.rounds} rounds of {b.steps} steps "
                   f"(order alternating)")

@@ -6,13 +6,14 @@ import glob
 import json
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 
 from config import UserError, config_of, size_name, sr_target_name, stored_config, validate
 from data import atomic_write
 
-FORMAT = 2  # 1: before the redesign (model_config, diffusion_config, cond_config); still read
+FORMAT = 2  # 1: three dicts (model_config, diffusion_config, cond_config); still read
 READABLE = (1, 2)
 ROTATION = 5  # ckpt-0.pth .. ckpt-4.pth, by epoch
 
@@ -54,36 +55,46 @@ def read(path: str, ckpt_dir: str) -> tuple[dict, str]:
     return ckpt, path
 
 
-def state(prog) -> dict:
-    """Everything a Program's checkpoint holds."""
-    cuda = prog.device.type == "cuda"
-    a = prog.args
+@dataclass
+class RunState:
+    """Where a training run stands, counting what is completed; saved in every checkpoint."""
+    epoch: int = 0
+    step: int = 0  # optimizer steps
+    images_seen: int = 0
+    best_fid: float = math.inf
+    schedule_steps: int = 0  # the learning-rate schedule's length in steps (0: not yet set)
+
+
+def state(a, run: RunState, weights: dict, vocab, data_gen: torch.Generator,
+          device: torch.device) -> dict:
+    """Everything a training checkpoint holds: the stored config, the recipe and length, the
+    vocabulary, weights (Trainer.state_dict: model, EMA, optimizer, timestep sampler), the
+    counters and the RNG states."""
     train = {"batch_size": a.batch_size, "grad_accum": a.grad_accum, "lr": a.lr,
              "lr_warmup": a.lr_warmup, "lr_schedule": a.lr_schedule, "hflip": a.hflip,
-             "schedule_steps": prog.schedule_steps, "ema_decay": a.ema_decay,
-             "images_seen": prog.images_seen}  # the recipe and length (--info, resume)
+             "schedule_steps": run.schedule_steps, "ema_decay": a.ema_decay,
+             "images_seen": run.images_seen}  # the recipe and length (--info, resume)
     return {"format": FORMAT, "config": config_of(a), "train": train,
-            "text": prog.vocab.state() if prog.vocab else None,
-            "model": prog.model.state_dict(), "ema": prog.ema.state_dict(),
-            "importance": prog.importance.state_dict() if prog.importance else None,
-            "optimizer": prog.optimizer.state_dict(), "epoch": prog.epoch, "step": prog.step,
-            "best_fid": prog.best_fid, "data_rng": prog.data_gen.get_state(),
+            "text": vocab.state() if vocab else None, **weights, "epoch": run.epoch,
+            "step": run.step, "best_fid": run.best_fid, "data_rng": data_gen.get_state(),
             "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state(prog.device) if cuda else None}
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
 
-def save(prog, epoch_index: int, name: str = "") -> str | None:
-    """Write ckpt-{epoch_index % 5}.pth (or `name`) into --ckpt-save-dir atomically -> its path.
-    A failed write (a full disk, no permission) is reported, leaves the older checkpoints
-    intact and returns None: training goes on. Only the first process writes."""
-    if not prog.main:
-        return None
-    path = os.path.join(prog.args.ckpt_save_dir, name or f"ckpt-{epoch_index % ROTATION}.pth")
+def rotation_name(epoch_index: int) -> str:
+    """The file of the checkpoint at the end of epoch epoch_index: ckpt-0.pth .. ckpt-4.pth."""
+    return f"ckpt-{epoch_index % ROTATION}.pth"
+
+
+def save(path: str, ckpt: dict, warn) -> str | None:
+    """Write ckpt to path atomically -> path. A failed write (a full disk, no permission) is
+    reported through warn, leaves the older checkpoints intact and returns None: training
+    goes on."""
     try:
-        atomic_write(path, lambda f: torch.save(state(prog), f))
+        atomic_write(path, lambda f: torch.save(ckpt, f))
     except OSError as e:
-        prog.console.print(f"warning: could not save {path}: {e.strerror or e}; the previous "
-                           f"checkpoints are intact and training goes on")
+        warn(f"warning: could not save {path}: {e.strerror or e}; the previous checkpoints are "
+             f"intact and training goes on")
         return None
     return path
 
@@ -91,36 +102,30 @@ def save(prog, epoch_index: int, name: str = "") -> str | None:
 RECIPE = ("lr_warmup", "lr_schedule", "hflip")  # training flags a resume goes on with
 
 
-def resume_recipe(a, ckpt: dict, typed: set[str]) -> int:
+def resume_recipe(a, ckpt: dict, typed: set[str]) -> None:
     """A resumed run goes on with its learning-rate warm-up and schedule and its flips, unless
-    typed again -> the schedule's length in steps (0: set at the start; --max-steps sets anew)."""
+    typed again."""
     train = ckpt.get("train", {})
     for k in RECIPE:
         if k in train and k not in typed:
             setattr(a, k, train[k])
-    return 0 if "max_steps" in typed else train.get("schedule_steps", 0)
 
 
-def restore(prog, ckpt: dict) -> None:
-    """Weights, EMA, optimizer and counters; for training also the RNG states. --lr applies on
-    resume (e.g. a lower one after a NaN stop)."""
+def run_state(ckpt: dict, typed: set[str]) -> RunState:
+    """The counters a checkpoint was saved at; a typed --max-steps sets the schedule anew."""
     train = ckpt.get("train", {})
-    prog.model.load_state_dict(ckpt["model"])
-    prog.ema.load_state_dict(ckpt.get("ema", ckpt["model"]))
-    if "optimizer" in ckpt:
-        prog.optimizer.load_state_dict(ckpt["optimizer"])
-    for group in prog.optimizer.param_groups:
-        group["lr"] = prog.args.lr
-    prog.epoch, prog.step = ckpt["epoch"], ckpt["step"]
-    prog.images_seen = train.get("images_seen", 0)
-    prog.best_fid = ckpt.get("best_fid", math.inf)
-    if prog.importance and ckpt.get("importance"):
-        prog.importance.load_state_dict(ckpt["importance"])
-    if prog.args.train:
-        prog.data_gen.set_state(ckpt["data_rng"])
-        torch.set_rng_state(ckpt["torch_rng"])
-        if prog.device.type == "cuda" and ckpt.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(ckpt["cuda_rng"], prog.device)
+    return RunState(epoch=ckpt["epoch"], step=ckpt["step"],
+                    images_seen=train.get("images_seen", 0),
+                    best_fid=ckpt.get("best_fid", math.inf),
+                    schedule_steps=0 if "max_steps" in typed else train.get("schedule_steps", 0))
+
+
+def restore_rng(ckpt: dict, data_gen: torch.Generator, device: torch.device) -> None:
+    """A resumed training run's random streams, so that it goes on as if never stopped."""
+    data_gen.set_state(ckpt["data_rng"])
+    torch.set_rng_state(ckpt["torch_rng"])
+    if device.type == "cuda" and ckpt.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
 
 
 def export(ckpt: dict, path: str) -> None:

@@ -86,14 +86,15 @@ def karras_timesteps(alpha_bars: Tensor, n: int, rho: float = 7.0) -> list[int]:
 # Sampler steps: x_t -> x_s (s < t) from the network's eps and x0 at x_t
 
 
-def ddim_step(eps: Tensor, x0: Tensor, ab_t: float, ab_s: float, eta: float, noise: Tensor) -> Tensor:
-    """x_t -> x_s, s < t (Song et al. 2021, Eq. 12), from the predicted eps and x0:
+def ddim_step(eps_hat: Tensor, x0: Tensor, ab_t: float, ab_s: float, eta: float,
+              noise: Tensor) -> Tensor:
+    """x_t -> x_s, s < t (Song et al. 2021, Eq. 12), from the predicted eps_hat and x0:
 
-    x_s = sqrt(ab_s) x0 + sqrt(1 - ab_s - sigma^2) eps + sigma z,
+    x_s = sqrt(ab_s) x0 + sqrt(1 - ab_s - sigma^2) eps_hat + sigma z,
     sigma = eta sqrt((1 - ab_s) / (1 - ab_t)) sqrt(1 - ab_t / ab_s); ab_s = 1 is the clean end.
     """
     sigma = eta * math.sqrt((1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s))
-    return math.sqrt(ab_s) * x0 + math.sqrt(max(1 - ab_s - sigma**2, 0.0)) * eps + sigma * noise
+    return math.sqrt(ab_s) * x0 + math.sqrt(max(1 - ab_s - sigma**2, 0.0)) * eps_hat + sigma * noise
 
 
 def heun_step(xt: Tensor, eps_t: Tensor, eps_s: Tensor, ab_t: float, ab_s: float) -> Tensor:
@@ -180,7 +181,7 @@ class GaussianDiffusion(nn.Module):
     predicts eps (Ho et al. 2020), v = sqrt(ab) eps - sqrt(1 - ab) x0 (Salimans & Ho 2022) or x0."""
 
     def __init__(self, model: nn.Module, timesteps: int = 1000, beta_min: float = 1e-4,
-                 beta_max: float = 0.02, *, schedule: str = "linear", prediction: str = "eps",
+                 beta_max: float = 0.02, *, prediction: str, schedule: str = "linear",
                  min_snr_gamma: float = 0.0, learn_sigma: bool = False):
         super().__init__()
         assert 0 < beta_min < beta_max < 1, "need 0 < beta_min < beta_max < 1"
@@ -219,12 +220,13 @@ class GaussianDiffusion(nn.Module):
         eps: x0 = (x_t - sqrt(1 - ab) eps) / sqrt(ab);  v: x0 = sqrt(ab) x_t - sqrt(1 - ab) v,
         eps = sqrt(1 - ab) x_t + sqrt(ab) v;  x0: eps = (x_t - sqrt(ab) x0) / sqrt(1 - ab).
         """
-        a, s, out = gather(self.sqrt_alpha_bars, t), gather(self.sqrt_one_minus_alpha_bars, t), out.float()
+        sqrt_ab, sqrt_1m_ab = gather(self.sqrt_alpha_bars, t), gather(self.sqrt_one_minus_alpha_bars, t)
+        out = out.float()
         if self.prediction == "eps":
-            return out, (xt - s * out) / a
+            return out, (xt - sqrt_1m_ab * out) / sqrt_ab
         if self.prediction == "x0":
-            return (xt - a * out) / s, out
-        return s * xt + a * out, a * xt - s * out
+            return (xt - sqrt_ab * out) / sqrt_1m_ab, out
+        return sqrt_1m_ab * xt + sqrt_ab * out, sqrt_ab * xt - sqrt_1m_ab * out
 
     def split(self, out: Tensor) -> tuple[Tensor, Tensor | None]:
         """Network output -> (the eps, v or x0 prediction (B, C, H, W), var_out or None)."""
@@ -239,17 +241,17 @@ class GaussianDiffusion(nn.Module):
         frac = (var_out + 1) / 2
         return frac * gather(self.log_betas, t) + (1 - frac) * gather(self.posterior_logvar, t)
 
-    def p_sample(self, xt: Tensor, t: Tensor, eps: Tensor, noise: Tensor | None = None,
+    def p_sample(self, xt: Tensor, t: Tensor, eps_hat: Tensor, noise: Tensor | None = None,
                  logvar: Tensor | None = None) -> Tensor:
-        """One ancestral step x_t -> x_{t-1} given the predicted eps (Algorithm 2, line 4):
+        """One ancestral step x_t -> x_{t-1} given the predicted noise eps_hat (Algorithm 2, line 4):
 
-        x_{t-1} = (x_t - beta_t / sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_t) + sigma_t z,
+        x_{t-1} = (x_t - beta_t / sqrt(1 - alpha_bar_t) eps_hat) / sqrt(alpha_t) + sigma_t z,
         with sigma_t^2 = beta~_t (the posterior variance, Sec. 3.2), which is 0 at t = 1 (index 0),
         or the learned exp(logvar) (no noise at index 0 either).
         """
         if noise is None:
             noise = torch.randn_like(xt)
-        mean = gather(self.recip_sqrt_alphas, t) * (xt - gather(self.eps_coef, t) * eps.float())
+        mean = gather(self.recip_sqrt_alphas, t) * (xt - gather(self.eps_coef, t) * eps_hat.float())
         if logvar is None:
             return mean + gather(self.posterior_std, t) * noise
         return mean + (t > 0).float()[:, None, None, None] * (0.5 * logvar).exp() * noise
@@ -266,7 +268,7 @@ class GaussianDiffusion(nn.Module):
         """Per image: ||target - net(sqrt(ab_t) x0 + sqrt(1 - ab_t) eps, t)||^2 -> (B,), t uniform
         (B,) and eps ~ N(0, I) unless given; target eps, v or x0, weighted by min(SNR, gamma) / SNR
         (/ (SNR + 1) for v, / 1 for x0) if gamma > 0 (min-SNR-gamma, Hang et al. 2023).
-        cond: the network's conditioning inputs (tokens=..., or lowres=..., aug=...)."""
+        cond: the network's conditioning inputs (tokens=..., or lowres=..., noise_level=...)."""
         if t is None:
             t = torch.randint(0, self.T, (x0.shape[0],), device=x0.device)  # (B,)
         if eps is None:
@@ -285,13 +287,14 @@ class GaussianDiffusion(nn.Module):
             mse = mse + self.vb_terms(x0, xt, t, eps_hat, var_out, eps) * self.T * 1e-3
         return mse
 
-    def vb_terms(self, x0: Tensor, xt: Tensor, t: Tensor, eps: Tensor, var_out: Tensor | None,
-                 true_eps: Tensor) -> Tensor:
+    def vb_terms(self, x0: Tensor, xt: Tensor, t: Tensor, eps_hat: Tensor,
+                 var_out: Tensor | None, eps: Tensor) -> Tensor:
         """L_{t-1} = KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t)) for index t > 0, and the decoder
-        L_0 = -log p(x0 | x_1) (discretised Gaussian) at index 0, in bits/dim -> (B,)."""
+        L_0 = -log p(x0 | x_1) (discretised Gaussian) at index 0, in bits/dim -> (B,).
+        eps_hat: the network's noise; eps: the true noise that made x_t from x0."""
         zeros = torch.zeros_like(xt)
-        mean = self.p_sample(xt, t, eps, noise=zeros)  # mu_theta(x_t, t)
-        true_mean = self.p_sample(xt, t, true_eps, noise=zeros)  # mu~(x_t, x0), Eq. 7
+        mean = self.p_sample(xt, t, eps_hat, noise=zeros)  # mu_theta(x_t, t)
+        true_mean = self.p_sample(xt, t, eps, noise=zeros)  # mu~(x_t, x0), Eq. 7
         true_lv = gather(self.posterior_logvar, t).expand_as(xt)
         lv = true_lv if var_out is None else self.model_logvar(t, var_out)
         nats = torch.where((t == 0)[:, None, None, None],
@@ -316,11 +319,11 @@ class GaussianDiffusion(nn.Module):
         terms = torch.zeros(len(x0), self.T, device=x0.device)  # (B, T) bits/dim
         for t in track(range(self.T - 1, -1, -1)):
             tt = torch.full((len(x0),), t, device=x0.device, dtype=torch.long)
-            true_eps = torch.randn_like(x0)
-            xt = self.q_sample(x0, tt, true_eps)
+            eps = torch.randn_like(x0)
+            xt = self.q_sample(x0, tt, eps)
             out, var_out = self.split(model(xt, tt, **(cond or {})))
-            eps, _ = self.eps_and_x0(xt, tt, out)
-            terms[:, t] = self.vb_terms(x0, xt, tt, eps, var_out, true_eps)
+            eps_hat, _ = self.eps_and_x0(xt, tt, out)
+            terms[:, t] = self.vb_terms(x0, xt, tt, eps_hat, var_out, eps)
         return {"total": (prior + terms.sum(1)).mean().item(), "prior": prior.mean().item(),
                 "decoder": terms[:, 0].mean().item(), "kl_terms": terms[:, 1:].sum(1).mean().item()}
 
@@ -348,16 +351,16 @@ class GaussianDiffusion(nn.Module):
 
     def denoise(self, model: nn.Module, x: Tensor, t: Tensor, cond: dict | None, guidance: float,
                 clip_x0: bool) -> tuple[Tensor, Tensor, Tensor | None]:
-        """The network's view of x_t: (eps, x0_hat, var_out or None), each (B, C, H, W).
+        """The network's view of x_t: (eps_hat, x0_hat, var_out or None), each (B, C, H, W).
 
-        clip_x0 clips x0_hat to the data range [-1, 1] and re-derives eps from it
-        (eps = (x_t - sqrt(ab) x0) / sqrt(1 - ab)), as Ho et al.'s and Nichol & Dhariwal's code do."""
+        clip_x0 clips x0_hat to the data range [-1, 1] and re-derives eps_hat from it
+        (eps_hat = (x_t - sqrt(ab) x0_hat) / sqrt(1 - ab)), as Ho et al.'s and Nichol & Dhariwal's code do."""
         out, var_out = self.split(self.guided(model, x, t, cond, guidance))
-        eps, x0 = self.eps_and_x0(x, t, out)
+        eps_hat, x0 = self.eps_and_x0(x, t, out)
         if clip_x0:
             x0 = x0.clamp(-1.0, 1.0)
-            eps = (x - gather(self.sqrt_alpha_bars, t) * x0) / gather(self.sqrt_one_minus_alpha_bars, t)
-        return eps, x0, var_out
+            eps_hat = (x - gather(self.sqrt_alpha_bars, t) * x0) / gather(self.sqrt_one_minus_alpha_bars, t)
+        return eps_hat, x0, var_out
 
     def timesteps(self, sampler: str, steps: int = 0, spacing: str = "uniform",
                   start: int | None = None) -> list[int]:
@@ -388,23 +391,23 @@ class GaussianDiffusion(nn.Module):
         every = max(1, len(ts) // strips) if strips else 0
         x, frames, x0_prev, h_prev = x_T, [x_T], None, None
         for i, t in enumerate(track(ts)):
-            # The network's eps and x0 at x_t; ab_s of the next timestep (1 after the last).
+            # The network's eps_hat and x0 at x_t; ab_s of the next timestep (1 after the last).
             tt = torch.full((len(x),), t, device=x.device, dtype=torch.long)
-            eps, x0, var_out = self.denoise(model, x, tt, cond, guidance, clip_x0)
+            eps_hat, x0, var_out = self.denoise(model, x, tt, cond, guidance, clip_x0)
             ab_t = self.ab64[t].item()
             ab_s = self.ab64[ts[i + 1]].item() if i + 1 < len(ts) else 1.0
             # One step of the chosen sampler.
             if sampler == "ddpm":
                 logvar = None if var_out is None else self.model_logvar(tt, var_out)
-                x = self.p_sample(x, tt, eps, logvar=logvar)
+                x = self.p_sample(x, tt, eps_hat, logvar=logvar)
             elif sampler == "ddim":
-                x = ddim_step(eps, x0, ab_t, ab_s, eta, torch.randn_like(x))
+                x = ddim_step(eps_hat, x0, ab_t, ab_s, eta, torch.randn_like(x))
             elif sampler == "heun":  # Euler (DDIM, eta 0), then the correction but to sigma = 0
-                x_s = ddim_step(eps, x0, ab_t, ab_s, 0.0, torch.zeros_like(x))
+                x_s = ddim_step(eps_hat, x0, ab_t, ab_s, 0.0, torch.zeros_like(x))
                 if ab_s < 1.0:
                     t_s = torch.full_like(tt, ts[i + 1])
                     eps_s, _, _ = self.denoise(model, x_s, t_s, cond, guidance, clip_x0)
-                    x_s = heun_step(x, eps, eps_s, ab_t, ab_s)
+                    x_s = heun_step(x, eps_hat, eps_s, ab_t, ab_s)
                 x = x_s
             else:
                 x, h_prev = dpm_solver_step(x, x0, x0_prev, ab_t, ab_s, h_prev)
@@ -433,12 +436,12 @@ class GaussianDiffusion(nn.Module):
             ab_s = self.ab64[ts[i + 1]].item() if i + 1 < len(ts) else 1.0
             for r in range(resample):
                 # The sampler's step for the unknown region.
-                eps, x0, var_out = self.denoise(model, x, tt, cond, guidance, clip_x0)
+                eps_hat, x0, var_out = self.denoise(model, x, tt, cond, guidance, clip_x0)
                 if sampler == "ddpm":
                     logvar = None if var_out is None else self.model_logvar(tt, var_out)
-                    x_s = self.p_sample(x, tt, eps, logvar=logvar)
+                    x_s = self.p_sample(x, tt, eps_hat, logvar=logvar)
                 else:
-                    x_s = ddim_step(eps, x0, ab_t, ab_s, eta, torch.randn_like(x))
+                    x_s = ddim_step(eps_hat, x0, ab_t, ab_s, eta, torch.randn_like(x))
                 # The known region noised to s (the image itself at the clean end), pasted in.
                 noised = math.sqrt(ab_s) * known + math.sqrt(1 - ab_s) * torch.randn_like(x)
                 x_s = keep * noised + (1 - keep) * x_s
@@ -453,16 +456,16 @@ class GaussianDiffusion(nn.Module):
                cond: dict | None = None, track=iter) -> Tensor:
         """DDIM inversion (Song et al. 2021, Sec. 4.3): the deterministic DDIM ODE run from the
         data up to x_T on `steps` uniform timesteps, each step x_t -> x_u (u > t) as
-        x_u = sqrt(ab_u) x0_hat + sqrt(1 - ab_u) eps with eps, x0_hat of the network at (x_t, t)
+        x_u = sqrt(ab_u) x0_hat + sqrt(1 - ab_u) eps_hat with eps_hat, x0_hat of the network at (x_t, t)
         (at the clean start, at the first timestep). DDIM with eta = 0 maps x_T back."""
         model = self.model if model is None else model
         ts = self.timesteps("ddim", steps)[::-1]  # increasing
         x, t_eval = x0, ts[0]
         for t in track(ts):
             tt = torch.full((len(x),), t_eval, device=x.device, dtype=torch.long)
-            eps, x0_hat, _ = self.denoise(model, x, tt, cond, 1.0, clip_x0=False)
+            eps_hat, x0_hat, _ = self.denoise(model, x, tt, cond, 1.0, clip_x0=False)
             ab_u = self.ab64[t].item()
-            x = math.sqrt(ab_u) * x0_hat + math.sqrt(1 - ab_u) * eps
+            x = math.sqrt(ab_u) * x0_hat + math.sqrt(1 - ab_u) * eps_hat
             t_eval = t
         return x
 

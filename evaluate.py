@@ -448,57 +448,59 @@ def validation_accuracy(clf: TagClassifier, images: Tensor, labels: dict[str, Te
 
 
 # ----------------------------------------------------------------------------------------------
-# Measuring a ddpm.py Program's model (--eval-fid, --eval-every, --eval-bpd)
+# Measuring a run's model through its drawing.Drawer (--eval-fid, --eval-every, --eval-bpd)
 
 
-def sample_quality(prog, n: int) -> dict:
+def sample_quality(drawer, n: int) -> dict:
     """FID and KID of n samples against the --eval-folders (default: the --data-folders), the
     copy rate against the training images (with its alarm), and nearest.png of 8 samples."""
-    a = prog.args
-    net = InceptionFeatures(prog.device)
+    a = drawer.args
+    net = InceptionFeatures(drawer.device)
     feats_of = lambda folders: reference_features(folders, a.img_size, a.img_channels, net,
-                                                  a.cache_dir, prog.console)
+                                                  a.cache_dir, drawer.console)
     train, train_paths = feats_of(a.data_folders)
     ref = feats_of(a.eval_folders)[0] if a.eval_folders else train
-    samples = prog.draw_many(n, "samples")
+    samples = drawer.draw_many(n, "samples")
     feats = extract(samples, net, a.batch_size, progress="sample features")
     result = score(feats, ref)
     copy = nearest_report(os.path.join(a.save_dir, "nearest.png"), samples[:8], feats, train,
                           train_paths, a.img_size, a.img_channels)
     result.update(copy_rate=copy["share"], copy_alarm=copy_alarm(n, copy["train_count"]))
     which = "held-out" if a.eval_folders else "training"
-    prog.console.print(
+    drawer.console.print(
         f"FID {result['fid']:.2f}, KID {result['kid'] * 1e3:.2f} ± "
-        f"{result['kid_std'] * 1e3:.2f} (x 1e-3): {n} samples ({prog.sampler_name}, "
-        f"{prog.weights_name} weights) vs {len(ref)} {which} images; copy rate "
+        f"{result['kid_std'] * 1e3:.2f} (x 1e-3): {n} samples ({drawer.sampler_name}, "
+        f"{drawer.weights_name} weights) vs {len(ref)} {which} images; copy rate "
         f"{copy['share']:.0%}: the samples closer to a training image than the median training "
         f"image is to its nearest neighbour ({copy['train_median']:.2f})")
     warning = copy_warning(copy["share"], n, copy["train_count"],
                            os.path.join(a.save_dir, "nearest.png"))
     if warning:
-        prog.console.print(warning)
+        drawer.console.print(warning)
     return result
 
 
 @torch.inference_mode()
-def likelihood(prog, n: int) -> dict:
-    """Bits/dim of the variational bound on the first n training images, batch by batch."""
-    a, model = prog.args, prog.sampling_model()
-    x = data.to_model(prog.load_data().images[:n])
+def likelihood(drawer, images: Tensor, n: int) -> dict:
+    """Bits/dim of the variational bound on the first n of the training images (uint8
+    (N, C, H, W), on any device), batch by batch."""
+    a, model = drawer.args, drawer.sampling_model()
+    x = images[:n]
     model.eval()
     sums = {}
-    with prog.progress() as progress:
+    with drawer.progress() as progress:
         for i in range(0, len(x), a.batch_size):
             desc = f"bound of images {i}..{min(i + a.batch_size, len(x)) - 1}"
-            track = lambda ts: progress.track(ts, total=prog.diffusion.T, description=desc)
-            batch = x[i:i + a.batch_size]
-            parts = prog.diffusion.bits_per_dim(batch, model, track, prog.unconditional(len(batch)))
+            track = lambda ts: progress.track(ts, total=drawer.diffusion.T, description=desc)
+            batch = data.to_model(x[i:i + a.batch_size].to(drawer.device))
+            cond = drawer.kind.unconditional(len(batch), drawer.device)
+            parts = drawer.diffusion.bits_per_dim(batch, model, track, cond)
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v * len(batch)
     r = {k: v / len(x) for k, v in sums.items()}
-    prog.console.print(f"bits/dim {r['total']:.3f} on {len(x)} training images "
-                       f"({prog.weights_name} weights): prior L_T {r['prior']:.2e}, KL terms "
-                       f"{r['kl_terms']:.3f}, decoder L_0 {r['decoder']:.3f}")
+    drawer.console.print(f"bits/dim {r['total']:.3f} on {len(x)} training images "
+                         f"({drawer.weights_name} weights): prior L_T {r['prior']:.2e}, KL "
+                         f"terms {r['kl_terms']:.3f}, decoder L_0 {r['decoder']:.3f}")
     return r
 
 

@@ -15,99 +15,94 @@ from torch import Tensor
 
 from config import UserError, size_name, sr_target_name
 from data import hw
-from superres import strip_cond
 
 PROGRESS_SAMPLER = ("ddim", 25)  # deterministic (eta 0): grids of one model are identical
 
 
-def save_reverse_strip(prog, frames: list[Tensor], name: str, rows: int = 8) -> None:
+def save_reverse_strip(drawer, frames: list[Tensor], name: str, rows: int = 8) -> None:
     """Rows = samples, columns = x_T, ..., x_0 of the reverse chain."""
     strip = torch.stack([f[:rows].float() for f in frames], dim=1)  # (rows, cols, C, H, W)
-    prog.save_grid(strip.flatten(0, 1), name, nrow=len(frames))
+    drawer.save_grid(strip.flatten(0, 1), name, nrow=len(frames))
 
 
-def save_forward_strip(prog, images: Tensor, name: str = "forward-steps.png") -> None:
+def save_forward_strip(drawer, images: Tensor, name: str = "forward-steps.png") -> None:
     """Rows = real images, columns = x_t at t = 0, T/10 - 1, ..., T - 1 (same eps per row)."""
-    T = prog.diffusion.T
+    T, dev = drawer.diffusion.T, drawer.device
     ts = sorted({0, *(k * T // 10 - 1 for k in range(1, 11))} - {-1})
-    x0 = images.to(prog.device)  # (R, C, H, W) in [-1, 1]
+    x0 = images.to(dev)  # (R, C, H, W) in [-1, 1]
     eps = torch.randn_like(x0)
-    cols = [prog.diffusion.q_sample(x0, torch.full((len(x0),), t, device=prog.device), eps)
-            for t in ts]
-    prog.save_grid(torch.stack(cols, dim=1).flatten(0, 1), name, nrow=len(ts))
+    cols = [drawer.diffusion.q_sample(x0, torch.full((len(x0),), t, device=dev), eps) for t in ts]
+    drawer.save_grid(torch.stack(cols, dim=1).flatten(0, 1), name, nrow=len(ts))
 
 
-def strip(prog, name: str) -> None:
+def strip(drawer, name: str) -> None:
     """run-before.png / run-after.png: the reverse chain of 8 samples, on a side RNG."""
-    with prog.side_rng():
-        cond = strip_cond(prog, 8) if prog.args.super_res else None
-        save_reverse_strip(prog, prog.draw(8, name, cond)[1], f"{name}.png")
+    with drawer.side_rng():
+        cond, base = drawer.kind.preview(8, drawer.device)
+        save_reverse_strip(drawer, drawer.draw(8, name, cond, base=base)[1], f"{name}.png")
 
 
-def summary(prog) -> None:
+def summary(drawer, params: int, n_images: int, amp_dtype, world: int, write: bool) -> None:
     """What this run is, in a few true lines (after the checkpoint's config is applied), and
-    the whole resolved config as config.json beside the outputs."""
-    a = prog.args
-    kind = ("super-resolution" if a.super_res else "text-conditioned" if prog.vocab
-            else "unconditional")
+    (write) the whole resolved config as config.json beside the outputs. params: the UNet's
+    parameter count; n_images: the training set's size."""
+    a = drawer.args
     size = f"{a.super_res} -> {a.img_size}" if a.super_res else size_name(a.img_size)
     diffused = f" (diffusing {sr_target_name(a.sr_target)})" if a.super_res else ""
-    params = sum(p.numel() for p in prog.model.parameters())
-    prog.console.print(
-        f"model: {kind}{diffused}, {params / 1e6:.2f} M parameters, {size} px, {a.img_channels} "
-        f"channel(s), T = {a.timesteps} ({a.schedule}, predicts {a.prediction}"
+    say = drawer.console.print
+    say(f"model: {drawer.kind.name}{diffused}, {params / 1e6:.2f} M parameters, {size} px, "
+        f"{a.img_channels} channel(s), T = {a.timesteps} ({a.schedule}, predicts {a.prediction}"
         f"{', learned variance' if a.learn_sigma else ''})")
     precision = {None: "fp32", torch.bfloat16: "bf16 autocast",
-                 torch.float16: "fp16 autocast"}[prog.amp_dtype]
-    world = f" x {prog.world} processes" if prog.world > 1 else ""
+                 torch.float16: "fp16 autocast"}[amp_dtype]
+    processes = f" x {world} processes" if world > 1 else ""
     if a.train:
         accum = f" x {a.grad_accum} accumulated" if a.grad_accum > 1 else ""
         until = f" or {a.max_steps} steps in all" if a.max_steps else ""
         augmented = f" (augmented, p {a.augment})" if a.augment else ""
-        what = (f"training on {len(prog.data)} images{augmented}, batch {a.batch_size}{accum}, "
+        what = (f"training on {n_images} images{augmented}, batch {a.batch_size}{accum}, "
                 f"{a.epochs} epoch(s){until}, lr {a.lr} ({a.lr_schedule}, warm-up {a.lr_warmup}); "
                 f"checkpoints in {a.ckpt_save_dir}/")
-        if prog.world > 1:
-            prog.console.print(f"distributed: {prog.world} processes, global batch "
-                               f"{a.batch_size} = {a.batch_size // prog.world} per process")
+        if world > 1:
+            say(f"distributed: {world} processes, global batch {a.batch_size} = "
+                f"{a.batch_size // world} per process")
     else:
-        what = f"sampling with {prog.sampler_name}, {prog.weights_name} weights"
-    prog.console.print(f"{what}; {prog.device.type}{world}, {precision}; "
-                       f"outputs in {a.save_dir}/ (config.json: every setting)")
-    if prog.main:
+        what = f"sampling with {drawer.sampler_name}, {drawer.weights_name} weights"
+    say(f"{what}; {drawer.device.type}{processes}, {precision}; outputs in {a.save_dir}/ "
+        f"(config.json: every setting)")
+    if write:
         with open(os.path.join(a.save_dir, "config.json"), "w") as f:
             json.dump(vars(a), f, indent=1)
     deterministic = a.sampler in ("dpm++", "heun") or (a.sampler == "ddim" and a.eta == 0)
     if not a.train and a.prediction == "eps" and not a.super_res and deterministic:
-        prog.console.print(f"warning: {a.loadckpt} predicts eps; with --sampler {a.sampler} "
-                           f"(deterministic) some seeds can come out as noise. Use --sampler ddpm "
-                           f"or --eta 1, or train with --prediction v (the default)")
-    ab_T = prog.diffusion.alpha_bars[-1].item()
+        say(f"warning: {a.loadckpt} predicts eps; with --sampler {a.sampler} (deterministic) "
+            f"some seeds can come out as noise. Use --sampler ddpm or --eta 1, or train with "
+            f"--prediction v (the default)")
+    ab_T = drawer.diffusion.alpha_bars[-1].item()
     if ab_T > 1e-3:
-        prog.console.print(f"warning: alpha_bar_T = {ab_T:.3g}, so x_T is not pure noise and "
-                           f"samples will be off; raise --beta-max (about 0.02 * 1000 / T)")
+        say(f"warning: alpha_bar_T = {ab_T:.3g}, so x_T is not pure noise and samples will be "
+            f"off; raise --beta-max (about 0.02 * 1000 / T)")
 
 
 class ProgressGrids:
     """The same n noise images x_T, drawn with the EMA weights at each call: a row of n samples
     saved as progress/step-<step>.png, and progress.png with every row so far, oldest on top."""
 
-    def __init__(self, prog, n: int = 8, seed: int = 0):
-        a = prog.args
+    def __init__(self, a, n: int = 8, seed: int = 0):
         g = torch.Generator().manual_seed(seed)  # its own generator: fixed whatever the run does
         self.x_T = torch.randn(n, a.img_channels, *hw(a.img_size), generator=g)
         self.folder = os.path.join(a.save_dir, "progress")
         os.makedirs(self.folder, exist_ok=True)
 
-    def draw(self, prog) -> np.ndarray:
-        """Draw the grid for prog.step -> its uint8 (H, W, C) row as saved."""
-        with prog.side_rng():
-            cond = strip_cond(prog, len(self.x_T)) if prog.args.super_res else None
-            x0, _ = prog.draw(len(self.x_T), f"progress grid at step {prog.step}", cond,
-                              x_T=self.x_T.to(prog.device), sampler=PROGRESS_SAMPLER)
-        path = os.path.join(self.folder, f"step-{prog.step}.png")
-        prog.save_grid(x0, os.path.relpath(path, prog.args.save_dir), nrow=len(x0))
-        self.compose(os.path.join(prog.args.save_dir, "progress.png"))
+    def draw(self, drawer, step: int) -> np.ndarray:
+        """Draw the grid of optimizer step `step` -> its uint8 (H, W, C) row as saved."""
+        with drawer.side_rng():
+            cond, base = drawer.kind.preview(len(self.x_T), drawer.device)
+            x0, _ = drawer.draw(len(self.x_T), f"progress grid at step {step}", cond, base=base,
+                                x_T=self.x_T.to(drawer.device), sampler=PROGRESS_SAMPLER)
+        path = os.path.join(self.folder, f"step-{step}.png")
+        drawer.save_grid(x0, os.path.relpath(path, drawer.args.save_dir), nrow=len(x0))
+        self.compose(os.path.join(drawer.args.save_dir, "progress.png"))
         with Image.open(path) as im:
             return np.asarray(im)
 
@@ -145,20 +140,11 @@ class TensorBoard:
         self.writer.close()
 
 
-def log_step(prog, progress, tasks, loss: float, lr: float, img_s: float) -> None:
+def log_step(progress, tasks, tensorboard, step: int, loss: float, lr: float,
+             img_s: float) -> None:
     """The figures of a training step on the progress bars (and to TensorBoard)."""
     info = f"loss {loss:.4f}  lr {lr:.2g}  {img_s:.0f} img/s"
     for task in tasks:
         progress.update(task, info=info)
-    if prog.tensorboard:
-        prog.tensorboard.scalars(prog.step, loss=loss, lr=lr, img_per_s=img_s)
-
-
-def progress_grid(prog) -> np.ndarray:
-    """--sample-every: the fixed-noise grid of this step (ProgressGrids) -> its uint8 (H, W, C)
-    picture."""
-    prog.grids = prog.grids or ProgressGrids(prog)
-    row = prog.grids.draw(prog)
-    if prog.tensorboard:
-        prog.tensorboard.image(prog.step, "progress", row)
-    return row
+    if tensorboard:
+        tensorboard.scalars(step, loss=loss, lr=lr, img_per_s=img_s)

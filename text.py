@@ -65,6 +65,22 @@ def read_captions(paths: list[str], folders: list[str], source: str) -> list[str
     return out
 
 
+def caption_tokens(paths: list[str], folders: list[str], source: str, vocab: "Vocab | None",
+                   say=print) -> tuple[Tensor, "Vocab"]:
+    """--captions source: each image's caption as tokens (N, L) (words the vocabulary lacks are
+    dropped), and the vocabulary: vocab (a resumed run's), or built from these captions."""
+    captions = read_captions(paths, folders, source)
+    have = sum(map(bool, captions))
+    if not have:
+        where = "a .txt beside it or a captions.csv row" if source == "files" else "no sub-folders"
+        raise CaptionError(f"--captions {source}: none of the {len(paths)} images has a caption "
+                           f"({where})")
+    vocab = vocab or Vocab.build([c for c in captions if c])
+    say(f"captions: {have} of {len(paths)} images have one ({source}); vocabulary of "
+        f"{len(vocab) - 2} words, up to {vocab.max_len} per caption")
+    return vocab.encode_all(captions), vocab
+
+
 class Vocab:
     """Words <-> token ids; ids 0 and 1 are <pad> and <empty>, words follow in sorted order."""
 
@@ -144,3 +160,27 @@ class TextEncoder(nn.Module):
         h = self.norm(self.encoder(h, src_key_padding_mask=~keep))
         pooled = (h * keep[..., None]).sum(1) / keep.sum(1, keepdim=True)  # (B, dim)
         return h, keep, pooled
+
+
+class Captioned:
+    """A text-conditioned model (the kind interface: trainer.Plain). It trains on each image's
+    caption tokens, replaced by the empty caption with probability cond_drop (classifier-free
+    guidance); unprompted samples are drawn from the empty caption."""
+
+    name = "text-conditioned"
+
+    def __init__(self, vocab: Vocab, cond_drop: float):
+        self.vocab, self.cond_drop = vocab, cond_drop
+
+    def unet_inputs(self) -> dict:
+        return {"vocab_size": len(self.vocab), "text_len": self.vocab.max_len}
+
+    def train_batch(self, x0: Tensor, tokens: Tensor, n: int, share: slice):
+        u = torch.rand(n, device=x0.device)[share]  # (B,)
+        return x0, {"tokens": drop_captions(tokens, self.cond_drop, u)}
+
+    def unconditional(self, n: int, device) -> dict:
+        return {"tokens": self.vocab.empty(n, device)}
+
+    def preview(self, n: int, device) -> tuple[dict, None]:
+        return self.unconditional(n, device), None

@@ -1,4 +1,5 @@
-"""The noise-prediction UNet eps_theta(x_t, t) of DDPM (Ho et al. 2020, Appendix B).
+"""The UNet of DDPM (Ho et al. 2020, Appendix B): from x_t and t it predicts eps, v or x0
+(diffusion.py reads its output as the --prediction says).
 
 A PixelCNN++-style UNet: sinusoidal time embedding -> MLP, residual blocks with the time embedding
 added, self-attention at chosen resolutions and in the middle, strided-conv down-sampling, nearest +
@@ -158,8 +159,9 @@ class Upsample(nn.Module):
 
 
 class UNet(nn.Module):
-    """eps_theta(x_t, t): (B, C, H, W), (B,) -> (B, C, H, W), C = img_channels (2C outputs with
-    learn_sigma: the prediction, then the variance interpolation v).
+    """net(x_t, t): (B, C, H, W), (B,) -> (B, C, H, W), C = img_channels: the prediction of eps,
+    v or x0 (2C outputs with learn_sigma: the prediction, then var_out, the interpolation
+    between log beta_t and log beta~_t).
 
     Level i runs at resolution H / 2^i with width num_channels * channel_multiples[i] and
     self-attention where has_attn[i]; H and W must be divisible by 2^(levels - 1).
@@ -189,7 +191,7 @@ class UNet(nn.Module):
             self.text = TextEncoder(vocab_size, text_len, ctx_dim)
             self.text_proj = nn.Linear(ctx_dim, t_dim)
         self.lowres_channels = lowres_channels
-        if lowres_channels:  # the low-res image's noise-augmentation level, embedded like t
+        if lowres_channels:  # the low-res input's noise level, embedded like t (name: its keys)
             self.aug_mlp = nn.Sequential(
                 nn.Linear(num_channels, t_dim), nn.SiLU(), nn.Linear(t_dim, t_dim))
         self.conv_in = nn.Conv2d(img_channels + lowres_channels, num_channels, 3, padding=1)
@@ -224,11 +226,11 @@ class UNet(nn.Module):
         nn.init.zeros_(self.conv_out.bias)
 
     def forward(self, x: Tensor, t: Tensor, tokens: Tensor | None = None,
-                lowres: Tensor | None = None, aug: Tensor | None = None,
+                lowres: Tensor | None = None, noise_level: Tensor | None = None,
                 augment_labels: Tensor | None = None) -> Tensor:
         """x: (B, C, H, W) in about [-1, 1], t: (B,) int64 in 0..T-1 -> (B, C or 2C, H, W).
         Text model: tokens (B, text_len) int64. SR model: lowres (B, C, H, W) (the low-res image
-        upsampled to H x W, noise-augmented) and aug (B,) float, its noise level in [0, 1].
+        upsampled to H x W, noise-augmented) and noise_level (B,) float, that noise's std.
         Augmenting model: augment_labels (B, augment_dim); None (sampling) means zeros."""
         assert x.ndim == 4 and t.shape == (x.shape[0],), "x: (B, C, H, W), t: (B,)"
         f = 2 ** (self.levels - 1)
@@ -246,9 +248,10 @@ class UNet(nn.Module):
             feats, keep, pooled = self.text(tokens)  # (B, L, D), (B, L), (B, D)
             ctx, temb = (feats, keep), temb + self.text_proj(pooled)
         if self.lowres_channels:
-            assert lowres is not None and aug is not None, "a super-resolution UNet needs lowres, aug"
+            assert lowres is not None and noise_level is not None, \
+                "a super-resolution UNet needs lowres and noise_level"
             x = torch.cat([x, lowres.to(x.dtype)], dim=1)  # (B, 2C, H, W)
-            temb = temb + self.aug_mlp(timestep_embedding(aug * 1000, self.num_channels))
+            temb = temb + self.aug_mlp(timestep_embedding(noise_level * 1000, self.num_channels))
         h = self.conv_in(x)
         skips = [h]
         for layer in self.down:

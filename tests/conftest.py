@@ -10,3 +10,82 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"
     import torch
     torch.set_num_threads(1)
+
+
+# -- Helpers shared by the test modules, as fixtures (session-wide: they hold no state) ---------
+import subprocess  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+DDPM = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ddpm.py")
+
+
+@pytest.fixture(scope="session")
+def run_ddpm():
+    """run_ddpm(cwd, *args): `python ddpm.py *args` in cwd -> the CompletedProcess (text)."""
+    def run(cwd, *args):
+        return subprocess.run([sys.executable, DDPM, *args], cwd=cwd, capture_output=True,
+                              text=True, timeout=300)
+    return run
+
+
+@pytest.fixture(scope="session")
+def tiny_flags():
+    """The flags of a tiny 16 px model (two levels, T = 20, batch 8)."""
+    return ["--img-size", "16", "--num-channels", "8", "--channel-multiples", "1", "2",
+            "--has-attn", "f", "t", "--num-blocks", "1", "--timesteps", "20", "--beta-min",
+            "0.005", "--beta-max", "0.5", "--batch-size", "8"]
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """tiny(folder, *extra): the flags of a training run of a tiny 8 px model on 32 demo faces
+    (seed 7) with its checkpoints in folder/ckpt and pictures in folder/out."""
+    def flags(folder, *extra):
+        return ["--train", "--demo", "--demo-images", "32", "--img-size", "8", "--num-channels",
+                "8", "--channel-multiples", "1", "--has-attn", "t", "--timesteps", "10",
+                "--beta-max", "0.5", "--batch-size", "8", "--seed", "7", "--ckpt-save-dir",
+                str(folder / "ckpt"), "--save-dir", str(folder / "out"), *extra]
+    return flags
+
+
+@pytest.fixture(scope="session")
+def png_size():
+    """png_size(path) -> (width, height) of a picture."""
+    def size(path):
+        with Image.open(path) as im:
+            return im.size
+    return size
+
+
+@pytest.fixture(scope="session")
+def write_images():
+    """write_images(folder, names, h=20, w=24, seed=0, nested=False): random RGB pictures.
+    names: file names, or a count n (000.png, 001.png, ...; with nested, spread over
+    sub-folders two levels deep)."""
+    def write(folder, names, h=20, w=24, seed=0, nested=False):
+        rng = np.random.default_rng(seed)
+        names = [f"{i:03d}.png" for i in range(names)] if isinstance(names, int) else names
+        for i, name in enumerate(names):
+            sub = folder / ["", "b", "a", os.path.join("a", "deep")][i % 4] if nested else folder
+            sub.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(sub / name)
+    return write
+
+
+@pytest.fixture(scope="session")
+def make_diffusion():
+    """make_diffusion(T=1000, model=None, schedule="linear", prediction="eps", beta_max=None):
+    a GaussianDiffusion around model (default: a tiny 1-channel UNet), beta_T = 0.02 scaled
+    to T (at most 0.5) unless given."""
+    from diffusion import GaussianDiffusion
+    from unet import UNet
+
+    def make(T=1000, model=None, schedule="linear", prediction="eps", beta_max=None):
+        model = model or UNet(1, 8, (1, 2), (False, False), 1)
+        beta_max = min(0.02 * 1000 / T, 0.5) if beta_max is None else beta_max
+        return GaussianDiffusion(model, T, 1e-4, beta_max, schedule=schedule,
+                                 prediction=prediction)
+    return make

@@ -13,7 +13,6 @@ from augment import AUGMENT_DIM, recolour, warp
 from config import parse_args
 from data import ImageDataset, demo_faces
 from ddpm import Program, main
-from test_faults import tiny
 from unet import UNet
 
 
@@ -112,26 +111,27 @@ def test_the_label_embedding_exists_only_with_augmentation_and_zero_labels_add_n
     assert not torch.allclose(aug(x, t, augment_labels=torch.ones(2, AUGMENT_DIM)), base)
 
 
-def test_augmentation_labels_are_zero_when_sampling_and_not_when_training(tmp_path):
+def test_augmentation_labels_are_zero_when_sampling_and_not_when_training(tiny, tmp_path):
     p = Program(*parse_args(tiny(tmp_path, "--epochs", "1", "--augment", "0.5")))
     seen = {"train": [], "sample": []}
     hook = lambda key: lambda module, inputs, out: seen[key].append(inputs[0].clone())
-    p.model.augment_embed.register_forward_hook(hook("train"))
-    p.ema.augment_embed.register_forward_hook(hook("sample"))
+    p.trainer.model.augment_embed.register_forward_hook(hook("train"))
+    p.trainer.ema.augment_embed.register_forward_hook(hook("sample"))
     p.run()  # 4 steps; the strips and the progress grid sample with the EMA weights
     assert len(seen["train"]) == 4 and any(labels.any() for labels in seen["train"])
     assert len(seen["sample"]) >= 20 and not any(labels.any() for labels in seen["sample"])
 
 
-def test_augment_zero_trains_on_exactly_the_batches_of_the_data_and_has_no_embedding(tmp_path):
+def test_augment_zero_trains_on_exactly_the_batches_of_the_data_and_has_no_embedding(
+        tiny, tmp_path):
     batches = {}
     for P in ("0", "0.5"):
         p = Program(*parse_args(tiny(tmp_path / P, "--epochs", "2", "--augment", P)))
-        seen, losses = [], p.diffusion.losses
-        p.diffusion.losses = lambda x0, *rest: seen.append(x0.clone()) or losses(x0, *rest)
+        seen, losses = [], p.trainer.diffusion.losses
+        p.trainer.diffusion.losses = lambda x0, *rest: seen.append(x0.clone()) or losses(x0, *rest)
         p.run()
         batches[P] = torch.cat(seen)
-        assert hasattr(p.model, "augment_embed") == (P != "0")
+        assert hasattr(p.trainer.model, "augment_embed") == (P != "0")
     data = ImageDataset(demo_faces(32, 8, 3, seed=0), torch.device("cpu"))
     gen = torch.Generator().manual_seed(7)  # --seed 7 (tiny), as the Program's data generator
     today = torch.cat([x for _ in range(2) for x in data.batches(8, gen)])
@@ -139,7 +139,8 @@ def test_augment_zero_trains_on_exactly_the_batches_of_the_data_and_has_no_embed
     assert batches["0.5"].shape == today.shape and not torch.equal(batches["0.5"], today)
 
 
-def test_augment_is_stored_a_positive_value_may_change_on_resume_and_old_configs_mean_off(tmp_path):
+def test_augment_is_stored_a_positive_value_may_change_on_resume_and_old_configs_mean_off(
+        tiny, tmp_path):
     assert main(tiny(tmp_path, "--epochs", "1", "--augment", "0.5")) == 0
     ckpt = torch.load(tmp_path / "ckpt" / "ckpt-0.pth", weights_only=True)
     assert ckpt["config"]["augment"] == 0.5 and "augment_embed.weight" in ckpt["ema"]
@@ -155,10 +156,10 @@ def test_augment_is_stored_a_positive_value_may_change_on_resume_and_old_configs
     torch.save(ckpt, tmp_path / "older.pth")
     old = Program(*parse_args(["--loadckpt", str(tmp_path / "older.pth"), "--save-dir",
                                str(tmp_path / "o")]))
-    assert old.args.augment == 0 and not hasattr(old.ema, "augment_embed")
+    assert old.args.augment == 0 and not hasattr(old.trainer.ema, "augment_embed")
 
 
-def test_augment_outside_zero_to_one_is_a_one_line_error(tmp_path, capsys):
+def test_augment_outside_zero_to_one_is_a_one_line_error(tiny, tmp_path, capsys):
     assert main(tiny(tmp_path, "--augment", "1.5")) == 2
     err = capsys.readouterr().err
     assert err == "error: --augment is a probability in [0, 1], got 1.5\n"

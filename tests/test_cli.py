@@ -12,23 +12,10 @@ from PIL import Image
 from ddpm import main
 
 DDPM = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ddpm.py")
-TINY = ["--img-size", "16", "--num-channels", "8", "--channel-multiples", "1", "2",
-        "--has-attn", "f", "t", "--num-blocks", "1", "--timesteps", "20", "--beta-min", "0.005",
-        "--beta-max", "0.5", "--batch-size", "8"]
-
-
-def ddpm(cwd, *args):
-    return subprocess.run([sys.executable, DDPM, *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300)
-
-
-def png_size(path):
-    with Image.open(path) as im:
-        return im.size
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(run_ddpm, tiny_flags, tmp_path_factory):
     """A folder of 12 tiny pictures and a 2-epoch tiny model trained on it (in ckpt/, output/)."""
     root = tmp_path_factory.mktemp("run")
     rng = np.random.default_rng(0)
@@ -36,12 +23,13 @@ def trained(tmp_path_factory):
     for i in range(12):
         arr = rng.integers(0, 256, (20 + i, 24, 3), dtype=np.uint8)
         Image.fromarray(arr).save(root / "faces" / f"{i}.png")
-    r = ddpm(root, "--train", "--data-folders", "faces", "--epochs", "2", "--seed", "0", *TINY)
+    r = run_ddpm(root, "--train", "--data-folders", "faces", "--epochs", "2", "--seed", "0",
+                 *tiny_flags)
     assert r.returncode == 0, r.stderr
     return root, r
 
 
-def test_training_writes_checkpoints_and_pictures_of_the_right_size(trained):
+def test_training_writes_checkpoints_and_pictures_of_the_right_size(png_size, trained):
     root, r = trained
     assert "epoch 0: mean loss" in r.stdout and "epoch 1: mean loss" in r.stdout
     assert sorted(os.listdir(root / "ckpt")) == ["ckpt-0.pth", "ckpt-1.pth"]
@@ -68,9 +56,10 @@ def test_checkpoint_describes_itself_and_loads_without_code(trained):
     assert set(ckpt) >= {"model", "ema", "optimizer", "epoch", "step", "data_rng"}
 
 
-def test_sampling_from_the_checkpoint_alone_writes_64_images_and_the_strip(trained):
+def test_sampling_from_the_checkpoint_alone_writes_64_images_and_the_strip(
+        run_ddpm, png_size, trained):
     root, _ = trained
-    r = ddpm(root, "--loadckpt", "ckpt-1.pth", "--seed", "1")  # bare name: found in ckpt/
+    r = run_ddpm(root, "--loadckpt", "ckpt-1.pth", "--seed", "1")  # bare name: found in ckpt/
     assert r.returncode == 0, r.stderr
     out = root / "output"
     for i in range(64):
@@ -81,16 +70,16 @@ def test_sampling_from_the_checkpoint_alone_writes_64_images_and_the_strip(train
     assert first.std() > 1  # not a blank picture
 
     # The same seed gives the same samples; another seed gives others.
-    assert ddpm(root, "--loadckpt", "ckpt-1.pth", "--seed", "1").returncode == 0
+    assert run_ddpm(root, "--loadckpt", "ckpt-1.pth", "--seed", "1").returncode == 0
     assert np.array_equal(np.asarray(Image.open(out / "ddpm-all.png")), first)
-    assert ddpm(root, "--loadckpt", "ckpt-1.pth", "--seed", "2").returncode == 0
+    assert run_ddpm(root, "--loadckpt", "ckpt-1.pth", "--seed", "2").returncode == 0
     assert not np.array_equal(np.asarray(Image.open(out / "ddpm-all.png")), first)
 
 
-def test_resume_continues_the_epoch_count(trained):
+def test_resume_continues_the_epoch_count(run_ddpm, trained):
     root, _ = trained
-    r = ddpm(root, "--train", "--data-folders", "faces", "--loadckpt", "ckpt/ckpt-1.pth",
-             "--epochs", "1", "--batch-size", "8", "--save-dir", "out2")
+    r = run_ddpm(root, "--train", "--data-folders", "faces", "--loadckpt", "ckpt/ckpt-1.pth",
+                 "--epochs", "1", "--batch-size", "8", "--save-dir", "out2")
     assert r.returncode == 0, r.stderr
     assert "epoch 2: mean loss" in r.stdout
     resumed = torch.load(root / "ckpt" / "ckpt-2.pth", weights_only=True)
@@ -100,16 +89,16 @@ def test_resume_continues_the_epoch_count(trained):
     adam_steps = [s["step"].item() for s in resumed["optimizer"]["state"].values()]
     assert set(adam_steps) == {6.0}  # Adam's own count went on from 4, not from 0
     assert resumed["optimizer"]["param_groups"][0]["lr"] == 1e-4
-    r = ddpm(root, "--train", "--data-folders", "faces", "--loadckpt", "ckpt/ckpt-2.pth",
-             "--epochs", "1", "--batch-size", "8", "--save-dir", "out2", "--lr", "3e-5")
+    r = run_ddpm(root, "--train", "--data-folders", "faces", "--loadckpt", "ckpt/ckpt-2.pth",
+                 "--epochs", "1", "--batch-size", "8", "--save-dir", "out2", "--lr", "3e-5")
     assert r.returncode == 0, r.stderr
     lowered = torch.load(root / "ckpt" / "ckpt-3.pth", weights_only=True)
     assert lowered["optimizer"]["param_groups"][0]["lr"] == 3e-5  # a new --lr takes effect
 
 
-def test_a_flag_that_contradicts_the_checkpoint_is_a_one_line_error(trained):
+def test_a_flag_that_contradicts_the_checkpoint_is_a_one_line_error(run_ddpm, trained):
     root, _ = trained
-    r = ddpm(root, "--loadckpt", "ckpt-1.pth", "--num-channels", "32")
+    r = run_ddpm(root, "--loadckpt", "ckpt-1.pth", "--num-channels", "32")
     assert r.returncode == 2
     assert r.stderr.strip() == "error: --num-channels 32 contradicts the checkpoint (8); drop the flag"
 
@@ -131,7 +120,7 @@ def test_bad_input_is_a_one_line_error_with_exit_code_2(tmp_path, monkeypatch, c
     assert message in err and len(err.strip().splitlines()) == 1
 
 
-def test_a_checkpoint_with_pickled_code_is_refused_without_running_it(tmp_path):
+def test_a_checkpoint_with_pickled_code_is_refused_without_running_it(run_ddpm, tmp_path):
     marker = tmp_path / "pwned"
 
     class Evil:
@@ -139,16 +128,17 @@ def test_a_checkpoint_with_pickled_code_is_refused_without_running_it(tmp_path):
             return (open, (str(marker), "w"))
 
     torch.save({"format": 1, "payload": Evil()}, tmp_path / "evil.pth")
-    r = ddpm(tmp_path, "--loadckpt", "evil.pth")
+    r = run_ddpm(tmp_path, "--loadckpt", "evil.pth")
     assert r.returncode == 2 and "cannot read checkpoint" in r.stderr
     assert not marker.exists()
 
 
-def test_eval_fid_scores_samples_and_reuses_the_cached_training_features(trained):
+def test_eval_fid_scores_samples_and_reuses_the_cached_training_features(
+        run_ddpm, png_size, trained):
     root, _ = trained
     args = ["--loadckpt", "ckpt-1.pth", "--eval-fid", "10", "--data-folders", "faces",
             "--batch-size", "5", "--save-dir", "eval", "--cache-dir", "cache", "--seed", "0"]
-    first = ddpm(root, *args)
+    first = run_ddpm(root, *args)
     if "not installed" in first.stderr:
         pytest.skip(first.stderr)
     assert first.returncode == 0, first.stderr
@@ -158,7 +148,7 @@ def test_eval_fid_scores_samples_and_reuses_the_cached_training_features(trained
     # nearest.png: 8 rows of 16-px tiles; each sample, a gap, then its 3 nearest training images.
     w, h = png_size(root / "eval" / "nearest.png")
     assert h == 8 * 18 + 2 and w == 18 + 2 + 4 + 3 * 18 + 2
-    second = ddpm(root, *args)
+    second = run_ddpm(root, *args)
     assert second.returncode == 0 and "cached features" not in second.stdout
     assert float(second.stdout.split("FID ")[1].split(",")[0]) == pytest.approx(fid, rel=1e-6)
     assert len([f for f in os.listdir(root / "cache") if f.startswith("ref-")]) == 1
@@ -218,7 +208,8 @@ def test_bad_flags_files_and_checkpoints_are_one_line_errors(tmp_path, monkeypat
     assert message in err and len(err.strip().splitlines()) == 1
 
 
-def test_eval_every_adds_fid_to_the_metrics_and_keeps_the_best_checkpoint(trained, tmp_path):
+def test_eval_every_adds_fid_to_the_metrics_and_keeps_the_best_checkpoint(
+        run_ddpm, png_size, trained, tmp_path):
     evaluate = pytest.importorskip("evaluate")
     try:
         evaluate.inception_path()
@@ -230,10 +221,10 @@ def test_eval_every_adds_fid_to_the_metrics_and_keeps_the_best_checkpoint(traine
     rng = np.random.default_rng(1)
     for i in range(7):
         Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(held / f"{i}.png")
-    r = ddpm(root, "--train", "--data-folders", "faces", "--loadckpt", "ckpt/ckpt-1.pth",
-             "--epochs", "1", "--batch-size", "8", "--eval-every", "1", "--eval-samples", "10",
-             "--eval-folders", str(held), "--cache-dir", "cache", "--ckpt-save-dir", str(tmp_path),
-             "--save-dir", str(tmp_path))
+    r = run_ddpm(root, "--train", "--data-folders", "faces", "--loadckpt", "ckpt/ckpt-1.pth",
+                 "--epochs", "1", "--batch-size", "8", "--eval-every", "1", "--eval-samples", "10",
+                 "--eval-folders", str(held), "--cache-dir", "cache", "--ckpt-save-dir",
+                 str(tmp_path), "--save-dir", str(tmp_path))
     assert r.returncode == 0, r.stderr
     assert "vs 7 held-out images" in r.stdout
     record = json.loads(open(tmp_path / "metrics.jsonl").readlines()[-1])
@@ -244,10 +235,10 @@ def test_eval_every_adds_fid_to_the_metrics_and_keeps_the_best_checkpoint(traine
     assert best["best_fid"] == pytest.approx(record["fid"]) and best["epoch"] == 3
 
 
-def test_eval_bpd_prints_the_bound_in_bits_per_dim(trained):
+def test_eval_bpd_prints_the_bound_in_bits_per_dim(run_ddpm, trained):
     root, _ = trained
-    r = ddpm(root, "--loadckpt", "ckpt-1.pth", "--eval-bpd", "5", "--data-folders", "faces",
-             "--batch-size", "4", "--save-dir", "bpd")
+    r = run_ddpm(root, "--loadckpt", "ckpt-1.pth", "--eval-bpd", "5", "--data-folders", "faces",
+                 "--batch-size", "4", "--save-dir", "bpd")
     assert r.returncode == 0, r.stderr
     line = r.stdout[r.stdout.index("bits/dim"):].replace("\n", " ")
     total = float(line.split()[1])
@@ -289,9 +280,9 @@ def test_output_lines_are_never_wrapped_when_stdout_is_not_a_terminal(tmp_path):
     assert f"wrote 2 samples to {out}/ddpm-*.png, ddpm-all.png and reverse-steps.png" in r.stdout
 
 
-def test_the_start_up_summary_tells_the_checkpoints_model_not_the_flag_defaults(tmp_path):
-    r = ddpm(tmp_path, "--loadckpt", FIXTURE, "--sampler", "ddim", "--sample-steps", "2",
-             "--batch-size", "2")
+def test_the_start_up_summary_tells_the_checkpoints_model_not_the_flag_defaults(run_ddpm, tmp_path):
+    r = run_ddpm(tmp_path, "--loadckpt", FIXTURE, "--sampler", "ddim", "--sample-steps", "2",
+                 "--batch-size", "2")
     assert r.returncode == 0, r.stderr
     first = r.stdout.splitlines()[:3]
     assert first[0].startswith(f"loaded {FIXTURE} (epoch 1, step 2)")
@@ -305,12 +296,13 @@ def test_the_start_up_summary_tells_the_checkpoints_model_not_the_flag_defaults(
     assert written["sampler"] == "ddim" and written["loadckpt"] == FIXTURE
 
 
-def test_heun_with_karras_spacing_samples_from_the_cli_and_says_its_network_calls(tmp_path):
-    r = ddpm(tmp_path, "--loadckpt", FIXTURE, "--sampler", "heun", "--sample-steps", "4",
-             "--spacing", "karras", "--batch-size", "4", "--seed", "0")
+def test_heun_with_karras_spacing_samples_from_the_cli_and_says_its_network_calls(
+        run_ddpm, tmp_path):
+    r = run_ddpm(tmp_path, "--loadckpt", FIXTURE, "--sampler", "heun", "--sample-steps", "4",
+                 "--spacing", "karras", "--batch-size", "4", "--seed", "0")
     assert r.returncode == 0, r.stderr
     assert "sampling with heun, 4 karras-spaced steps (7 network calls), EMA weights" in r.stdout
     grid = np.asarray(Image.open(tmp_path / "output" / "ddpm-all.png"))
     assert grid.shape == (2 * 9 + 1, 2 * 9 + 1, 3) and grid.std() > 1
-    r = ddpm(tmp_path, "--loadckpt", FIXTURE, "--spacing", "karras")  # ddpm takes all T steps
+    r = run_ddpm(tmp_path, "--loadckpt", FIXTURE, "--spacing", "karras")  # ddpm takes all T steps
     assert r.returncode == 2 and "always takes all T steps" in r.stderr

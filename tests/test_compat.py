@@ -31,7 +31,7 @@ def test_the_old_checkpoint_alone_rebuilds_the_model_and_its_vocabulary(tmp_path
     prog = Program(args, typed)
     assert prog.args.img_size == 8 and prog.vocab.itos[2:] == old["text"]["words"]
     for k, v in old["ema"].items():  # every weight loaded strictly, none left at its init
-        assert torch.equal(prog.ema.state_dict()[k], v), k
+        assert torch.equal(prog.trainer.ema.state_dict()[k], v), k
     written = json.load(open(tmp_path / "config.json"))
     assert written["img_size"] == 8 and written["captions"] == "files"
 

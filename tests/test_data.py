@@ -97,7 +97,8 @@ def test_demo_faces_are_deterministic_and_varied():
     assert demo_faces(2, 16, channels=1).shape == (2, 1, 16, 16)
 
 
-def test_the_decoded_set_is_cached_bit_for_bit_and_rebuilt_when_a_file_changes(tmp_path, monkeypatch):
+def test_the_decoded_set_is_cached_bit_for_bit_and_rebuilt_when_a_file_changes(
+        tmp_path, monkeypatch):
     import data
     make_mixed_folder(tmp_path / "imgs")
     folder, cache = [str(tmp_path / "imgs")], str(tmp_path / "cache")

@@ -15,15 +15,6 @@ from data import DataError, ImageDataset, MappedImages, load_folders
 from ddpm import Program, main
 
 
-def write_images(folder, n, h, w, seed=0, nested=False):
-    """n random RGB PNGs of h x w; with nested, spread over sub-folders two levels deep."""
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        sub = folder / ["", "b", "a", os.path.join("a", "deep")][i % 4] if nested else folder
-        sub.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(sub / f"{i:03d}.png")
-
-
 def zip_folder(folder, path):
     with zipfile.ZipFile(path, "w") as z:
         for root, _, files in os.walk(folder):
@@ -32,19 +23,19 @@ def zip_folder(folder, path):
                 z.write(full, os.path.relpath(full, folder))
 
 
-def tiny(tmp_path, name, *extra):
+def folder_flags(tmp_path, name, *extra):
     return ["--train", "--img-size", "8", "--num-channels", "8", "--channel-multiples", "1",
             "--has-attn", "f", "--timesteps", "10", "--beta-max", "0.5", "--batch-size", "8",
             "--seed", "5", "--sample-every", "0", "--cache-dir", str(tmp_path / "cache"),
             "--ckpt-save-dir", str(tmp_path / name), "--save-dir", str(tmp_path / name), *extra]
 
 
-def test_the_disk_path_gives_the_batches_and_weights_of_the_memory_path(tmp_path):
+def test_the_disk_path_gives_the_batches_and_weights_of_the_memory_path(write_images, tmp_path):
     write_images(tmp_path / "imgs", 28, 10, 12)
     args = ["--data-folders", str(tmp_path / "imgs"), "--epochs", "2"]
     progs = {}
     for on in ("memory", "disk"):
-        progs[on] = Program(*parse_args(tiny(tmp_path, on, *args, "--data-on", on)))
+        progs[on] = Program(*parse_args(folder_flags(tmp_path, on, *args, "--data-on", on)))
         progs[on].run()
     assert progs["disk"].data.mapped is not None and progs["memory"].data.mapped is None
     a, b = (torch.load(tmp_path / on / "ckpt-1.pth", weights_only=True) for on in ("memory", "disk"))
@@ -73,12 +64,14 @@ def mapping_rss(path):
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux's /proc")
-def test_a_set_over_the_memory_budget_trains_from_disk_keeping_under_the_budget(tmp_path):
+def test_a_set_over_the_memory_budget_trains_from_disk_keeping_under_the_budget(
+        write_images, tmp_path):
     write_images(tmp_path / "imgs", 500, 32, 32)  # 500 x 3 KiB = 1.5 MiB decoded
     budget = 1.0  # MiB
-    prog = Program(*parse_args(tiny(tmp_path, "run", "--data-folders", str(tmp_path / "imgs"),
-                                    "--img-size", "32", "--data-memory", str(budget),
-                                    "--batch-size", "4", "--max-steps", "3")))
+    prog = Program(*parse_args(folder_flags(tmp_path, "run", "--data-folders",
+                                            str(tmp_path / "imgs"),
+                                            "--img-size", "32", "--data-memory", str(budget),
+                                            "--batch-size", "4", "--max-steps", "3")))
     prog.run()  # trains through the disk path
     ds = prog.data
     assert ds.mapped is not None and ds.resident == budget * 2**20
@@ -94,7 +87,7 @@ def test_a_set_over_the_memory_budget_trains_from_disk_keeping_under_the_budget(
     assert peak > budget * 2**20
 
 
-def test_decoding_into_the_cache_never_holds_the_whole_set(tmp_path):
+def test_decoding_into_the_cache_never_holds_the_whole_set(write_images, tmp_path):
     write_images(tmp_path / "imgs", 2000, 24, 24)  # 2000 x 1,728 B = 3.3 MiB decoded
     folder, size = [str(tmp_path / "imgs")], 2000 * 3 * 24 * 24
     peaks = {}
@@ -122,12 +115,8 @@ def test_non_square_images_cover_the_size_and_are_centre_cropped(tmp_path):
         data.load_image(str(tmp_path / "tall.png"), (8, 32), 3)
 
 
-def png_size(path):
-    with Image.open(path) as im:
-        return im.size
-
-
-def test_a_16x32_model_trains_samples_and_draws_strips_and_fid(tmp_path, monkeypatch):
+def test_a_16x32_model_trains_samples_and_draws_strips_and_fid(
+        png_size, write_images, tmp_path, monkeypatch):
     write_images(tmp_path / "imgs", 12, 20, 40)
     monkeypatch.chdir(tmp_path)
     flags = ["--img-size", "16", "32", "--channel-multiples", "1", "2", "--has-attn", "f", "t",
@@ -152,12 +141,12 @@ def test_a_16x32_model_trains_samples_and_draws_strips_and_fid(tmp_path, monkeyp
     prog = Program(*parse_args(["--loadckpt", "ckpt/ckpt-0.pth", "--batch-size", "6",
                                 "--sampler", "ddim", "--sample-steps", "2", "--data-folders",
                                 "imgs", "--save-dir", "fid"]))
-    result = evaluate.sample_quality(prog, 6)
+    result = evaluate.sample_quality(prog.drawer, 6)
     assert np.isfinite(result["fid"]) and result["fid"] > 0
     assert png_size("fid/nearest.png")[1] == 6 * 18 + 2  # 6 rows of 16-px tiles
 
 
-def test_a_zip_and_the_same_folder_give_the_same_cache(tmp_path):
+def test_a_zip_and_the_same_folder_give_the_same_cache(write_images, tmp_path):
     write_images(tmp_path / "imgs", 20, 12, 12, nested=True)
     (tmp_path / "imgs" / "notes.txt").write_text("not an image")
     zip_folder(tmp_path / "imgs", tmp_path / "imgs.zip")
@@ -178,7 +167,8 @@ def test_a_zip_and_the_same_folder_give_the_same_cache(tmp_path):
 @pytest.mark.parametrize("kind,message", [
     ("garbage", "is not a readable zip file"), ("truncated", "is not a readable zip file"),
     ("no-images", "no image files"), ("memory-on-demo", "the disk path reads the decode cache")])
-def test_a_damaged_or_empty_zip_is_a_one_line_error(tmp_path, monkeypatch, capsys, kind, message):
+def test_a_damaged_or_empty_zip_is_a_one_line_error(write_images, tmp_path, monkeypatch, capsys,
+                                                    kind, message):
     write_images(tmp_path / "imgs", 4, 8, 8)
     zip_folder(tmp_path / "imgs", tmp_path / "good.zip")
     (tmp_path / "garbage.zip").write_bytes(b"PK\x03\x04 this is not a zip file at all")
@@ -194,7 +184,7 @@ def test_a_damaged_or_empty_zip_is_a_one_line_error(tmp_path, monkeypatch, capsy
     assert message in err and len(err.strip().splitlines()) == 1
 
 
-def test_a_damaged_member_of_a_zip_is_skipped_with_a_warning(tmp_path):
+def test_a_damaged_member_of_a_zip_is_skipped_with_a_warning(write_images, tmp_path):
     write_images(tmp_path / "imgs", 3, 8, 8)
     zip_folder(tmp_path / "imgs", tmp_path / "a.zip")
     with zipfile.ZipFile(tmp_path / "a.zip", "a") as z:

@@ -8,11 +8,6 @@ from diffusion import GaussianDiffusion, linear_betas
 from unet import UNet
 
 
-def make_diffusion(T=1000, model=None):
-    model = model or UNet(1, 8, (1, 2), (False, False), 1)
-    return GaussianDiffusion(model, T, 1e-4, min(0.02 * 1000 / T, 0.5))
-
-
 def test_linear_betas_run_evenly_from_beta_1_to_beta_T():
     b = linear_betas(7, 0.1, 0.4)
     assert b.dtype == torch.float64 and b.shape == (7,)
@@ -21,7 +16,7 @@ def test_linear_betas_run_evenly_from_beta_1_to_beta_T():
 
 
 @pytest.mark.parametrize("T", [10, 1000])
-def test_alpha_bars_strictly_decrease_inside_the_unit_interval(T):
+def test_alpha_bars_strictly_decrease_inside_the_unit_interval(make_diffusion, T):
     ab = make_diffusion(T).alpha_bars
     assert (ab > 0).all() and (ab < 1).all()
     assert (ab.diff() < 0).all()
@@ -29,22 +24,22 @@ def test_alpha_bars_strictly_decrease_inside_the_unit_interval(T):
 
 def test_betas_outside_0_1_are_refused():
     with pytest.raises(AssertionError, match="0 < beta_min < beta_max < 1"):
-        GaussianDiffusion(torch.nn.Identity(), 10, 1e-4, 2.0)
+        GaussianDiffusion(torch.nn.Identity(), 10, 1e-4, 2.0, prediction="eps")
 
 
-def test_alpha_bar_T_is_near_zero_for_the_standard_schedule():
+def test_alpha_bar_T_is_near_zero_for_the_standard_schedule(make_diffusion):
     # The prior p(x_T) = N(0, I) only holds if alpha_bar_T ~ 0 (Ho et al.: L_T ~ 1e-5 bits/dim).
     assert make_diffusion(1000).alpha_bars[-1].item() < 1e-4
 
 
-def test_posterior_variance_lies_in_zero_beta_and_vanishes_at_the_last_step():
+def test_posterior_variance_lies_in_zero_beta_and_vanishes_at_the_last_step(make_diffusion):
     d = make_diffusion(50)
     var = d.posterior_var
     assert var[0].item() == 0.0
     assert (var[1:] > 0).all() and (var <= d.betas + 1e-12).all()
 
 
-def test_q_sample_with_zero_noise_is_sqrt_alpha_bar_times_x0():
+def test_q_sample_with_zero_noise_is_sqrt_alpha_bar_times_x0(make_diffusion):
     d = make_diffusion()
     x0, t = torch.randn(4, 1, 8, 8), torch.tensor([0, 10, 500, 999])
     out = d.q_sample(x0, t, torch.zeros_like(x0))
@@ -52,7 +47,7 @@ def test_q_sample_with_zero_noise_is_sqrt_alpha_bar_times_x0():
     assert torch.allclose(out, expected)
 
 
-def test_q_sample_has_the_closed_form_mean_and_variance():
+def test_q_sample_has_the_closed_form_mean_and_variance(make_diffusion):
     torch.manual_seed(0)
     d = make_diffusion()
     t = torch.full((20000,), 300)
@@ -63,7 +58,7 @@ def test_q_sample_has_the_closed_form_mean_and_variance():
     assert xt.var().item() == pytest.approx(1 - ab, rel=0.03)
 
 
-def test_q_sample_keeps_unit_variance_data_at_unit_variance():
+def test_q_sample_keeps_unit_variance_data_at_unit_variance(make_diffusion):
     torch.manual_seed(0)
     d = make_diffusion()
     for t in (0, 200, 999):
@@ -72,7 +67,7 @@ def test_q_sample_keeps_unit_variance_data_at_unit_variance():
         assert xt.var().item() == pytest.approx(1.0, rel=0.03)
 
 
-def test_p_sample_mean_is_the_closed_form_posterior_mean():
+def test_p_sample_mean_is_the_closed_form_posterior_mean(make_diffusion):
     torch.manual_seed(0)
     d = make_diffusion()
     xt, eps = torch.randn(3, 1, 8, 8), torch.randn(3, 1, 8, 8)
@@ -92,7 +87,7 @@ def test_p_sample_mean_is_the_closed_form_posterior_mean():
     assert torch.allclose(out, mu_tilde, rtol=1e-5, atol=1e-6)
 
 
-def test_p_sample_adds_noise_with_the_posterior_standard_deviation():
+def test_p_sample_adds_noise_with_the_posterior_standard_deviation(make_diffusion):
     torch.manual_seed(0)
     d = make_diffusion()
     xt = torch.zeros(20000, 1, 1, 1)
@@ -102,7 +97,7 @@ def test_p_sample_adds_noise_with_the_posterior_standard_deviation():
     assert (last == 0).all()  # no noise on the final step
 
 
-def test_loss_of_the_freshly_initialised_model_is_E_eps_squared():
+def test_loss_of_the_freshly_initialised_model_is_E_eps_squared(make_diffusion):
     # The zero-initialised output conv predicts eps = 0, so the loss is E[eps^2] = 1.
     torch.manual_seed(0)
     d = make_diffusion()
@@ -118,13 +113,13 @@ def test_training_draws_t_from_every_index_0_to_T_minus_1():
             seen.append(t)
             return torch.zeros_like(x)
 
-    d = GaussianDiffusion(Spy(), timesteps=5, beta_min=0.1, beta_max=0.5)
+    d = GaussianDiffusion(Spy(), timesteps=5, beta_min=0.1, beta_max=0.5, prediction="eps")
     for _ in range(50):
         d(torch.zeros(16, 1, 4, 4))
     assert set(torch.cat(seen).tolist()) == {0, 1, 2, 3, 4}
 
 
-def test_sample_runs_T_steps_and_records_the_strip():
+def test_sample_runs_T_steps_and_records_the_strip(make_diffusion):
     torch.manual_seed(0)
     d = make_diffusion(20)
     x_T = torch.randn(2, 1, 8, 8)

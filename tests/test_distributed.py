@@ -41,7 +41,8 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
     assert moved > 1e-4  # training really changed the weights between the two checkpoints
 
 
-def test_two_processes_accumulating_two_micro_batches_match_one_process_with_the_whole_batch(tmp_path):
+def test_two_processes_accumulating_two_micro_batches_match_one_process_with_the_whole_batch(
+        tmp_path):
     base = ["--train", "--demo", "--demo-images", "32", "--img-size", "8", "--num-channels", "8",
             "--channel-multiples", "1", "--has-attn", "f", "--num-blocks", "1", "--timesteps",
             "10", "--beta-max", "0.5", "--epochs", "1", "--seed", "5", "--device", "cpu",

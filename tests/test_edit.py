@@ -97,7 +97,7 @@ def gaussian_exact(d, c=0.5):
 
 
 def test_ddim_inversion_then_decoding_reconstructs_the_image_better_with_more_steps():
-    d = GaussianDiffusion(torch.nn.Identity(), 1000)
+    d = GaussianDiffusion(torch.nn.Identity(), 1000, prediction="eps")
     model = gaussian_exact(d)
     x0 = torch.tensor([0.3, -0.2, 0.45, -0.5]).reshape(4, 1, 1, 1)
     err = {}

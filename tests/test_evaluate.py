@@ -122,14 +122,8 @@ def test_nearest_picture_has_one_row_per_sample(tmp_path):
     assert h == 3 * 18 + 2 and w == (1 * 18 + 2) + 4 + (4 * 18 + 2)
 
 
-def write_images(folder, names, seed=0):
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for name in names:
-        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(folder / name)
-
-
-def test_reference_features_cache_is_reused_and_follows_file_changes(tmp_path, monkeypatch):
+def test_reference_features_cache_is_reused_and_follows_file_changes(
+        write_images, tmp_path, monkeypatch):
     folder, cache = tmp_path / "imgs", str(tmp_path / "cache")
     write_images(folder, ["a.png", "b.png"])
     write_images(folder / "sub", ["c.png"], seed=1)
@@ -158,7 +152,7 @@ def test_reference_features_cache_is_reused_and_follows_file_changes(tmp_path, m
     assert len(feats) == 3 and not any(p.endswith("a.png") for p in paths)
 
 
-def test_cli_prints_fid_and_kid_of_two_folders(tmp_path, monkeypatch, capsys):
+def test_cli_prints_fid_and_kid_of_two_folders(write_images, tmp_path, monkeypatch, capsys):
     write_images(tmp_path / "a", [f"{i}.png" for i in range(12)], seed=0)
     write_images(tmp_path / "b", [f"{i}.png" for i in range(10)], seed=1)
     monkeypatch.setattr(evaluate, "InceptionFeatures", lambda device: FakeNet())

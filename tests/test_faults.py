@@ -15,14 +15,7 @@ from ddpm import Program
 DDPM = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ddpm.py")
 
 
-def tiny(tmp_path, *extra):
-    return ["--train", "--demo", "--demo-images", "32", "--img-size", "8", "--num-channels", "8",
-            "--channel-multiples", "1", "--has-attn", "t", "--timesteps", "10", "--beta-max",
-            "0.5", "--batch-size", "8", "--seed", "7", "--ckpt-save-dir", str(tmp_path / "ckpt"),
-            "--save-dir", str(tmp_path / "out"), *extra]
-
-
-def test_resume_is_exact_two_epochs_equal_one_plus_one(tmp_path):
+def test_resume_is_exact_two_epochs_equal_one_plus_one(tiny, tmp_path):
     Program(*parse_args(tiny(tmp_path / "a", "--epochs", "2"))).run()
     Program(*parse_args(tiny(tmp_path / "b", "--epochs", "1"))).run()
     ckpt_b0 = str(tmp_path / "b" / "ckpt" / "ckpt-0.pth")
@@ -37,7 +30,7 @@ def test_resume_is_exact_two_epochs_equal_one_plus_one(tmp_path):
     assert not torch.equal(first["model"]["conv_in.weight"], b["model"]["conv_in.weight"])
 
 
-def test_a_killed_run_resumes_from_the_last_checkpoint_on_disk(tmp_path):
+def test_a_killed_run_resumes_from_the_last_checkpoint_on_disk(tiny, tmp_path):
     flags = tiny(tmp_path, "--epochs", "1000", "--demo-images", "64")
     proc = subprocess.Popen([sys.executable, DDPM, *flags], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -58,9 +51,9 @@ def test_a_killed_run_resumes_from_the_last_checkpoint_on_disk(tmp_path):
     assert f"epoch {max(epochs)}: mean loss" in r.stdout
 
 
-def test_non_finite_losses_skip_steps_then_stop_after_saving(tmp_path, capsys):
+def test_non_finite_losses_skip_steps_then_stop_after_saving(tiny, tmp_path, capsys):
     p = Program(*parse_args(tiny(tmp_path, "--epochs", "3")))
-    real_losses = p.diffusion.losses
+    real_losses = p.trainer.diffusion.losses
     calls = []
 
     def sometimes_nan(x0, *args):
@@ -68,26 +61,26 @@ def test_non_finite_losses_skip_steps_then_stop_after_saving(tmp_path, capsys):
         loss = real_losses(x0, *args)
         return loss * float("nan") if len(calls) in (2,) or len(calls) >= 6 else loss
 
-    p.diffusion.losses = sometimes_nan
-    before = {k: v.clone() for k, v in p.model.state_dict().items()}
+    p.trainer.diffusion.losses = sometimes_nan
+    before = {k: v.clone() for k, v in p.trainer.model.state_dict().items()}
     with pytest.raises(SystemExit) as stop:
         p.run()
     assert stop.value.code == 1
     out = capsys.readouterr().out
     assert "non-finite loss" in out and "--lr" in out
-    assert p.step == 4  # steps 1, 3, 4, 5 were taken; 2 was skipped; 6.. stopped the run
+    assert p.state.step == 4  # steps 1, 3, 4, 5 were taken; 2 was skipped; 6.. stopped the run
     saved = torch.load(tmp_path / "ckpt" / "ckpt-2.pth", weights_only=True)  # in epoch 2
     assert saved["step"] == 4 and saved["epoch"] == 2
     assert all(torch.isfinite(v).all() for v in saved["model"].values())
     assert any(not torch.equal(before[k], v) for k, v in saved["model"].items())
 
 
-def test_a_failed_save_is_reported_and_training_goes_on(tmp_path, capsys, monkeypatch):
+def test_a_failed_save_is_reported_and_training_goes_on(tiny, tmp_path, capsys, monkeypatch):
     p = Program(*parse_args(tiny(tmp_path, "--epochs", "2")))
     real_save = torch.save
 
     def disk_full(obj, f, *a, **k):
-        if p.epoch == 1:
+        if p.state.epoch == 1:
             raise OSError(28, "No space left on device")
         return real_save(obj, f, *a, **k)
 
@@ -95,7 +88,7 @@ def test_a_failed_save_is_reported_and_training_goes_on(tmp_path, capsys, monkey
     p.run()
     out = capsys.readouterr().out
     assert "could not save" in out and "No space left on device" in out
-    assert p.epoch == 2 and os.path.exists(tmp_path / "ckpt" / "ckpt-1.pth")
+    assert p.state.epoch == 2 and os.path.exists(tmp_path / "ckpt" / "ckpt-1.pth")
     assert not os.path.exists(tmp_path / "ckpt" / "ckpt-0.pth")
     assert not [f for f in os.listdir(tmp_path / "ckpt") if f.endswith(".tmp")]
 
@@ -106,7 +99,7 @@ def default_sigint():
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def test_ctrl_c_saves_a_checkpoint_then_the_after_strip(tmp_path):
+def test_ctrl_c_saves_a_checkpoint_then_the_after_strip(tiny, tmp_path):
     before = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as in a background job
     try:
         proc = subprocess.Popen([sys.executable, DDPM, *tiny(tmp_path, "--epochs", "1000")],

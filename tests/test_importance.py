@@ -53,8 +53,8 @@ def test_the_sampler_state_survives_a_resume(tmp_path):
              "--ckpt-save-dir", str(tmp_path), "--save-dir", str(tmp_path)]
     p = Program(*parse_args(flags))
     p.run()
-    assert p.importance.count.sum() > 0
+    assert p.trainer.importance.count.sum() > 0
     saved = torch.load(tmp_path / "ckpt-0.pth", weights_only=True)["importance"]
     q = Program(*parse_args(flags + ["--loadckpt", str(tmp_path / "ckpt-0.pth")]))
-    assert torch.equal(q.importance.history, saved["history"])
-    assert torch.equal(q.importance.count, p.importance.count)
+    assert torch.equal(q.trainer.importance.history, saved["history"])
+    assert torch.equal(q.trainer.importance.count, p.trainer.importance.count)

