@@ -441,6 +441,7 @@ class ImageDataset:
         self.images, self.resident, self.ahead = images, resident, ahead
         self.tokens = None if tokens is None else tokens.to(device)
         self.device, self.hflip = device, hflip  # hflip False: never mirrored
+        self.host_images = None  # plain_batches' copy on the host
 
     def __len__(self) -> int:
         return len(self.images)
@@ -457,19 +458,25 @@ class ImageDataset:
 
     def batches_with_tokens(self, batch_size: int, generator: torch.Generator, rank: int = 0,
                             world: int = 1):
-        """As batches, with each batch's caption tokens (B, L) (None without captions)."""
-        plan = batch_plan(len(self), batch_size, generator, rank, world, self.hflip)
-        gathered = (self.read_ahead(plan) if self.mapped else
-                    ((idx, flip, self.images.index_select(0, idx.to(self.device))) for idx, flip in plan))
-        for idx, flip, x in gathered:
+        """As batches, with each batch's caption tokens (B, L) (None without captions).
+        The epoch's order and flips go to the device once, at its start: no step waits for a
+        host-to-device copy (the disk path's batches come pinned, copied asynchronously)."""
+        order, flips = epoch_plan(len(self), generator, self.hflip)  # (N,) on the CPU
+        shares = batch_shares(len(self), batch_size, rank, world)
+        on_device = [to_device(v, self.device) for v in (order, flips)]
+        gathered = (self.read_ahead([order[s] for s in shares]) if self.mapped else
+                    (self.images.index_select(0, on_device[0][s]) for s in shares))
+        for share, x in zip(shares, gathered):
+            idx, flip = on_device[0][share], on_device[1][share]
             x = x.to(self.device, non_blocking=True)  # uint8 (B, C, H, W)
-            x = torch.where(flip.to(self.device)[:, None, None, None], x.flip(-1), x)
-            yield to_model(x), None if self.tokens is None else self.tokens[idx.to(self.device)]
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            yield to_model(x), None if self.tokens is None else self.tokens[idx]
 
-    def read_ahead(self, plan):
-        """(idx, flip, uint8 images (B, C, H, W) on the CPU) per batch of the plan, gathered from
-        the memory-mapped file by a background thread up to `ahead` batches early. Before a batch
-        would take the pages touched since the last release past `resident`, they are released."""
+    def read_ahead(self, plan: list[Tensor]):
+        """uint8 images (B, C, H, W) on the CPU (pinned for a GPU) for each index tensor of the
+        plan, gathered from the memory-mapped file by a background thread up to `ahead` batches
+        early. Before a batch would take the pages touched since the last release past
+        `resident`, they are released."""
         done, out = threading.Event(), queue.Queue(self.ahead)
         item = self.images[0].numel()
         per_image = (item // FAULT_AROUND + 2) * FAULT_AROUND  # most bytes one read maps in
@@ -478,13 +485,13 @@ class ImageDataset:
         def work():
             touched = 0
             try:
-                for idx, flip in plan:
+                for idx in plan:
                     if touched + len(idx) * per_image > self.resident:
                         self.mapped.release()
                         touched = 0
                     x = self.images.index_select(0, idx)  # the gather reads the file
                     touched += len(idx) * per_image
-                    out.put((idx, flip, x.pin_memory() if pin else x))
+                    out.put(x.pin_memory() if pin else x)
                     if done.is_set():
                         return
                 out.put(None)
@@ -508,8 +515,11 @@ class ImageDataset:
     def plain_batches(self, batch_size: int, generator: torch.Generator, rank: int = 0,
                       world: int = 1):
         """The same batches the per-image way (a DataLoader-style reference): one image at a time
-        is converted and flipped on the CPU, then stacked and copied to the device."""
-        images = self.images.cpu()
+        is converted and flipped on the CPU, then stacked and copied to the device. The images
+        are read from a host copy made once (not the device's, every epoch)."""
+        if self.host_images is None:
+            self.host_images = self.images.cpu()
+        images = self.host_images
         for idx, flip in batch_plan(len(self), batch_size, generator, rank, world, self.hflip):
             items = [to_model(images[i]).flip(-1) if f else to_model(images[i])
                      for i, f in zip(idx.tolist(), flip.tolist())]
@@ -517,16 +527,33 @@ class ImageDataset:
                    None if self.tokens is None else self.tokens[idx.to(self.device)])
 
 
-def batch_plan(n: int, batch_size: int, generator: torch.Generator, rank: int = 0,
-               world: int = 1, hflip: bool = True):
-    """An epoch's random order and flips: (indices (B,), flip (B,) bool) per batch, on the CPU.
-    Both are drawn at the epoch's start, so the generator moves the same whether or not the
-    epoch is read to its end. With world > 1: the last partial batch is dropped and this rank
-    gets [rank::world] of each."""
+def epoch_plan(n: int, generator: torch.Generator, hflip: bool = True) -> tuple[Tensor, Tensor]:
+    """An epoch's random order (n,) int64 and flips (n,) bool, on the CPU. Both are drawn at the
+    epoch's start, so the generator moves the same whether or not the epoch is read to its end."""
     order = torch.randperm(n, generator=generator)
     flips = (torch.rand(n, generator=generator) < 0.5) & hflip  # drawn either way
-    for i in range(0, n, batch_size):
-        idx, flip = order[i:i + batch_size], flips[i:i + batch_size]
-        if world > 1 and len(idx) < batch_size:
-            return
-        yield idx[rank::world], flip[rank::world]
+    return order, flips
+
+
+def batch_shares(n: int, batch_size: int, rank: int = 0, world: int = 1) -> list[slice]:
+    """This process's share of each batch of an epoch's order, as slices: batch i is positions
+    i B .. (i + 1) B - 1, of which rank r takes every world-th from r. With world > 1 the last
+    partial batch is dropped (every process must take the same number of steps)."""
+    return [slice(i + rank, min(i + batch_size, n), world) for i in range(0, n, batch_size)
+            if world == 1 or i + batch_size <= n]
+
+
+def batch_plan(n: int, batch_size: int, generator: torch.Generator, rank: int = 0,
+               world: int = 1, hflip: bool = True):
+    """An epoch's batches as (indices (B,), flip (B,) bool) on the CPU: epoch_plan cut into
+    batch_shares."""
+    order, flips = epoch_plan(n, generator, hflip)
+    for share in batch_shares(n, batch_size, rank, world):
+        yield order[share], flips[share]
+
+
+def to_device(x: Tensor, device: torch.device) -> Tensor:
+    """A CPU tensor on the device; to a GPU from pinned memory, so the copy does not block."""
+    if device.type != "cuda":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)

@@ -158,17 +158,27 @@ class Program:
         self.console.print(f"training set ready in {time.time() - t0:.1f}s")
         return ImageDataset(images, self.device, tokens, hflip=a.hflip == "on", resident=resident)
 
-    def train_step(self, x0: Tensor, tokens: Tensor | None) -> Tensor | None:
+    def train_step(self, x0: Tensor, tokens: Tensor | None) -> Tensor:
         """One optimizer step on a batch (this process's share): the learning rate of the step,
-        Trainer.step, the counters -> the batch's mean loss, or None if it was skipped."""
+        Trainer.step, the counters -> the batch's mean loss (on the device). A step skipped for a
+        non-finite loss is taken off the counters at the next `check_steps`."""
         a, s = self.args, self.state
         lr = lr_at(s.step, a.lr, a.lr_warmup, a.lr_schedule, s.schedule_steps)
         loss = self.trainer.step(x0, tokens, lr, ema_decay(s.step + 1, a.ema_decay))
-        if loss is None:
-            self.console.print(f"warning: non-finite loss at step {s.step + 1}, step skipped")
-            return None
         s.step, s.images_seen = s.step + 1, s.images_seen + len(x0) * self.world
         return loss
+
+    def check_steps(self) -> None:
+        """The steps skipped on the device since the last check (a host read) taken off the
+        counters, with a warning; NonFiniteLoss after MAX_BAD_STEPS in a row."""
+        steps, images, in_a_row = self.trainer.check()
+        if steps:
+            s = self.state
+            s.step, s.images_seen = s.step - steps, s.images_seen - images
+            self.console.print(f"warning: {steps} step(s) skipped for a non-finite loss (NaN or "
+                               f"inf) before step {s.step + 1}; the weights are untouched")
+        if in_a_row >= MAX_BAD_STEPS:
+            raise NonFiniteLoss()
 
     def batches(self):
         """An epoch of (x0, tokens) batches of --batch-size x --grad-accum: this process's share."""
@@ -202,14 +212,16 @@ class Program:
         a, s = self.args, self.state
         every = per_epoch if a.sample_every is None else a.sample_every
         bar = progress.add_task(f"epoch {e}", total=per_epoch, info="")
-        t0, seen, steps, loss_sum = time.time(), 0, 0, torch.zeros((), device=self.device)
+        t0, seen, steps = time.time(), 0, 0
+        loss_sum, counted = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
         for x0, tokens in self.batches():
             loss = self.train_step(x0, tokens)
+            ok = self.trainer.ok  # on the device: a skipped step's loss is not averaged
+            steps, seen = steps + 1, seen + len(x0) * self.world
+            loss_sum, counted = loss_sum + torch.where(ok, loss, 0.0), counted + ok
             progress.advance(bar)
-            if loss is None:
-                continue
-            steps, seen, loss_sum = steps + 1, seen + len(x0) * self.world, loss_sum + loss
-            if steps % 10 == 1:  # a host-device sync, to show the figures
+            if steps % 10 == 1:  # the host reads the device here only: the figures, the guard
+                self.check_steps()
                 monitor.log_step(progress, (bar, run_bar), self.tensorboard, s.step, loss.item(),
                                  self.trainer.optimizer.param_groups[0]["lr"],
                                  seen / (time.time() - t0))
@@ -219,7 +231,8 @@ class Program:
             if self.done():
                 break
         progress.remove_task(bar)
-        self.end_epoch(e, loss_sum.item() / max(steps, 1), seen, time.time() - t0)
+        self.check_steps()
+        self.end_epoch(e, (loss_sum / counted.clamp(min=1)).item(), seen, time.time() - t0)
 
     def progress_grid(self):
         """The fixed-noise grid of this step (monitor.ProgressGrids), also to TensorBoard ->

@@ -22,6 +22,7 @@ from diffusion import GaussianDiffusion, ImportanceSampler
 from unet import UNet
 
 MAX_BAD_STEPS = 5  # non-finite losses in a row before a run stops
+FUSED_DEVICES = ("cuda", "cpu")  # fused Adam: one kernel per tensor; it skips a step on the device
 
 
 class NonFiniteLoss(Exception):
@@ -68,9 +69,15 @@ def ema_decay(step: int, max_decay: float) -> float:
 
 
 @torch.no_grad()
-def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model, for every parameter."""
-    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
+def update_ema(ema: nn.Module, model: nn.Module, decay: float, ok: Tensor | None = None) -> None:
+    """ema <- decay * ema + (1 - decay) * model, for every parameter; where ok (a 0-dim bool
+    tensor on the device) is False, ema stays as it is (a skipped step), without a host read."""
+    ema_params, params = list(ema.parameters()), list(model.parameters())
+    if ok is None:
+        torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+    else:  # a weight tensor per parameter: lerp then reads none of them on the host
+        weight = ok.float() * (1.0 - decay)
+        torch._foreach_lerp_(ema_params, params, [weight] * len(params))
 
 
 def lr_at(step: int, lr: float, warmup: int, schedule: str, total: int) -> float:
@@ -131,7 +138,7 @@ class Trainer:
     def __init__(self, a, kind, device: torch.device, amp_dtype: torch.dtype | None,
                  rank: int = 0, world: int = 1):
         self.args, self.kind, self.device, self.amp_dtype = a, kind, device, amp_dtype
-        self.rank, self.world, self.bad_steps = rank, world, 0
+        self.rank, self.world = rank, world
         self.model = UNet(
             img_channels=a.img_channels, num_channels=a.num_channels,
             channel_multiples=a.channel_multiples, has_attn=a.has_attn, num_blocks=a.num_blocks,
@@ -150,21 +157,28 @@ class Trainer:
             self.diffusion.model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None)
         # Fused Adam (one kernel per tensor) on CUDA and CPU: the same update, about 7x faster
-        # than the per-op loop on a CPU core. A resumed checkpoint keeps the flag it was saved with.
+        # than the per-op loop on a CPU core, and it can skip a step on the device (found_inf).
+        # A resumed checkpoint keeps the flag it was saved with.
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=a.lr,
-                                          fused=device.type in ("cuda", "cpu"))
+                                          fused=device.type in FUSED_DEVICES)
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+        # Skipped steps, counted on the device and read by the host in `check` (no sync a step).
+        zero = lambda: torch.zeros((), dtype=torch.long, device=device)  # noqa: E731
+        self.skipped, self.skipped_images, self.bad_in_a_row = zero(), zero(), zero()
+        self.ok = torch.ones((), dtype=torch.bool, device=device)  # did the last step count
 
     def autocast(self):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def step(self, x0: Tensor, tokens: Tensor | None, lr: float, decay: float) -> Tensor | None:
+    def step(self, x0: Tensor, tokens: Tensor | None, lr: float, decay: float) -> Tensor:
         """One optimizer step on this process's share x0 (B, C, H, W) of a global batch (tokens
         (B, L) or None): the kind's target and conditioning -> t, eps -> loss by micro-batch ->
-        backward -> clip -> Adam at lr -> EMA with `decay`. -> the batch's mean loss (a
-        0-dim tensor on the device), or None when the loss was not finite and the step skipped."""
+        backward -> clip -> Adam at lr -> EMA with `decay` -> the batch's mean loss (a 0-dim
+        tensor on the device). A non-finite loss or gradient skips the step on the device (no
+        NaN reaches the weights; self.ok says so, `check` counts); nothing here waits for the
+        device, unless --importance-sampling (its loss history lives on the host)."""
         a, dev, world = self.args, self.device, self.world
         # t and eps for the whole global batch of n, this process's share taken as the data is:
         # N processes draw what one process with the global batch would.
@@ -178,16 +192,38 @@ class Trainer:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         loss, per_image = self.backward(target, t, eps, w, cond)
-        if not self.loss_is_finite(loss):
-            return None
-        if self.importance:  # every process learns from the global batch's losses
-            self.importance.update(t_all, self.gather_global(per_image.float()))
         self.scaler.unscale_(self.optimizer)
-        nn.utils.clip_grad_norm_(self.model.parameters(), a.grad_clip)
+        norm = nn.utils.clip_grad_norm_(self.model.parameters(), a.grad_clip)
+        ok = torch.isfinite(loss) & torch.isfinite(norm)  # () bool, on the device
+        if world > 1:  # all processes skip together
+            ok = ok.float()
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+            ok = ok.bool()
+        if not self.scaler.is_enabled():  # fp16's scaler sets found_inf itself
+            self.optimizer.found_inf, self.optimizer.grad_scale = (~ok).float(), None
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        update_ema(self.ema, self.model, decay)
+        update_ema(self.ema, self.model, decay, ok)
+        if self.importance and ok.item():  # its loss history is on the host: a sync a step
+            self.importance.update(t_all, self.gather_global(per_image.float()))  # global batch
+        self.count(ok, n)
         return loss
+
+    def count(self, ok: Tensor, n: int) -> None:
+        """Book a step of n images on the device: skipped or not, and how many in a row."""
+        self.ok = ok
+        self.skipped += ~ok
+        self.skipped_images += (~ok) * n
+        self.bad_in_a_row = (self.bad_in_a_row + 1) * ~ok
+
+    def check(self) -> tuple[int, int, int]:
+        """Read the skip counters (a host-device sync; the loop calls it every few steps) ->
+        (steps, images) skipped since the last check, and the non-finite losses in a row now."""
+        skipped, images, in_a_row = torch.stack(
+            [self.skipped, self.skipped_images, self.bad_in_a_row]).tolist()
+        self.skipped.zero_()
+        self.skipped_images.zero_()
+        return skipped, images, in_a_row
 
     def backward(self, x0: Tensor, t: Tensor, eps: Tensor, w: Tensor, cond: dict):
         """Gradients of the weighted batch-mean loss, --grad-accum micro-batches adding up (DDP
@@ -204,20 +240,6 @@ class Trainer:
             self.scaler.scale(part_loss).backward()
             per_image, loss = per_image + [losses.detach()], loss + part_loss.detach()
         return loss, torch.cat(per_image)
-
-    def loss_is_finite(self, loss: Tensor) -> bool:
-        """False skips the step (a NaN must never reach the weights); MAX_BAD_STEPS in a row stop
-        the run. A host-device sync every step; all processes skip together."""
-        finite = torch.isfinite(loss).float()
-        if self.world > 1:
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if finite:
-            self.bad_steps = 0
-            return True
-        self.bad_steps += 1
-        if self.bad_steps >= MAX_BAD_STEPS:
-            raise NonFiniteLoss()
-        return False
 
     def gather_global(self, x: Tensor) -> Tensor:
         """This process's share x (n / world,) of a global batch -> the global batch (n,) on the

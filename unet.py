@@ -101,7 +101,11 @@ class CrossAttnBlock(nn.Module):
         """x: (B, C, H, W), ctx: tokens (B, L, ctx_dim) and keep (B, L) bool -> (B, C, H, W)."""
         tokens, keep = ctx
         B, C, H, W = x.shape
-        q = self.q(self.norm(x)).reshape(B, self.heads, C // self.heads, H * W).transpose(-1, -2)
+        # q as a linear map over pixel rows, as in AttnBlock: unit stride in the head dim, which
+        # the fused attention kernels need.
+        h = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
+        q = F.linear(h, self.q.weight.flatten(1), self.q.bias)  # (B, HW, C)
+        q = q.unflatten(-1, (self.heads, C // self.heads)).transpose(1, 2)  # (B, heads, HW, c)
         k, v = self.kv(tokens).reshape(B, -1, 2, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
         h = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])  # (B, h, HW, c)
         return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))

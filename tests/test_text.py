@@ -10,7 +10,6 @@ import prompts
 from config import parse_args
 from ddpm import Program, main
 from diffusion import GaussianDiffusion
-from test_cli import tiny_flags, ddpm, png_size
 from text import EMPTY, PAD, CaptionError, Vocab, drop_captions, read_captions
 from unet import UNet
 
@@ -180,10 +179,9 @@ def test_unknown_words_in_a_prompt_give_one_line_with_the_vocabulary(text_run, c
     assert "'purple'" in err and "blue eyes green hair red" in err
 
 
-def test_checkpoints_without_conditioning_still_load(tiny_flags, text_run, tmp_path):
-    from test_cli import ddpm as run
-    r = run(text_run, "--train", "--data-folders", "faces", "--epochs", "1", "--seed", "0",
-            "--ckpt-save-dir", "plain", *tiny_flags)
+def test_checkpoints_without_conditioning_still_load(run_ddpm, tiny_flags, text_run, tmp_path):
+    r = run_ddpm(text_run, "--train", "--data-folders", "faces", "--epochs", "1", "--seed", "0",
+                 "--ckpt-save-dir", "plain", *tiny_flags)
     assert r.returncode == 0, r.stderr
     ckpt = torch.load(text_run / "plain" / "ckpt-0.pth", weights_only=True)
     cfg = ckpt.pop("config")  # as written before conditioning existed: two dicts, format 1

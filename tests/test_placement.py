@@ -1,0 +1,174 @@
+"""Ready for a GPU without one: every path runs with its tensors on the `meta` device standing
+in for the GPU. A meta tensor holds no data but has a device, and PyTorch refuses to mix it with
+a CPU tensor (other than a 0-dim scalar) exactly as CUDA does, so a CPU tensor reaching the
+network fails here as it would on a GPU. Host reads (item, bool, tolist) and copies between the
+host and the stand-in are counted: on a GPU each is a synchronisation."""
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import ddpm
+import trainer
+from config import parse_args
+from ddpm import Program
+
+META = torch.device("meta")
+READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default)
+COPY = torch.ops.aten._to_copy.default
+
+
+class StandIn(TorchDispatchMode):
+    """Runs every op as usual, but a read of a meta tensor on the host gives `read_as` and a
+    copy of one to the host gives zeros (meta tensors hold no data). Counts the reads, the
+    copies out (device -> host) and the blocking copies in (host -> device, not non_blocking)."""
+
+    def __init__(self, read_as=0):
+        super().__init__()
+        self.read_as, self.reads, self.copies_out, self.copies_in = read_as, [], 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in READS and args[0].device == META:
+            self.reads.append(args[0].dtype)
+            return self.read_as
+        if func is COPY:
+            to = torch.device(kwargs.get("device") or args[0].device)
+            if args[0].device == META and to.type == "cpu":
+                self.copies_out += 1
+                return torch.zeros(args[0].shape, dtype=kwargs.get("dtype") or args[0].dtype)
+            if args[0].device.type == "cpu" and to == META and not kwargs.get("non_blocking"):
+                self.copies_in += 1
+        return func(*args, **kwargs)
+
+
+@pytest.fixture
+def stand_in(monkeypatch):
+    """Programs made now run on the meta device (fused Adam included, as on a GPU); written
+    pictures and checkpoints hold zeros."""
+    real = ddpm.pick_device
+    monkeypatch.setattr(ddpm, "pick_device", lambda name, precision="auto": (META, None)
+                        if name == "meta" else real(name, precision))
+    monkeypatch.setattr(trainer, "FUSED_DEVICES", (*trainer.FUSED_DEVICES, "meta"), raising=False)
+    import torch.optim.optimizer as opt
+    supported = opt._get_fused_kernels_supported_devices
+    monkeypatch.setattr(opt, "_get_fused_kernels_supported_devices", lambda: [*supported(), "meta"])
+    with StandIn() as mode, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "for .*: copying from a non-meta parameter")
+        yield mode
+
+
+def pictures(folder, n=12, size=16, seed=0, captions=False):
+    """n random RGB pictures; with captions, in sub-folders 'red hair' and 'blue hair'."""
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        sub = folder / (["red_hair", "blue_hair"][i % 2] if captions else "")
+        sub.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(sub / f"{i}.png")
+
+
+TINY = ["--img-size", "16", "--num-channels", "8", "--channel-multiples", "1", "2", "--has-attn",
+        "f", "t", "--num-blocks", "1", "--timesteps", "10", "--beta-max", "0.5", "--batch-size",
+        "4", "--seed", "0"]
+
+
+def flags(tmp_path, *extra):
+    return [*TINY, "--cache-dir", str(tmp_path / "cache"), "--save-dir", str(tmp_path / "out"),
+            "--ckpt-save-dir", str(tmp_path / "ckpt"), *extra]
+
+
+@pytest.mark.parametrize("kind", [
+    ["--data-on", "memory"], ["--data-on", "disk"], ["--data-on", "disk", "--super-res", "8"],
+    ["--data-on", "memory", "--super-res", "8"], ["--captions", "folders", "--data-on", "disk"],
+    ["--augment", "0.5"], ["--importance-sampling"], ["--learn-sigma"],
+    ["--grad-accum", "2"], ["--data-path", "plain"]])
+def test_training_every_kind_keeps_its_tensors_on_the_device(stand_in, tmp_path, kind):
+    pictures(tmp_path / "imgs", captions="--captions" in kind)
+    args, typed = parse_args(flags(tmp_path, "--train", "--data-folders", str(tmp_path / "imgs"),
+                                   "--device", "meta", "--epochs", "1", "--sample-every", "2",
+                                   *kind))
+    prog = Program(args, typed)
+    assert prog.device == META and next(prog.trainer.model.parameters()).device == META
+    prog.run()  # strips, steps, progress grids, a checkpoint: a CPU tensor would have raised
+    assert prog.state.step == 12 // (4 * args.grad_accum)  # 12 images, batch 4 x grad_accum
+    assert os.path.exists(tmp_path / "out" / "run-after.png")
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """A plain and a text model, each trained one epoch on the CPU."""
+    root = tmp_path_factory.mktemp("trained")
+    pictures(root / "imgs")
+    pictures(root / "tagged", captions=True)
+    for name, extra in [("plain", []), ("text", ["--captions", "folders"])]:
+        folder = root / ("tagged" if extra else "imgs")
+        Program(*parse_args([*TINY, "--train", "--epochs", "1", "--data-folders", str(folder),
+                             "--ckpt-save-dir", str(root / name), "--save-dir", str(root / name),
+                             "--cache-dir", str(root / "cache"), "--device", "cpu",
+                             *extra])).run()
+    return root
+
+
+@pytest.mark.parametrize("task", [
+    ["--sampler", "ddpm"], ["--sampler", "ddim", "--eta", "1"], ["--sampler", "dpm++"],
+    ["--sampler", "heun", "--spacing", "karras"],
+    ["--eval-bpd", "4", "--data-on", "disk"], ["--eval-bpd", "4", "--data-on", "memory"],
+    ["--init-folder", "{imgs}", "--strength", "0.5"],
+    ["--init-folder", "{imgs}", "--mask-box", "0", "0", "8", "8"],
+    ["--interpolate-seeds", "1", "2", "--frames", "3"],
+    ["--interpolate", "{imgs}/0.png", "{imgs}/1.png", "--frames", "3", "--sampler", "ddim",
+     "--sample-steps", "3"]])
+def test_sampling_measuring_and_editing_keep_their_tensors_on_the_device(stand_in, checkpoints,
+                                                                         tmp_path, task):
+    imgs = str(checkpoints / "imgs")
+    task = [t.replace("{imgs}", imgs) for t in task]
+    Program(*parse_args(["--loadckpt", str(checkpoints / "plain" / "ckpt-0.pth"), "--device",
+                         "meta", "--data-folders", imgs, "--save-dir", str(tmp_path),
+                         "--cache-dir", str(tmp_path / "cache"), "--batch-size", "4",
+                         *task])).run()
+    assert os.listdir(tmp_path)  # its pictures were written (zeros: meta holds no data)
+
+
+def test_prompts_keep_their_tensors_on_the_device(stand_in, checkpoints, tmp_path):
+    Program(*parse_args(["--loadckpt", str(checkpoints / "text" / "ckpt-0.pth"), "--device",
+                         "meta", "--save-dir", str(tmp_path), "--batch-size", "2", "--prompt",
+                         "red hair", "--guidance-scale", "1", "3", "--sampler", "dpm++",
+                         "--sample-steps", "3"])).run()
+    assert os.path.exists(tmp_path / "prompts.png")
+
+
+def test_a_cpu_tensor_reaching_the_model_on_the_stand_in_fails(stand_in):
+    """The premise of the tests above: the stand-in refuses a host tensor, as CUDA does."""
+    net = torch.nn.Conv2d(3, 3, 1).to(META)
+    net(torch.zeros(1, 3, 4, 4, device=META))
+    with pytest.raises(RuntimeError, match="device"):
+        net(torch.zeros(1, 3, 4, 4))
+
+
+@pytest.mark.parametrize("data_on", ["memory", "disk"])
+def test_a_default_training_step_never_waits_for_the_device(stand_in, tmp_path, monkeypatch,
+                                                            data_on):
+    """No host read (item, bool, tolist) and no blocking copy in a step of the default path:
+    on a GPU the host queues step after step without waiting. The epoch's order goes to the
+    device once, at its start; the guard and the figures read the device every 10 steps."""
+    made = []  # torch.tensor(data, device=...) copies from the host, unseen by dispatch modes
+    real_tensor = torch.tensor
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: made.append(k.get("device")) or
+                        real_tensor(*a, **k))
+    pictures(tmp_path / "imgs", n=24)
+    prog = Program(*parse_args(flags(tmp_path, "--train", "--device", "meta", "--data-on",
+                                     data_on, "--data-folders", str(tmp_path / "imgs"))))
+    batches = prog.batches()
+    prog.train_step(*next(batches))  # the first step of an epoch sends its order and flips
+    stand_in.reads.clear()
+    stand_in.copies_in = stand_in.copies_out = 0
+    made.clear()
+    for _ in range(3):
+        prog.train_step(*next(batches))
+    assert stand_in.reads == [] and stand_in.copies_in == 0 and stand_in.copies_out == 0
+    assert [d for d in made if d is not None and torch.device(d) == META] == []
+    assert prog.state.step == 4
