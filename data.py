@@ -446,23 +446,27 @@ class ImageDataset:
     def __len__(self) -> int:
         return len(self.images)
 
-    def num_batches(self, batch_size: int, world: int = 1) -> int:
-        return math.ceil(len(self) / batch_size) if world == 1 else len(self) // batch_size
+    def num_batches(self, batch_size: int, world: int = 1, drop_last: bool = False) -> int:
+        """Batches in an epoch: the last partial one is dropped under world > 1 or drop_last."""
+        if world > 1 or drop_last:
+            return len(self) // batch_size
+        return math.ceil(len(self) / batch_size)
 
-    def batches(self, batch_size: int, generator: torch.Generator, rank: int = 0, world: int = 1):
+    def batches(self, batch_size: int, generator: torch.Generator, rank: int = 0, world: int = 1,
+                drop_last: bool = False):
         """One epoch of float batches (B, C, H, W) in [-1, 1], random order and random h-flips,
         gathered, flipped and scaled on the device in whole-batch operations. With world > 1
         processes, this one's share (every world-th image) of each full global batch."""
-        for x, _ in self.batches_with_tokens(batch_size, generator, rank, world):
+        for x, _ in self.batches_with_tokens(batch_size, generator, rank, world, drop_last):
             yield x
 
     def batches_with_tokens(self, batch_size: int, generator: torch.Generator, rank: int = 0,
-                            world: int = 1):
+                            world: int = 1, drop_last: bool = False):
         """As batches, with each batch's caption tokens (B, L) (None without captions).
         The epoch's order and flips go to the device once, at its start: no step waits for a
         host-to-device copy (the disk path's batches come pinned, copied asynchronously)."""
         order, flips = epoch_plan(len(self), generator, self.hflip)  # (N,) on the CPU
-        shares = batch_shares(len(self), batch_size, rank, world)
+        shares = batch_shares(len(self), batch_size, rank, world, drop_last)
         on_device = [to_device(v, self.device) for v in (order, flips)]
         gathered = (self.read_ahead([order[s] for s in shares]) if self.mapped else
                     (self.images.index_select(0, on_device[0][s]) for s in shares))
@@ -513,14 +517,15 @@ class ImageDataset:
             self.mapped.release()
 
     def plain_batches(self, batch_size: int, generator: torch.Generator, rank: int = 0,
-                      world: int = 1):
+                      world: int = 1, drop_last: bool = False):
         """The same batches the per-image way (a DataLoader-style reference): one image at a time
         is converted and flipped on the CPU, then stacked and copied to the device. The images
         are read from a host copy made once (not the device's, every epoch)."""
         if self.host_images is None:
             self.host_images = self.images.cpu()
         images = self.host_images
-        for idx, flip in batch_plan(len(self), batch_size, generator, rank, world, self.hflip):
+        for idx, flip in batch_plan(len(self), batch_size, generator, rank, world, self.hflip,
+                                    drop_last):
             items = [to_model(images[i]).flip(-1) if f else to_model(images[i])
                      for i, f in zip(idx.tolist(), flip.tolist())]
             yield (torch.stack(items).to(self.device),
@@ -535,20 +540,21 @@ def epoch_plan(n: int, generator: torch.Generator, hflip: bool = True) -> tuple[
     return order, flips
 
 
-def batch_shares(n: int, batch_size: int, rank: int = 0, world: int = 1) -> list[slice]:
+def batch_shares(n: int, batch_size: int, rank: int = 0, world: int = 1,
+                 drop_last: bool = False) -> list[slice]:
     """This process's share of each batch of an epoch's order, as slices: batch i is positions
-    i B .. (i + 1) B - 1, of which rank r takes every world-th from r. With world > 1 the last
-    partial batch is dropped (every process must take the same number of steps)."""
+    i B .. (i + 1) B - 1, of which rank r takes every world-th from r. With world > 1 (every
+    process must take the same number of steps) or drop_last the last partial batch is dropped."""
     return [slice(i + rank, min(i + batch_size, n), world) for i in range(0, n, batch_size)
-            if world == 1 or i + batch_size <= n]
+            if not (world > 1 or drop_last) or i + batch_size <= n]
 
 
 def batch_plan(n: int, batch_size: int, generator: torch.Generator, rank: int = 0,
-               world: int = 1, hflip: bool = True):
+               world: int = 1, hflip: bool = True, drop_last: bool = False):
     """An epoch's batches as (indices (B,), flip (B,) bool) on the CPU: epoch_plan cut into
     batch_shares."""
     order, flips = epoch_plan(n, generator, hflip)
-    for share in batch_shares(n, batch_size, rank, world):
+    for share in batch_shares(n, batch_size, rank, world, drop_last):
         yield order[share], flips[share]
 
 

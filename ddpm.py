@@ -8,15 +8,12 @@ kind of model trains on in trainer.py (plain), text.py, superres.py and augment.
 Notation: Python t = 0..T-1 is the paper's step t+1; betas, alpha_bars (ab), q_sample (x_t from
 x_0 and eps), p_sample (x_t -> x_{t-1}); eps is the true noise, eps_hat the network's.
 """
-import contextlib
 import math
 import os
-import random
 import signal
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -36,7 +33,7 @@ from data import (DataError, ImageDataset, MappedImages, demo_faces, load_folder
 from drawing import Drawer
 from text import CaptionError, Captioned, Vocab, caption_tokens
 from trainer import (MAX_BAD_STEPS, NonFiniteLoss, Plain, Trainer, ema_decay, init_distributed,
-                     lr_at, pick_device, seed_everything)
+                     lr_at, pick_device, seed_everything, shared_seed)
 from ui import make_console
 
 
@@ -77,10 +74,10 @@ class Program:
         if a.batch_size % self.world:
             raise UserError(f"--batch-size {a.batch_size} (the global batch) must be divisible by "
                             f"the {self.world} processes")
-        if a.seed is not None:
-            seed_everything(a.seed)
-        self.data_gen = torch.Generator().manual_seed(
-            a.seed if a.seed is not None else random.randrange(2**63))
+        seed = shared_seed(a.seed, self.world)
+        if a.seed is not None or self.world > 1:
+            seed_everything(seed)
+        self.data_gen = torch.Generator().manual_seed(seed)
         # A text model's vocabulary comes from its checkpoint, or from the captions of a new run.
         self.vocab = Vocab.from_state(ckpt["text"]) if ckpt and ckpt.get("text") else None
         self.data = self.load_data() if a.train else None
@@ -181,18 +178,20 @@ class Program:
             raise NonFiniteLoss()
 
     def batches(self):
-        """An epoch of (x0, tokens) batches of --batch-size x --grad-accum: this process's share."""
+        """An epoch of (x0, tokens) batches of --batch-size x --grad-accum: this process's share.
+        A compiled model skips the last partial batch (a new shape would recompile it)."""
         a = self.args
         batches_of = (self.data.batches_with_tokens if a.data_path == "device"
                       else self.data.plain_batches)
-        return batches_of(a.batch_size * a.grad_accum, self.data_gen, self.rank, self.world)
+        return batches_of(a.batch_size * a.grad_accum, self.data_gen, self.rank, self.world,
+                          drop_last=a.compile)
 
     def train_loop(self) -> None:
         """Algorithm 1, epoch after epoch: a step per batch, the figures on the progress bars
         every 10 steps, a progress grid every --sample-every steps, a checkpoint (and FID) at
         each epoch's end; --epochs or --max-steps ends it."""
         a, s = self.args, self.state
-        per_epoch = self.data.num_batches(a.batch_size * a.grad_accum, self.world)  # steps
+        per_epoch = self.data.num_batches(a.batch_size * a.grad_accum, self.world, a.compile)
         s.schedule_steps = s.schedule_steps or a.max_steps or s.step + a.epochs * per_epoch
         planned = min(a.epochs * per_epoch, a.max_steps - s.step if a.max_steps else math.inf)
         with self.drawer.progress("info") as progress:
@@ -293,17 +292,18 @@ class Program:
         a, s = self.args, self.state
         s.epoch = e + 1
         path = self.save_checkpoint(e)
-        if not self.is_main:
-            return
         record = {"epoch": e, "step": s.step, "loss": loss,
                   "lr": self.trainer.optimizer.param_groups[0]["lr"],
                   "img_per_s": seen / secs, "seconds": secs}
-        if a.eval_every and (e + 1) % a.eval_every == 0:
+        if a.eval_every and (e + 1) % a.eval_every == 0:  # every process draws its share
             with self.drawer.side_rng():
-                record.update(evaluate.sample_quality(self.drawer, a.eval_samples))
-            if record["fid"] < s.best_fid:
-                s.best_fid = record["fid"]
-                self.save_checkpoint(e, "best.pth")
+                record.update(evaluate.sample_quality(self.drawer, a.eval_samples, self.rank,
+                                                      self.world))
+        if not self.is_main:
+            return
+        if record.get("fid", math.inf) < s.best_fid:
+            s.best_fid = record["fid"]
+            self.save_checkpoint(e, "best.pth")
         if self.tensorboard:
             self.tensorboard.scalars(s.step, **{k: v for k, v in record.items() if k in ("fid", "kid")})
         records = evaluate.append_metrics(os.path.join(a.save_dir, "metrics.jsonl"), record)

@@ -94,13 +94,21 @@ class Drawer:
         return base + x0, [base + f for f in frames]
 
     def draw_many(self, n: int, desc: str, inputs=lambda i, j: (None, None),
-                  guidance: float = 1.0) -> Tensor:
+                  guidance: float = 1.0, *, seed: int | None = None, rank: int = 0,
+                  world: int = 1) -> Tensor:
         """n samples drawn --batch-size at a time -> uint8 (n, C, H, W) on the CPU. inputs(i, j):
-        (cond, base) of samples i..j-1 (None: the kind's unconditional ones, no base)."""
+        (cond, base) of samples i..j-1 (None: the kind's unconditional ones, no base).
+        seed: batch k is drawn from torch.manual_seed(seed + k), so that which process draws
+        it does not matter; with world > 1 this process draws batches rank, rank + world, ...
+        only (in that order)."""
         out, bs = [], self.args.batch_size
-        for i in range(0, n, bs):
+        for k, i in enumerate(range(0, n, bs)):
+            if k % world != rank:
+                continue
             j = min(i + bs, n)
+            if seed is not None:
+                torch.manual_seed(seed + k)
             cond, base = inputs(i, j)
             x0, _ = self.draw(j - i, f"{desc} {i}/{n}", cond, guidance, base=base)
             out.append(to_uint8(x0).cpu())
-        return torch.cat(out)
+        return torch.cat(out) if out else torch.empty(0, dtype=torch.uint8)

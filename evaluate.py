@@ -451,17 +451,26 @@ def validation_accuracy(clf: TagClassifier, images: Tensor, labels: dict[str, Te
 # Measuring a run's model through its drawing.Drawer (--eval-fid, --eval-every, --eval-bpd)
 
 
-def sample_quality(drawer, n: int) -> dict:
+def sample_quality(drawer, n: int, rank: int = 0, world: int = 1) -> dict:
     """FID and KID of n samples against the --eval-folders (default: the --data-folders), the
-    copy rate against the training images (with its alarm), and nearest.png of 8 samples."""
+    copy rate against the training images (with its alarm), and nearest.png of 8 samples.
+    With world > 1 processes (torchrun) each draws its share of the batches and the features
+    are gathered on the first, which measures and returns the figures ({} elsewhere); each
+    batch is seeded by its index, so the samples are those one process would draw."""
     a = drawer.args
     net = InceptionFeatures(drawer.device)
+    seed = int(torch.randint(2**62, ()))  # the same in every process (their RNGs agree)
+    samples = drawer.draw_many(n, "samples", seed=seed, rank=rank, world=world)
+    feats = extract(samples, net, a.batch_size, progress="sample features")
+    if world > 1:
+        feats, first = gather_batches(feats, n, a.batch_size, rank, world), samples[:8]
+        if rank != 0:
+            return {}
+        samples = first  # batch 0 is this process's
     feats_of = lambda folders: reference_features(folders, a.img_size, a.img_channels, net,
                                                   a.cache_dir, drawer.console)
     train, train_paths = feats_of(a.data_folders)
     ref = feats_of(a.eval_folders)[0] if a.eval_folders else train
-    samples = drawer.draw_many(n, "samples")
-    feats = extract(samples, net, a.batch_size, progress="sample features")
     result = score(feats, ref)
     copy = nearest_report(os.path.join(a.save_dir, "nearest.png"), samples[:8], feats, train,
                           train_paths, a.img_size, a.img_channels)
@@ -478,6 +487,23 @@ def sample_quality(drawer, n: int) -> dict:
     if warning:
         drawer.console.print(warning)
     return result
+
+
+def gather_batches(feats: np.ndarray, n: int, batch_size: int, rank: int, world: int):
+    """The features of this process's batches (rank, rank + world, ... of n samples in batches
+    of batch_size) gathered on the first process in the order of the batches (None elsewhere)."""
+    parts = [None] * world if rank == 0 else None
+    torch.distributed.gather_object(feats, parts, dst=0)
+    if rank != 0:
+        return None
+    starts = list(range(0, n, batch_size))
+    taken = [0] * world  # rows of each process's part used so far
+    out = []
+    for k, i in enumerate(starts):
+        r, size = k % world, min(i + batch_size, n) - i
+        out.append(parts[r][taken[r]:taken[r] + size])
+        taken[r] += size
+    return np.concatenate(out)
 
 
 @torch.inference_mode()

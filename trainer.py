@@ -7,6 +7,7 @@ is the model kind's answer (`Plain` here; text.Captioned, superres.SuperRes, aug
 """
 import contextlib
 import copy
+import datetime
 import math
 import os
 import random
@@ -90,9 +91,16 @@ def lr_at(step: int, lr: float, warmup: int, schedule: str, total: int) -> float
     return lr * scale
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether this GPU computes in bf16 natively (compute capability 8.0 on, Ampere and later);
+    torch.cuda.is_bf16_supported() also says yes where it is only emulated (T4, V100), slowly."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def pick_device(name: str, precision: str = "auto") -> tuple[torch.device, torch.dtype | None]:
-    """The device, and the autocast dtype (None: fp32). auto: on CUDA bf16 where supported,
-    else fp16 (with loss scaling); fp32 on the CPU, where bf16 is slow."""
+    """The device, and the autocast dtype (None: fp32). auto: on a GPU bf16 where it is native,
+    else fp16 (with loss scaling); fp32 on the CPU, where bf16 is slow. On a GPU also lets
+    cuDNN pick its fastest convolutions and fp32 matrix products use TF32."""
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -103,12 +111,15 @@ def pick_device(name: str, precision: str = "auto") -> tuple[torch.device, torch
         raise UserError(f"--device {name}: no CUDA GPU is visible; use --device cpu")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise UserError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) here")
+    if device.type == "cuda":
+        device = torch.device("cuda", device.index or 0)
+        torch.backends.cudnn.benchmark = True  # the input shapes repeat: measure once, reuse
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if precision == "auto":
-        precision = "fp32" if device.type == "cpu" else (
-            "bf16" if torch.cuda.is_bf16_supported() else "fp16")
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise UserError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no bf16; "
-                        f"use fp16 or fp32")
+        precision = "fp32" if device.type == "cpu" else "bf16" if native_bf16(device) else "fp16"
+    if precision == "bf16" and device.type == "cuda" and not native_bf16(device):
+        raise UserError(f"--precision bf16: {torch.cuda.get_device_name(device)} only emulates "
+                        f"bf16, slowly; use fp16 (the default there) or fp32")
     return device, {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
@@ -119,8 +130,25 @@ def init_distributed(device: str) -> tuple[int, int, str]:
     if world == 1:
         return 0, 1, device
     cuda = device.startswith("cuda")
-    dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:  # each process on its own GPU, before NCCL starts
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    # The first process alone measures FID after the others have drawn their share of the
+    # samples; the first time it also extracts the training set's features (cached after),
+    # which can take minutes while the others wait in the next step: wait up to 30 minutes.
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=30))
     return dist.get_rank(), world, f"cuda:{os.environ['LOCAL_RANK']}" if cuda else device
+
+
+def shared_seed(seed: int | None, world: int) -> int:
+    """The run's seed: --seed, or a random one; under torchrun every process takes the first
+    process's, so that the shards of an epoch partition the data (each process draws the same
+    epoch order and takes its share) and the draws for the global batch agree."""
+    seed = random.randrange(2**63) if seed is None else seed
+    if world > 1:
+        box = [seed]
+        dist.broadcast_object_list(box, src=0)
+        seed = box[0]
+    return seed
 
 
 def seed_everything(seed: int) -> None:
@@ -150,12 +178,14 @@ class Trainer:
         self.model.grad_checkpoint = a.grad_checkpoint
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
         self.importance = ImportanceSampler(a.timesteps) if a.importance_sampling else None
-        if a.compile:  # in place: state_dict keys and the objects other code holds stay the same
-            self.model.compile()
-            self.ema.compile()
         if world > 1:  # training goes through DDP (gradients averaged); sampling does not
             self.diffusion.model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        if a.compile:  # in place: state_dict keys and the objects other code holds stay the
+            # same; the DDP wrapper is compiled (not wrapped around a compiled module), so that
+            # the compiler can overlap its gradient buckets with the backward pass
+            self.diffusion.model.compile()
+            self.ema.compile()
         # Fused Adam (one kernel per tensor) on CUDA and CPU: the same update, about 7x faster
         # than the per-op loop on a CPU core, and it can skip a step on the device (found_inf).
         # A resumed checkpoint keeps the flag it was saved with.

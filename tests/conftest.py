@@ -89,3 +89,12 @@ def make_diffusion():
         return GaussianDiffusion(model, T, 1e-4, beta_max, schedule=schedule,
                                  prediction=prediction)
     return make
+
+
+@pytest.fixture
+def unused_port():
+    """A TCP port free on the loopback now, for a process group's rendezvous."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

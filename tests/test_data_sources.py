@@ -11,7 +11,7 @@ from PIL import Image
 
 import data
 from config import parse_args
-from data import DataError, ImageDataset, MappedImages, load_folders
+from data import DataError, MappedImages, load_folders
 from ddpm import Program, main
 
 

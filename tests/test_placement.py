@@ -172,3 +172,48 @@ def test_a_default_training_step_never_waits_for_the_device(stand_in, tmp_path, 
     assert stand_in.reads == [] and stand_in.copies_in == 0 and stand_in.copies_out == 0
     assert [d for d in made if d is not None and torch.device(d) == META] == []
     assert prog.state.step == 4
+
+
+@pytest.mark.parametrize("capability, auto, bf16_ok", [((7, 5), torch.float16, False),
+                                                       ((8, 0), torch.bfloat16, True),
+                                                       ((9, 0), torch.bfloat16, True)])
+def test_auto_precision_is_bf16_only_where_the_gpu_has_it_natively(monkeypatch, capability,
+                                                                   auto, bf16_ok):
+    """A T4 or V100 (7.x) emulates bf16 slowly, though torch.cuda.is_bf16_supported() says yes:
+    it gets fp16 with loss scaling. The chosen GPU is asked, not the current one."""
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "a GPU")
+    monkeypatch.setattr(torch.cuda, "get_device_capability",
+                        lambda d=None: asked.append(torch.device(d)) or capability)
+    for flag in ("benchmark", "allow_tf32"):
+        monkeypatch.setattr(torch.backends.cudnn, flag, False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    device, dtype = trainer.pick_device("cuda:1")
+    assert device == torch.device("cuda:1") and dtype == auto and asked[-1] == device
+    assert torch.backends.cudnn.benchmark and torch.backends.cuda.matmul.allow_tf32
+    if bf16_ok:
+        assert trainer.pick_device("cuda:1", "bf16")[1] == torch.bfloat16
+    else:
+        with pytest.raises(ddpm.UserError, match="emulates bf16"):
+            trainer.pick_device("cuda:1", "bf16")
+
+
+def _seed_of_process(rank, world, port, seeds):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    seeds[rank] = trainer.shared_seed(None, world)
+    torch.distributed.destroy_process_group()
+
+
+def test_processes_without_a_seed_share_the_first_ones(unused_port):
+    """Under torchrun without --seed every process takes the first one's random seed, so the
+    shards of an epoch partition the data instead of overlapping."""
+    import torch.multiprocessing as mp
+    seeds = mp.Manager().dict()
+    mp.spawn(_seed_of_process, args=(2, unused_port, seeds), nprocs=2)
+    assert seeds[0] == seeds[1]
+    assert trainer.shared_seed(None, 1) != trainer.shared_seed(None, 1)  # fresh when alone
+    assert trainer.shared_seed(5, 1) == 5

@@ -15,7 +15,6 @@ import torch
 from PIL import Image
 
 import checkpoint
-import monitor
 from config import parse_args
 from ddpm import Program, main
 from trainer import lr_at

@@ -7,7 +7,6 @@ import sys
 import pytest
 import torch
 
-import checkpoint
 from config import parse_args
 from ddpm import Program
 from trainer import ema_decay, update_ema
