@@ -146,11 +146,19 @@ def peak_tflops(device: torch.device, amp_dtype, override: float | None):
 def train_steps(prog: ddpm.Program, data: ImageDataset, steps: int, batch_size: int,
                 plain: bool = False) -> None:
     """`steps` optimizer steps (Program.train_step, the training loop's step) on the first
-    steps x batch_size images, read by the device data path (plain: the per-image one)."""
-    ds = ImageDataset(data.images[:steps * batch_size], prog.device)
+    steps x batch_size images (epoch after epoch when there are fewer), read by the device data
+    path (plain: the per-image one). Only full batches: a short one would time another shape."""
+    n = min(steps * batch_size, len(data) // batch_size * batch_size)
+    assert n, f"train_steps needs at least one batch of {batch_size} images, got {len(data)}"
+    ds = ImageDataset(data.images[:n], prog.device)
     batches = ds.plain_batches if plain else ds.batches_with_tokens
-    for x0, tokens in batches(batch_size, prog.data_gen):
-        prog.train_step(x0, tokens)
+    done = 0
+    while done < steps:
+        for x0, tokens in batches(batch_size, prog.data_gen):
+            prog.train_step(x0, tokens)
+            done += 1
+            if done == steps:
+                break
 
 
 def run_variant(b, rest, tmp, data, toks: set[str], sample: bool, flops: float) -> dict:
