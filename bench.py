@@ -60,7 +60,10 @@ def parse(argv=None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--warmup", type=int, help="untimed steps first (10 on CUDA, 2 on CPU)")
     p.add_argument("--steps", type=int, help="timed training steps (50 on CUDA, 6 on CPU)")
     p.add_argument("--sample-batch", type=int, default=64, help="images per sampling step (64)")
-    p.add_argument("--sample-steps", type=int, help="timed sampling steps (20 CUDA, 3 CPU)")
+    p.add_argument("--sample-steps", type=int,
+                   help="timed DPM-Solver++ sampling steps (20 CUDA, 3 CPU)")
+    p.add_argument("--ancestral-steps", type=int,
+                   help="ancestral steps timed, the time scaled to all T (200 CUDA, 3 CPU)")
     p.add_argument("--variants", help="comma list, each a +-joined set of: plain (per-image data "
                    "path), fp32 or bf16 (else the program's choice: bf16 on CUDA, fp32 on CPU), "
                    "channels_last, compile; default plain-fp32,fp32,bf16 on CUDA, "
@@ -82,7 +85,8 @@ def parse(argv=None) -> tuple[argparse.Namespace, list[str]]:
                    help="batches timed per path with --data-speed")
     b, rest = p.parse_known_args(argv)
     on_gpu = b.device.startswith("cuda")
-    for k, v_gpu, v_cpu in [("warmup", 10, 2), ("steps", 50, 6), ("sample_steps", 20, 3)]:
+    for k, v_gpu, v_cpu in [("warmup", 10, 2), ("steps", 50, 6), ("sample_steps", 20, 3),
+                            ("ancestral_steps", 200, 3)]:
         setattr(b, k, getattr(b, k) or (v_gpu if on_gpu else v_cpu))
     b.batch_size = b.batch_size or (32 if b.small or b.vs_reference else 128)
     b.variants = b.variants or ("plain-fp32,fp32,bf16" if on_gpu else "plain-fp32,fp32")
@@ -189,12 +193,15 @@ def run_variant(b, rest, tmp, data, toks: set[str], sample: bool, flops: float) 
     peak, peak_desc = peak_tflops(prog.device, nets.amp_dtype, b.peak_tflops)
     row = {"img_s": img_s, "ms_step": 1e3 * secs, "peak_mem": mem, "peak_tflops": peak,
            "peak": peak_desc, "mfu": flops * img_s / (peak * 1e12) if peak else None}
-    if sample:  # the real sampling loop (Drawer.draw) with EMA weights on DDIM-spaced steps
-        prog.args.sampler, prog.args.sample_steps = "ddim", 2
-        prog.drawer.draw(b.sample_batch)  # warm-up (and compilation)
-        prog.args.sample_steps = b.sample_steps
-        secs = timed(prog.device, lambda: prog.drawer.draw(b.sample_batch))
-        row["sample_img_steps_s"] = b.sample_batch * b.sample_steps / secs
+    if sample:  # the real sampling loop (Drawer.draw) with EMA weights
+        draw, T = prog.drawer.draw, nets.diffusion.T
+        draw(b.sample_batch, sampler=("dpm++", 2))  # warm-up (and compilation)
+        secs = timed(prog.device, lambda: draw(b.sample_batch, sampler=("dpm++", b.sample_steps)))
+        row["sample_img_steps_s"], row["dpm_s"] = b.sample_batch * b.sample_steps / secs, secs
+        # Ancestral steps all cost the same: time the last k of the chain, scale to all T.
+        k = min(b.ancestral_steps, T)
+        secs = timed(prog.device, lambda: draw(b.sample_batch, sampler=("ddpm", 0), start=k - 1))
+        row["ancestral_s"], row["ancestral_timed"] = secs * T / k, k
     del prog
     gc.collect()
     if cuda:
@@ -228,7 +235,7 @@ def measure(b, rest, variants: dict[str, set[str]], console: Console) -> dict:
                 out["folder_images"] = len(load_folders([b.data_folder], a.img_size,
                                                         a.img_channels, console.print, tmp))
                 out[key] = time.perf_counter() - t0
-        out["rows"] = {}
+        out["rows"], out["sample_batch"], out["sample_steps"] = {}, b.sample_batch, b.sample_steps
         for v, toks in variants.items():  # sampling once per precision and layout
             sample = "plain" not in toks or toks - {"plain"} not in variants.values()
             out["rows"][v] = run_variant(b, rest, tmp, data, toks, sample, out["train_flops"])
@@ -256,10 +263,12 @@ def report(b, variants: dict[str, set[str]], out: dict, console: Console) -> Non
     console.print(f"FLOPs (matmul, conv, attention; torch.utils.flop_counter): {gf:.2f} GFLOP per "
                   f"training image (forward + backward), {out['fwd_flops'] / 1e9:.2f} per sampling "
                   f"step. MFU peak: {'; '.join(sorted({r['peak'] for r in rows.values()}))}")
-    console.print(f"sampling (Drawer.draw, EMA weights, batch {b.sample_batch}, {b.sample_steps} "
-                  f"DDIM-spaced steps timed): 64 samples x {c['timesteps']} DDPM steps ~ "
-                  + ", ".join(f"{64 * c['timesteps'] / r['sample_img_steps_s']:.0f} s ({v})"
-                              for v, r in rows.items() if "sample_img_steps_s" in r))
+    console.print(f"sampling {b.sample_batch} images (Drawer.draw, EMA weights): {b.sample_steps} "
+                  f"DPM-Solver++ steps / all {c['timesteps']} ancestral steps: "
+                  + ", ".join(f"{r['dpm_s']:.2f} s / {r['ancestral_s']:.1f} s ({v})"
+                              for v, r in rows.items() if "dpm_s" in r)
+                  + f"; ancestral: the last {b.ancestral_steps} steps timed, scaled to "
+                    f"{c['timesteps']}" * (b.ancestral_steps < c["timesteps"]))
     console.print(f"data: {out['demo_images']} demo faces drawn in {out['demo_set_s']:.2f} s; "
                   f"batches alone: {out['batches_img_s']:.0f} img/s on the device path, "
                   f"{out['plain_batches_img_s']:.0f} img/s on the per-image path")
