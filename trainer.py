@@ -188,7 +188,6 @@ class Trainer:
             self.ema.compile()
         # Fused Adam (one kernel per tensor) on CUDA and CPU: the same update, about 7x faster
         # than the per-op loop on a CPU core, and it can skip a step on the device (found_inf).
-        # A resumed checkpoint keeps the flag it was saved with.
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=a.lr,
                                           fused=device.type in FUSED_DEVICES)
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -224,7 +223,9 @@ class Trainer:
         loss, per_image = self.backward(target, t, eps, w, cond)
         self.scaler.unscale_(self.optimizer)
         norm = nn.utils.clip_grad_norm_(self.model.parameters(), a.grad_clip)
-        ok = torch.isfinite(loss) & torch.isfinite(norm)  # () bool, on the device
+        ok = torch.isfinite(loss)  # () bool, on the device
+        if not self.scaler.is_enabled():  # fp16's scaler skips overflowing gradients itself
+            ok = ok & torch.isfinite(norm)  # (and lowers its scale: not a bad step)
         if world > 1:  # all processes skip together
             ok = ok.float()
             dist.all_reduce(ok, op=dist.ReduceOp.MIN)
@@ -291,8 +292,11 @@ class Trainer:
         it has one, at learning rate lr (--lr applies on resume, e.g. a lower one after a NaN)."""
         self.model.load_state_dict(ckpt["model"])
         self.ema.load_state_dict(ckpt.get("ema", ckpt["model"]))
-        if "optimizer" in ckpt:
-            self.optimizer.load_state_dict(ckpt["optimizer"])
+        if "optimizer" in ckpt:  # fused where this device has it, whatever it was saved with
+            saved = ckpt["optimizer"]
+            fused = self.optimizer.defaults["fused"]
+            self.optimizer.load_state_dict({**saved, "param_groups": [
+                {**group, "fused": fused} for group in saved["param_groups"]]})
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         if self.importance and ckpt.get("importance"):

@@ -11,23 +11,31 @@ import torch
 DDPM = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ddpm.py")
 
 
-@pytest.mark.parametrize("augment,port", [("0", 29533), ("0.5", 29535)])
-def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path, augment, port):
+def one_and_two_processes(tmp_path, flags, port, one=(), two=(), folder=""):
+    """ddpm.py with flags, as one process (+ one) and under torchrun as two gloo processes on
+    the CPU (+ two), outputs in tmp_path/one and tmp_path/two (/folder) -> their stdout."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = {"one": [sys.executable, DDPM, *one],
+            "two": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                    "--master_addr=127.0.0.1", f"--master_port={port}", DDPM, *two]}
+    out = {}
+    for name, cmd in runs.items():
+        where = str(tmp_path / name / folder)
+        r = subprocess.run(cmd + flags + ["--ckpt-save-dir", where, "--save-dir", where],
+                           capture_output=True, text=True, timeout=600, env=env)
+        assert r.returncode == 0, r.stderr[-2000:]
+        out[name] = r.stdout
+    return out
+
+
+@pytest.mark.parametrize("augment", ["0", "0.5"])
+def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path, augment,
+                                                                         unused_port):
     flags = ["--train", "--demo", "--demo-images", "32", "--img-size", "8", "--num-channels", "8",
              "--channel-multiples", "1", "2", "--has-attn", "f", "t", "--num-blocks", "1",
              "--timesteps", "10", "--beta-max", "0.5", "--batch-size", "8", "--epochs", "2",
              "--seed", "11", "--device", "cpu", "--augment", augment]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    runs = {"one": [sys.executable, DDPM],
-            "two": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                    "--master_addr=127.0.0.1", f"--master_port={port}", DDPM]}
-    out = {}
-    for name, cmd in runs.items():
-        r = subprocess.run(cmd + flags + ["--ckpt-save-dir", str(tmp_path / name / "ckpt"),
-                                          "--save-dir", str(tmp_path / name / "out")],
-                           capture_output=True, text=True, timeout=300, env=env)
-        assert r.returncode == 0, r.stderr[-2000:]
-        out[name] = r.stdout
+    out = one_and_two_processes(tmp_path, flags, unused_port, folder="ckpt")
     assert "distributed: 2 processes, global batch 8 = 4 per process" in out["two"]
     assert out["two"].count("epoch 1: mean loss") == 1  # only rank 0 prints
     one = torch.load(tmp_path / "one" / "ckpt" / "ckpt-1.pth", weights_only=True)
@@ -43,21 +51,14 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
 
 
 def test_two_processes_accumulating_two_micro_batches_match_one_process_with_the_whole_batch(
-        tmp_path):
+        tmp_path, unused_port):
     base = ["--train", "--demo", "--demo-images", "32", "--img-size", "8", "--num-channels", "8",
             "--channel-multiples", "1", "--has-attn", "f", "--num-blocks", "1", "--timesteps",
             "10", "--beta-max", "0.5", "--epochs", "1", "--seed", "5", "--device", "cpu",
             "--grad-clip", "1e9"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    runs = {"one": [sys.executable, DDPM, "--batch-size", "16"],
-            "two": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                    "--master_addr=127.0.0.1", "--master_port=29534", DDPM, "--batch-size", "8",
-                    "--grad-accum", "2"]}  # global micro-batch 8 = 4 a process, twice a step
-    for name, cmd in runs.items():
-        r = subprocess.run(cmd + base + ["--ckpt-save-dir", str(tmp_path / name),
-                                         "--save-dir", str(tmp_path / name)],
-                           capture_output=True, text=True, timeout=300, env=env)
-        assert r.returncode == 0, r.stderr[-2000:]
+    # global micro-batch 8 = 4 a process, twice a step
+    one_and_two_processes(tmp_path, base, unused_port, one=["--batch-size", "16"],
+                          two=["--batch-size", "8", "--grad-accum", "2"])
     one, two = (torch.load(tmp_path / n / "ckpt-0.pth", weights_only=True) for n in ("one", "two"))
     assert one["step"] == two["step"] == 2 and two["train"]["images_seen"] == 32
     for k, w in one["model"].items():  # Adam amplifies rounding of near-zero gradients: 1e-5
@@ -78,17 +79,9 @@ def test_two_processes_share_the_fid_samples_and_measure_what_one_process_does(
              "--epochs", "1", "--seed", "3", "--device", "cpu", "--eval-every", "1",
              "--eval-samples", "10", "--sampler", "ddim", "--sample-steps", "3",
              "--cache-dir", str(tmp_path / "cache")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    runs = {"one": [sys.executable, DDPM],
-            "two": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                    "--master_addr=127.0.0.1", f"--master_port={unused_port}", DDPM]}
+    out = one_and_two_processes(tmp_path, flags, unused_port)
     fid = {}
-    for name, cmd in runs.items():
-        r = subprocess.run(cmd + flags + ["--ckpt-save-dir", str(tmp_path / name),
-                                          "--save-dir", str(tmp_path / name)],
-                           capture_output=True, text=True, timeout=600, env=env)
-        assert r.returncode == 0, r.stderr[-2000:]
-        assert r.stdout.count("FID ") == 1  # measured once, on the first process
-        record = json.loads(open(tmp_path / name / "metrics.jsonl").readlines()[-1])
-        fid[name] = record["fid"]
+    for name, stdout in out.items():
+        assert stdout.count("FID ") == 1  # measured once, on the first process
+        fid[name] = json.loads(open(tmp_path / name / "metrics.jsonl").readlines()[-1])["fid"]
     assert fid["one"] > 0 and fid["two"] == pytest.approx(fid["one"], rel=1e-3)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 import ddpm
 import trainer
@@ -20,12 +21,15 @@ from ddpm import Program
 META = torch.device("meta")
 READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default)
 COPY = torch.ops.aten._to_copy.default
+TRANSFERS = (COPY, torch.ops.aten.copy_.default)  # the ops that move data between devices
 
 
 class StandIn(TorchDispatchMode):
-    """Runs every op as usual, but a read of a meta tensor on the host gives `read_as` and a
-    copy of one to the host gives zeros (meta tensors hold no data). Counts the reads, the
-    copies out (device -> host) and the blocking copies in (host -> device, not non_blocking)."""
+    """Runs every op as usual, but an op given both a meta tensor and a host tensor (other than
+    a 0-dim scalar, which CUDA takes too) raises, as on a GPU (PyTorch's meta kernels do not all
+    check); a read of a meta tensor on the host gives `read_as` and a copy of one to the host
+    gives zeros (meta tensors hold no data). Counts the reads, the copies out (device -> host)
+    and the blocking copies in (host -> device, not non_blocking)."""
 
     def __init__(self, read_as=0):
         super().__init__()
@@ -33,6 +37,11 @@ class StandIn(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        if func not in TRANSFERS and any(t.device == META for t in tensors):
+            host = [tuple(t.shape) for t in tensors if t.device.type == "cpu" and t.ndim > 0]
+            if host:
+                raise RuntimeError(f"{func}: host tensor(s) of shape {host} beside the device's")
         if func in READS and args[0].device == META:
             self.reads.append(args[0].dtype)
             return self.read_as
@@ -94,7 +103,7 @@ def test_training_every_kind_keeps_its_tensors_on_the_device(stand_in, tmp_path,
     prog = Program(args, typed)
     assert prog.device == META and next(prog.trainer.model.parameters()).device == META
     prog.run()  # strips, steps, progress grids, a checkpoint: a CPU tensor would have raised
-    assert prog.state.step == 12 // (4 * args.grad_accum)  # 12 images, batch 4 x grad_accum
+    assert prog.state.step == -(-12 // (4 * args.grad_accum))  # 12 images, batch 4 x grad_accum
     assert os.path.exists(tmp_path / "out" / "run-after.png")
 
 
