@@ -66,3 +66,66 @@ def test_the_edges_of_the_ranges_are_accepted():
                   ["--guidance-scale", "0", "7.5"], ["--lr", "1e-9"]):
         args, _ = parse_args(["--train", "--demo", *flags])
         validate(args)  # raises nothing
+
+
+def test_caption_words_are_unicode_words_in_any_script_casefolded():
+    assert words("Rød hår, BLÅ øyne") == ["rød", "hår", "blå", "øyne"]  # not 'r', 'd', 'h', 'r'
+    assert words("Красные волосы, синие глаза") == ["красные", "волосы", "синие", "глаза"]
+    assert words("青い髪、赤い目") == ["青い髪", "赤い目"]  # no spaces: split at punctuation
+    assert words("Straße") == words("STRASSE") == ["strasse"]  # casefolded, not just lowered
+    assert words("re\u0301sume\u0301") == words("r\u00e9sum\u00e9") == ["r\u00e9sum\u00e9"]  # NFC
+    assert words("हिन्दी") == ["हिन्दी"]  # vowel signs are combining marks: one word
+    # ASCII captions give the words they always did (old vocabularies still encode them).
+    assert words("Blue-haired girl's eyes: red_2!") == ["blue-haired", "girl's", "eyes", "red", "2"]
+    vocab = Vocab.build(["Красные волосы", "синие глаза"])
+    assert vocab.itos[2:] == ["волосы", "глаза", "красные", "синие"]
+    assert vocab.encode("СИНИЕ волосы")[:2] == [vocab.stoi["синие"], vocab.stoi["волосы"]]
+
+
+def make_captioned(folder, captions: list[str]) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, caption in enumerate(captions):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(caption, encoding="utf-8")
+        paths.append(str(folder / f"{i}.png"))
+    return paths
+
+
+def test_captions_without_a_single_word_stop_the_run_in_one_line(tmp_path, capsys):
+    with pytest.raises(CaptionError, match="none of the 2 captions holds a word"):
+        Vocab.build(["!!!", "?? --"])
+    make_captioned(tmp_path / "d", ["!!!", "...", "?!"])
+    err = one_line_error(capsys, ["--train", "--data-folders", str(tmp_path / "d"), "--captions",
+                                  "files", "--epochs", "1", *TINY, "--cache-dir",
+                                  str(tmp_path / "c"), "--ckpt-save-dir", str(tmp_path / "ck"),
+                                  "--save-dir", str(tmp_path / "out")])
+    assert "nothing to condition on" in err
+    assert not list((tmp_path / "ck").glob("*.pth"))
+
+
+def captions_csv(tmp_path, text: str, encoding="utf-8") -> list[str]:
+    """read_captions of images 0.png, 1.png, 2.png beside a captions.csv holding `text`."""
+    paths = make_captioned(tmp_path / "d", ["", "", ""])
+    for i in range(3):
+        os.remove(tmp_path / "d" / f"{i}.txt")
+    (tmp_path / "d" / "captions.csv").write_bytes(text.encode(encoding))
+    return read_captions(paths, [str(tmp_path / "d")], "files")
+
+
+def test_a_captions_csv_saved_with_a_byte_order_mark_is_read(tmp_path):
+    text = 'file,caption\r\n0.png,"red hair, blue eyes"\r\n1.png,green\r\n'
+    assert captions_csv(tmp_path, text, "utf-8-sig") == ["red hair, blue eyes", "green", ""]
+
+
+@pytest.mark.parametrize("text, says", [
+    ("file,caption\n0.png,red\n1.png\n", r"line 3: expected file,caption, got '1.png,'"),
+    ('file,caption\n0.png,"red hair\n1.png,blue\n2.png,green\n', r"line 2: the row runs on to "
+                                                                 r"line 4; close its quote"),
+    ("file,caption\n0.png,red hair, blue eyes\n", r"line 2: .*quote a caption that holds commas"),
+    ("name,text\n0.png,red\n", r"expected a header 'file,caption', got 'name,text'"),
+    ("file,caption\n0.png,r\xe9d\n", r"not a UTF-8 csv"),
+])
+def test_a_damaged_captions_csv_is_refused_naming_its_line(tmp_path, text, says):
+    with pytest.raises(CaptionError, match=says):
+        captions_csv(tmp_path, text, "latin-1")
