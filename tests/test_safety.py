@@ -11,6 +11,7 @@ from PIL import Image
 
 import checkpoint
 from config import UserError, parse_args, stored_config
+from data import load_image
 from ddpm import main
 from text import CaptionError, Vocab, read_captions, words
 
@@ -129,3 +130,19 @@ def test_a_captions_csv_saved_with_a_byte_order_mark_is_read(tmp_path):
 def test_a_damaged_captions_csv_is_refused_naming_its_line(tmp_path, text, says):
     with pytest.raises(CaptionError, match=says):
         captions_csv(tmp_path, text, "latin-1")
+
+
+@pytest.mark.parametrize("tag, top", [(6, "red"), (8, "blue"), (1, None)])
+def test_a_photo_is_turned_upright_as_its_exif_orientation_says(tmp_path, tag, top):
+    stored = np.zeros((16, 32, 3), np.uint8)  # as the phone stored it: red left, blue right
+    stored[:, :16, 0], stored[:, 16:, 2] = 255, 255
+    exif = Image.Exif()
+    exif[0x0112] = tag  # 6: turn 90 degrees clockwise to show; 8: anticlockwise
+    Image.fromarray(stored).save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    x = load_image(str(tmp_path / "phone.jpg"), (32, 16), 3, keep_small=True).astype(int)
+    if top is None:  # upright already: covered and centre-cropped as stored
+        assert x[0, :, :8].mean() > 200 and x[2, :, 8:].mean() > 200
+        return
+    red, blue = (x[0], x[2]) if top == "red" else (x[2], x[0])
+    assert red[:14].mean() > 240 and red[18:].mean() < 15  # that half on top, the other below
+    assert blue[:14].mean() < 15 and blue[18:].mean() > 240
