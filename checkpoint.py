@@ -9,8 +9,12 @@ import os
 
 import torch
 
-from config import UserError, config_of, size_name, sr_target_name, stored_config, validate
+import augment
+from config import (UserError, config_of, size_name, sr_target_name, stored_config, stored_keys,
+                    validate)
 from data import atomic_write
+from text import SPECIALS
+from unet import UNet
 
 FORMAT = 2  # 1: before the redesign (model_config, diffusion_config, cond_config); still read
 READABLE = (1, 2)
@@ -51,7 +55,67 @@ def read(path: str, ckpt_dir: str) -> tuple[dict, str]:
                         f"({type(e).__name__})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") not in READABLE:
         raise UserError(f"{path} is not a ddpm.py checkpoint (format {FORMAT})")
+    check(ckpt, path)
     return ckpt, path
+
+
+def check(ckpt: dict, path: str) -> None:
+    """A checkpoint (or export) whose parts are all there and whose weights are the ones its
+    config builds, or UserError saying which part is not: a crafted or damaged file stops here
+    in one line, before anything reads it."""
+    what = f"{path} is damaged or was not written by ddpm.py"
+    try:
+        c = stored_config(ckpt)
+    except (KeyError, TypeError):
+        raise UserError(f"{what}: it has no model config") from None
+    lacking = [k for k in stored_keys() if k not in c]
+    if lacking:
+        raise UserError(f"{what}: its config lacks {', '.join(map(repr, lacking))}")
+    for k in ("epoch", "step"):
+        if not isinstance(ckpt.get(k), int):
+            raise UserError(f"{what}: no {k} count")
+    text = ckpt.get("text")
+    if text is not None and not (isinstance(text, dict) and isinstance(text.get("words"), list)
+                                 and isinstance(text.get("max_len"), int)):
+        raise UserError(f"{what}: its vocabulary is not a word list and a caption length")
+    for part in ("model", "ema"):
+        weights = ckpt.get(part, {} if part == "ema" else None)
+        if not (isinstance(weights, dict) and all(isinstance(v, torch.Tensor)
+                                                  for v in weights.values())):
+            raise UserError(f"{what}: its {part} weights are not a dict of tensors")
+        if weights and (wrong := misfit(weights, c, text)):
+            raise UserError(f"{path}: the {part} weights do not fit its config ({wrong})")
+
+
+def model_of(c: dict, text: dict | None, device="meta") -> UNet:
+    """The UNet a stored config (and vocabulary) describes; on the meta device by default:
+    shapes only, no memory, no time."""
+    with torch.device(device):
+        return UNet(img_channels=c["img_channels"], num_channels=c["num_channels"],
+                    channel_multiples=c["channel_multiples"], has_attn=c["has_attn"],
+                    num_blocks=c["num_blocks"], dropout=c["dropout"],
+                    learn_sigma=c["learn_sigma"],
+                    vocab_size=len(SPECIALS) + len(text["words"]) if text else 0,
+                    text_len=text["max_len"] if text else 0,
+                    lowres_channels=c["img_channels"] if c["super_res"] else 0,
+                    augment_dim=augment.AUGMENT_DIM if c["augment"] > 0 else 0)
+
+
+def misfit(weights: dict, c: dict, text: dict | None) -> str:
+    """'' where the weights are exactly those of the config's UNet (names and shapes), else
+    what differs, briefly."""
+    try:
+        want = {k: tuple(v.shape) for k, v in model_of(c, text).state_dict().items()}
+    except Exception as e:  # a config no UNet can be built from
+        return f"no model can be built from it: {type(e).__name__}: {str(e)[:80]}"
+    have = {k: tuple(v.shape) for k, v in weights.items()}
+    missing, extra = sorted(want.keys() - have.keys()), sorted(have.keys() - want.keys())
+    shaped = sorted(k for k in want.keys() & have.keys() if want[k] != have[k])
+    out = ([f"{len(missing)} missing, e.g. {missing[0]}"] if missing else []) + \
+          ([f"{len(extra)} unexpected, e.g. {extra[0]}"] if extra else []) + \
+          [f"{k} is {'x'.join(map(str, have[k]))}, the config builds "
+           f"{'x'.join(map(str, want[k]))}" for k in shaped[:1]]
+    return "; ".join(out)
 
 
 def state(prog) -> dict:
@@ -132,7 +196,10 @@ def export(ckpt: dict, path: str) -> None:
             "text": json.dumps(ckpt.get("text")), "epoch": str(ckpt["epoch"]),
             "step": str(ckpt["step"])}
     blob = save(weights, metadata=meta)  # bytes
-    atomic_write(path, lambda f: f.write(blob))
+    try:
+        atomic_write(path, lambda f: f.write(blob))
+    except OSError as e:  # a missing or read-only folder, a full disk
+        raise UserError(f"cannot write --export {path}: {e.strerror or e}") from None
 
 
 def read_export(path: str) -> dict:
@@ -146,9 +213,17 @@ def read_export(path: str) -> dict:
         raise UserError(f"cannot read {path}: not a safetensors file ({e})") from None
     if meta.get("format") != "ddpm.py":
         raise UserError(f"{path} was not exported by ddpm.py (no model config in its metadata)")
-    return {"format": FORMAT, "config": json.loads(meta["config"]),
-            "text": json.loads(meta["text"]), "model": weights, "ema": weights,
-            "epoch": int(meta["epoch"]), "step": int(meta["step"]), "exported": True}
+    try:
+        ckpt = {"format": FORMAT, "config": json.loads(meta["config"]),
+                "text": json.loads(meta.get("text", "null")), "model": weights, "ema": weights,
+                "epoch": int(meta["epoch"]), "step": int(meta["step"]), "exported": True}
+    except (KeyError, ValueError) as e:  # json.JSONDecodeError is a ValueError
+        raise UserError(f"{path}: its metadata is damaged ({type(e).__name__}: {e}); export "
+                        f"it again from its .pth") from None
+    if not isinstance(ckpt["config"], dict):
+        raise UserError(f"{path}: its metadata holds no model config; export it again")
+    check(ckpt, path)
+    return ckpt
 
 
 def describe(ckpt: dict, path: str) -> list[str]:

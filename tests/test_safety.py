@@ -146,3 +146,88 @@ def test_a_photo_is_turned_upright_as_its_exif_orientation_says(tmp_path, tag, t
     red, blue = (x[0], x[2]) if top == "red" else (x[2], x[0])
     assert red[:14].mean() > 240 and red[18:].mean() < 15  # that half on top, the other below
     assert blue[:14].mean() < 15 and blue[18:].mean() > 240
+
+
+FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures",
+                       "text-model-bc9cbb7.pth")
+
+
+def crafted(tmp_path, change) -> str:
+    """The fixture checkpoint in the current layout (format 2, one config dict), changed by
+    change(ckpt), saved as crafted.pth."""
+    ckpt = torch.load(FIXTURE, weights_only=True)
+    ckpt["config"] = stored_config(ckpt)
+    for k in ("model_config", "diffusion_config", "cond_config"):
+        ckpt.pop(k, None)
+    ckpt["format"] = 2
+    change(ckpt)
+    torch.save(ckpt, tmp_path / "crafted.pth")
+    return str(tmp_path / "crafted.pth")
+
+
+@pytest.mark.parametrize("change, says", [
+    (lambda c: c.pop("config"), "no model config"),
+    (lambda c: c["config"].pop("timesteps"), "lacks 'timesteps'"),
+    (lambda c: c.pop("step"), "no step count"),
+    (lambda c: c.update(model=[1, 2]), "model weights are not a dict of tensors"),
+    (lambda c: c["config"].update(num_channels=8), "do not fit its config"),
+    (lambda c: c["ema"].pop("conv_in.weight"), "ema weights do not fit .*1 missing"),
+])
+def test_a_crafted_checkpoint_is_one_line_for_info_and_loading(tmp_path, capsys, change, says):
+    path = crafted(tmp_path, change)
+    assert says.split(" .*")[0] in one_line_error(capsys, ["--info", path])
+    err = one_line_error(capsys, ["--loadckpt", path, "--save-dir", str(tmp_path / "out")])
+    assert __import__("re").search(says, err)
+
+
+def test_the_crafted_checkpoint_helper_keeps_a_good_one_good(tmp_path, capsys):
+    assert main(["--info", crafted(tmp_path, lambda c: None)]) == 0
+    assert "text-conditioned ddpm.py model" in capsys.readouterr().out
+
+
+def export_with(tmp_path, metadata_change) -> str:
+    """The fixture exported, then its safetensors metadata changed by metadata_change(meta)."""
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+    good = str(tmp_path / "good.safetensors")
+    assert main(["--loadckpt", FIXTURE, "--export", good]) == 0
+    with safe_open(good, framework="pt") as f:
+        meta = f.metadata()
+    metadata_change(meta)
+    save_file(load_file(good), tmp_path / "bad.safetensors", metadata=meta)
+    return str(tmp_path / "bad.safetensors")
+
+
+@pytest.mark.parametrize("change, says", [
+    (lambda m: m.pop("config"), "its metadata is damaged"),
+    (lambda m: m.update(config="{not json"), "its metadata is damaged"),
+    (lambda m: m.update(config="[1, 2]"), "holds no model config"),
+    (lambda m: m.update(step="many"), "its metadata is damaged"),
+    (lambda m: m.update(config=json.dumps({**json.loads(m["config"]), "num_channels": 8})),
+     "weights do not fit its config"),
+    (lambda m: m.update(text="null"), "weights do not fit its config"),  # the vocabulary lost
+])
+def test_an_export_with_damaged_or_unfitting_metadata_is_one_line(tmp_path, capsys, change, says):
+    path = export_with(tmp_path, change)
+    capsys.readouterr()
+    assert says in one_line_error(capsys, ["--info", path])
+    assert says in one_line_error(capsys, ["--loadckpt", path, "--save-dir", str(tmp_path / "o")])
+
+
+def test_export_into_a_folder_that_cannot_take_it_is_one_line(tmp_path, capsys):
+    err = one_line_error(capsys, ["--loadckpt", FIXTURE, "--export",
+                                  str(tmp_path / "missing" / "x.safetensors")])
+    assert "cannot write --export" in err and "No such file or directory" in err
+    (tmp_path / "file").write_text("")
+    err = one_line_error(capsys, ["--loadckpt", FIXTURE, "--export",
+                                  str(tmp_path / "file" / "x.safetensors")])
+    assert "cannot write --export" in err and "Not a directory" in err
+
+
+def test_a_mask_folder_that_does_not_exist_is_one_line(tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "in" / "0.png")
+    err = one_line_error(capsys, ["--loadckpt", FIXTURE, "--init-folder", str(tmp_path / "in"),
+                                  "--mask-folder", str(tmp_path / "masks"),
+                                  "--save-dir", str(tmp_path / "out")])
+    assert f"--mask-folder {tmp_path / 'masks'}: No such file or directory" in err
