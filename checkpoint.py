@@ -60,9 +60,9 @@ def read(path: str, ckpt_dir: str) -> tuple[dict, str]:
 
 
 def check(ckpt: dict, path: str) -> None:
-    """A checkpoint (or export) whose parts are all there and whose weights are the ones its
-    config builds, or UserError saying which part is not: a crafted or damaged file stops here
-    in one line, before anything reads it."""
+    """A checkpoint (or export) whose parts are all there, or UserError saying which is not: a
+    crafted or damaged file stops here in one line, before anything reads it. (Whether the
+    weights are those of the config's UNet: check_fit, or loading them.)"""
     what = f"{path} is damaged or was not written by ddpm.py"
     try:
         c = stored_config(ckpt)
@@ -83,8 +83,17 @@ def check(ckpt: dict, path: str) -> None:
         if not (isinstance(weights, dict) and all(isinstance(v, torch.Tensor)
                                                   for v in weights.values())):
             raise UserError(f"{what}: its {part} weights are not a dict of tensors")
-        if weights and (wrong := misfit(weights, c, text)):
-            raise UserError(f"{path}: the {part} weights do not fit its config ({wrong})")
+
+
+def check_fit(ckpt: dict, path: str) -> None:
+    """UserError unless the weights (and EMA) are exactly those of the UNet the checkpoint's
+    config describes: for --info and --export, which do not load them."""
+    c, text = stored_config(ckpt), ckpt.get("text")
+    for part in ("model", "ema"):
+        wrong = misfit(ckpt[part], c, text) if part in ckpt else ""
+        if wrong:
+            raise UserError(f"{path} does not fit this program: its {part} weights are not the "
+                            f"UNet its config describes ({wrong})")
 
 
 def model_of(c: dict, text: dict | None, device="meta") -> UNet:
@@ -107,7 +116,8 @@ def misfit(weights: dict, c: dict, text: dict | None) -> str:
     try:
         want = {k: tuple(v.shape) for k, v in model_of(c, text).state_dict().items()}
     except Exception as e:  # a config no UNet can be built from
-        return f"no model can be built from it: {type(e).__name__}: {str(e)[:80]}"
+        first = (str(e).strip().splitlines() or [""])[0][:80]
+        return f"no UNet can be built from it: {type(e).__name__}: {first}"
     have = {k: tuple(v.shape) for k, v in weights.items()}
     missing, extra = sorted(want.keys() - have.keys()), sorted(have.keys() - want.keys())
     shaped = sorted(k for k in want.keys() & have.keys() if want[k] != have[k])
@@ -268,10 +278,12 @@ def inspect(a) -> None:
     """--info PATH: what a checkpoint is; --export FILE with --loadckpt: its EMA weights."""
     if a.info:
         ckpt, path = read(a.info, a.ckpt_save_dir)
+        check_fit(ckpt, path)
         print("\n".join(describe(ckpt, path)))
         return
     validate(a)
     ckpt, path = read(a.loadckpt, a.ckpt_save_dir)
+    check_fit(ckpt, path)
     export(ckpt, a.export)
     print(f"exported the EMA weights of {path} (step {ckpt['step']}) to {a.export}: they sample "
           f"(--loadckpt {a.export}) but hold no optimizer state, so they cannot resume training")
