@@ -2,10 +2,16 @@
 optimizer, counters and RNG states, so `--loadckpt` alone rebuilds the model and a resumed run
 goes on exactly as if it had never stopped. Read safely (weights_only), written atomically.
 """
+import contextlib
 import glob
 import json
 import math
 import os
+import re
+import secrets
+import signal
+import socket
+import time
 
 import torch
 
@@ -15,6 +21,11 @@ from config import (UserError, config_of, size_name, sr_target_name, stored_conf
 from data import atomic_write
 from text import SPECIALS
 from unet import UNet
+
+try:
+    import fcntl  # file locks (POSIX)
+except ImportError:  # Windows: the checkpoint folder is not locked
+    fcntl = None
 
 FORMAT = 2  # 1: before the redesign (model_config, diffusion_config, cond_config); still read
 READABLE = (1, 2)
@@ -287,3 +298,147 @@ def inspect(a) -> None:
     export(ckpt, a.export)
     print(f"exported the EMA weights of {path} (step {ckpt['step']}) to {a.export}: they sample "
           f"(--loadckpt {a.export}) but hold no optimizer state, so they cannot resume training")
+
+
+# -- the run that owns a checkpoint folder, stops safely, and says so in its exit code ---------
+
+LOCK = "run.lock"  # in the checkpoint folder while a run trains into it
+EXIT = {"done": 0, "nonfinite": 1, "interrupted": 130, "terminated": 143}  # with the work saved
+NOT_SAVED = 74  # sysexits' EX_IOERR: the run ended but its last save failed
+
+
+def new_run_id() -> str:
+    """A new training run's id, stored in each of its checkpoints: when it began and 24 random
+    bits, e.g. '20250131-142501-9f3ac2'."""
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
+
+
+class FolderLock:
+    """An exclusive lock (flock) on <folder>/run.lock, held while a run trains into the folder.
+    The operating system drops it when the process ends, however it ends, so the lock of a
+    killed run is free again at once; the file says which run holds it."""
+
+    def __init__(self, path: str | None, fd: int | None):
+        self.path, self.fd = path, fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.remove(self.path)  # first, so a run that opened the file re-checks it
+            os.close(self.fd)  # closing unlocks
+            self.fd = None
+
+    def __enter__(self) -> "FolderLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def lock_folder(folder: str, run_id: str) -> FolderLock:
+    """Lock `folder` for this run, or UserError naming the live run that holds it. Where the
+    file system cannot lock (some network file systems; Windows has no flock) the folder is
+    not locked."""
+    path = os.path.join(folder, LOCK)
+    if fcntl is None:
+        return FolderLock(None, None)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 500).decode(errors="replace").strip() or "a run"
+            os.close(fd)
+            raise UserError(f"{folder}/ is in use by another live run ({holder}): wait for it to "
+                            f"end, or train into another --ckpt-save-dir") from None
+        except OSError:  # no locks on this file system
+            os.close(fd)
+            return FolderLock(None, None)
+        try:  # the holder may have removed the file between our open and lock: lock the new one
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"run {run_id}, pid {os.getpid()} on {socket.gethostname()}\n".encode())
+    return FolderLock(path, fd)
+
+
+def run_of(path: str) -> str | None:
+    """The run id a checkpoint file records ('' for one written before runs had ids), or None
+    for a file that is not a readable ddpm.py checkpoint. Memory-maps the file: cheap."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return None
+    if not isinstance(ckpt, dict) or ckpt.get("format") not in READABLE:
+        return None
+    return str(ckpt.get("run_id") or "")
+
+
+def claim_folder(ckpt_dir: str, run_id: str, continuing: bool = False,
+                 start_over: bool = False) -> FolderLock:
+    """Make ckpt_dir this run's, before it writes anything there -> the folder's lock, to hold
+    (and release) for the whole run. Refuses (UserError, one line) a folder in use by another
+    live run, and one that holds checkpoints of another run, which the new run's rotation and
+    --resume would mix with its own; continuing: the run goes on from a checkpoint written
+    before runs had ids, so checkpoints without an id count as its own. start_over moves the
+    other run's checkpoints into ckpt_dir/replaced-<their run id>/ instead (nothing is
+    deleted). Temporaries of saves that were killed are removed (the lock is held: no live
+    run is writing them). Files that are not readable checkpoints are left alone."""
+    try:
+        os.makedirs(ckpt_dir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create folder {ckpt_dir}: {e.strerror}") from None
+    lock = lock_folder(ckpt_dir, run_id)
+    try:
+        others = {}  # checkpoint file -> the other run's id ('' unknown)
+        for path in sorted(glob.glob(os.path.join(ckpt_dir, "*.pth"))):
+            rid = run_of(path)
+            if rid is not None and rid != run_id and not (rid == "" and continuing):
+                others[path] = rid
+        if others and not start_over:
+            names = ", ".join(os.path.basename(p) for p in others)
+            rids = sorted(set(others.values()))
+            whose = f"run {', '.join(r or 'without an id' for r in rids)}"
+            raise UserError(f"{ckpt_dir}/ holds checkpoints of another run ({whose}: {names}): "
+                            f"continue it with --resume, train into another --ckpt-save-dir, or "
+                            f"give --start-over to move them into {ckpt_dir}/replaced-<run>/")
+        for path, rid in others.items():
+            aside = os.path.join(ckpt_dir, f"replaced-{rid or 'unknown'}")
+            os.makedirs(aside, exist_ok=True)
+            os.replace(path, os.path.join(aside, os.path.basename(path)))
+        for name in os.listdir(ckpt_dir):
+            if re.fullmatch(r".+\.pth\.\d+\.tmp", name):
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(ckpt_dir, name))
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+@contextlib.contextmanager
+def signals_held(deliver: bool = True, signums=(signal.SIGTERM, signal.SIGINT)):
+    """Hold SIGTERM and Ctrl-C off a block (a save) so that they never interrupt it half-way:
+    those that arrive meanwhile are delivered once it ends (deliver, for the saves of a run that
+    goes on: it then stops as asked) or dropped (for the last save of a run that is already
+    stopping: a scheduler's second SIGTERM must not cut it short). Main thread only."""
+    got = []
+    previous = {s: signal.signal(s, lambda signum, frame: got.append(signum)) for s in signums}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        if deliver:
+            for s in dict.fromkeys(got):  # each kind once, in the order they came
+                signal.raise_signal(s)
+
+
+def exit_code(how: str, saved: bool) -> int:
+    """The exit code of a training run that ended `how` (done | nonfinite | interrupted |
+    terminated): EXIT[how] when its last save succeeded, else NOT_SAVED (74), so the code
+    alone says whether the work is on disk."""
+    return EXIT[how] if saved else NOT_SAVED

@@ -198,6 +198,10 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
                    help="every N optimizer steps draw the same fixed noise into a grid with the "
                         "EMA weights (DDIM, 25 steps): output/progress/step-<step>.png and "
                         "output/progress.png, a row each (default: once per epoch; 0 = off)")
+    g.add_argument("--start-over", action="store_true",
+                   help="train a new run into a --ckpt-save-dir that holds another run's "
+                        "checkpoints: they are moved into <ckpt-save-dir>/replaced-<run id>/ "
+                        "first (without it such a folder is refused; --resume continues it)")
     g.add_argument("--tensorboard", action="store_true",
                    help="also log loss, learning rate, img/s, FID/KID and the progress grids to "
                         "<--save-dir>/tensorboard (needs the tensorboard package)")
@@ -486,6 +490,9 @@ def _check_task(a: argparse.Namespace, cascade: bool) -> None:
     if a.train:
         if a.export:
             raise UserError("--export and --train do different things: give one of them")
+        if a.start_over and a.resume:
+            raise UserError("--start-over begins a new run, --resume continues the folder's: "
+                            "give one of them")
         if not a.demo and not a.data_folders:
             raise UserError("--train needs --data-folders DIR (or --demo for built-in faces)"
                             if not a.loadckpt else "resuming with --loadckpt needs the "
@@ -493,6 +500,8 @@ def _check_task(a: argparse.Namespace, cascade: bool) -> None:
         if a.captions != "off" and a.demo:
             raise UserError("--captions reads captions beside images: give --data-folders DIR")
         return
+    if a.start_over:
+        raise UserError("--start-over begins a training run into --ckpt-save-dir: give --train")
     if not a.loadckpt:
         raise UserError("nothing to do: give --train to train, or --loadckpt PATH to sample")
     name, sr = a.loadckpt, f"a super-resolution model ({a.super_res} -> {a.img_size} px)"
