@@ -161,7 +161,8 @@ def load_image(path: str, size, channels: int, keep_small: bool = False) -> np.n
         shown = im.size[::-1] if turned else im.size
         if (shown[0] < W or shown[1] < H) and not keep_small:
             raise SkipImage(f"smaller than {W} x {H} px" if H != W else f"smaller than {H} px")
-        im.draft("RGB" if channels == 3 else "L", (H, W) if turned else (W, H))  # big JPEGs: 1/2..1/8
+        # Big JPEGs decode at 1/2 .. 1/8 scale, no smaller than needed (as stored: maybe turned).
+        im.draft("RGB" if channels == 3 else "L", (H, W) if turned else (W, H))
         try:
             im.load()
         except Exception:
@@ -376,7 +377,8 @@ def remove_stale_temporaries(folder: str) -> list[str]:
         m = re.fullmatch(r".+\.(\d+)\.tmp", name)
         path = os.path.join(folder, name)
         with contextlib.suppress(OSError):
-            if m and not pid_alive(int(m[1])) and time.time() - os.path.getmtime(path) > STALE_AFTER:
+            idle = time.time() - os.path.getmtime(path) if m else 0.0
+            if m and not pid_alive(int(m[1])) and idle > STALE_AFTER:
                 os.remove(path)
                 removed.append(name)
     return removed

@@ -82,7 +82,7 @@ def test_a_cache_folder_that_is_a_file_falls_back_to_memory_with_one_warning(tmp
 FULL_DISK = """
 import resource, signal, sys
 sys.path.insert(0, {root!r})
-signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG), as on a full disk
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG), as if full
 resource.setrlimit(resource.RLIMIT_FSIZE, (200, 200))
 from data import load_folders
 x = load_folders([{folder!r}], 8, 3, cache_dir={cache!r}, warn=print)
