@@ -2,16 +2,31 @@
 optimizer, counters and RNG states, so `--loadckpt` alone rebuilds the model and a resumed run
 goes on exactly as if it had never stopped. Read safely (weights_only), written atomically.
 """
+import contextlib
 import glob
 import json
 import math
 import os
+import re
+import secrets
+import signal
+import socket
+import time
 from dataclasses import dataclass
 
 import torch
 
-from config import UserError, config_of, size_name, sr_target_name, stored_config, validate
+import augment
+from config import (UserError, config_of, size_name, sr_target_name, stored_config, stored_keys,
+                    validate)
 from data import atomic_write
+from text import SPECIALS
+from unet import UNet
+
+try:
+    import fcntl  # file locks (POSIX)
+except ImportError:  # Windows: the checkpoint folder is not locked
+    fcntl = None
 
 FORMAT = 2  # 1: three dicts (model_config, diffusion_config, cond_config); still read
 READABLE = (1, 2)
@@ -52,7 +67,77 @@ def read(path: str, ckpt_dir: str) -> tuple[dict, str]:
                         f"({type(e).__name__})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") not in READABLE:
         raise UserError(f"{path} is not a ddpm.py checkpoint (format {FORMAT})")
+    check(ckpt, path)
     return ckpt, path
+
+
+def check(ckpt: dict, path: str) -> None:
+    """A checkpoint (or export) whose parts are all there, or UserError saying which is not: a
+    crafted or damaged file stops here in one line, before anything reads it. (Whether the
+    weights are those of the config's UNet: check_fit, or loading them.)"""
+    what = f"{path} is damaged or was not written by ddpm.py"
+    try:
+        c = stored_config(ckpt)
+    except (KeyError, TypeError):
+        raise UserError(f"{what}: it has no model config") from None
+    lacking = [k for k in stored_keys() if k not in c]
+    if lacking:
+        raise UserError(f"{what}: its config lacks {', '.join(map(repr, lacking))}")
+    for k in ("epoch", "step"):
+        if not isinstance(ckpt.get(k), int):
+            raise UserError(f"{what}: no {k} count")
+    text = ckpt.get("text")
+    if text is not None and not (isinstance(text, dict) and isinstance(text.get("words"), list)
+                                 and isinstance(text.get("max_len"), int)):
+        raise UserError(f"{what}: its vocabulary is not a word list and a caption length")
+    for part in ("model", "ema"):
+        weights = ckpt.get(part, {} if part == "ema" else None)
+        if not (isinstance(weights, dict) and all(isinstance(v, torch.Tensor)
+                                                  for v in weights.values())):
+            raise UserError(f"{what}: its {part} weights are not a dict of tensors")
+
+
+def check_fit(ckpt: dict, path: str) -> None:
+    """UserError unless the weights (and EMA) are exactly those of the UNet the checkpoint's
+    config describes: for --info and --export, which do not load them."""
+    c, text = stored_config(ckpt), ckpt.get("text")
+    for part in ("model", "ema"):
+        wrong = misfit(ckpt[part], c, text) if part in ckpt else ""
+        if wrong:
+            raise UserError(f"{path} does not fit this program: its {part} weights are not the "
+                            f"UNet its config describes ({wrong})")
+
+
+def model_of(c: dict, text: dict | None, device="meta") -> UNet:
+    """The UNet a stored config (and vocabulary) describes; on the meta device by default:
+    shapes only, no memory, no time."""
+    with torch.device(device):
+        return UNet(img_channels=c["img_channels"], num_channels=c["num_channels"],
+                    channel_multiples=c["channel_multiples"], has_attn=c["has_attn"],
+                    num_blocks=c["num_blocks"], dropout=c["dropout"],
+                    learn_sigma=c["learn_sigma"],
+                    vocab_size=len(SPECIALS) + len(text["words"]) if text else 0,
+                    text_len=text["max_len"] if text else 0,
+                    lowres_channels=c["img_channels"] if c["super_res"] else 0,
+                    augment_dim=augment.AUGMENT_DIM if c["augment"] > 0 else 0)
+
+
+def misfit(weights: dict, c: dict, text: dict | None) -> str:
+    """'' where the weights are exactly those of the config's UNet (names and shapes), else
+    what differs, briefly."""
+    try:
+        want = {k: tuple(v.shape) for k, v in model_of(c, text).state_dict().items()}
+    except Exception as e:  # a config no UNet can be built from
+        first = (str(e).strip().splitlines() or [""])[0][:80]
+        return f"no UNet can be built from it: {type(e).__name__}: {first}"
+    have = {k: tuple(v.shape) for k, v in weights.items()}
+    missing, extra = sorted(want.keys() - have.keys()), sorted(have.keys() - want.keys())
+    shaped = sorted(k for k in want.keys() & have.keys() if want[k] != have[k])
+    out = ([f"{len(missing)} missing, e.g. {missing[0]}"] if missing else []) + \
+          ([f"{len(extra)} unexpected, e.g. {extra[0]}"] if extra else []) + \
+          [f"{k} is {'x'.join(map(str, have[k]))}, the config builds "
+           f"{'x'.join(map(str, want[k]))}" for k in shaped[:1]]
+    return "; ".join(out)
 
 
 @dataclass
@@ -137,7 +222,10 @@ def export(ckpt: dict, path: str) -> None:
             "text": json.dumps(ckpt.get("text")), "epoch": str(ckpt["epoch"]),
             "step": str(ckpt["step"])}
     blob = save(weights, metadata=meta)  # bytes
-    atomic_write(path, lambda f: f.write(blob))
+    try:
+        atomic_write(path, lambda f: f.write(blob))
+    except OSError as e:  # a missing or read-only folder, a full disk
+        raise UserError(f"cannot write --export {path}: {e.strerror or e}") from None
 
 
 def read_export(path: str) -> dict:
@@ -151,9 +239,17 @@ def read_export(path: str) -> dict:
         raise UserError(f"cannot read {path}: not a safetensors file ({e})") from None
     if meta.get("format") != "ddpm.py":
         raise UserError(f"{path} was not exported by ddpm.py (no model config in its metadata)")
-    return {"format": FORMAT, "config": json.loads(meta["config"]),
-            "text": json.loads(meta["text"]), "model": weights, "ema": weights,
-            "epoch": int(meta["epoch"]), "step": int(meta["step"]), "exported": True}
+    try:
+        ckpt = {"format": FORMAT, "config": json.loads(meta["config"]),
+                "text": json.loads(meta.get("text", "null")), "model": weights, "ema": weights,
+                "epoch": int(meta["epoch"]), "step": int(meta["step"]), "exported": True}
+    except (KeyError, ValueError) as e:  # json.JSONDecodeError is a ValueError
+        raise UserError(f"{path}: its metadata is damaged ({type(e).__name__}: {e}); export "
+                        f"it again from its .pth") from None
+    if not isinstance(ckpt["config"], dict):
+        raise UserError(f"{path}: its metadata holds no model config; export it again")
+    check(ckpt, path)
+    return ckpt
 
 
 def describe(ckpt: dict, path: str) -> list[str]:
@@ -198,10 +294,156 @@ def inspect(a) -> None:
     """--info PATH: what a checkpoint is; --export FILE with --loadckpt: its EMA weights."""
     if a.info:
         ckpt, path = read(a.info, a.ckpt_save_dir)
+        check_fit(ckpt, path)
         print("\n".join(describe(ckpt, path)))
         return
     validate(a)
     ckpt, path = read(a.loadckpt, a.ckpt_save_dir)
+    check_fit(ckpt, path)
     export(ckpt, a.export)
     print(f"exported the EMA weights of {path} (step {ckpt['step']}) to {a.export}: they sample "
           f"(--loadckpt {a.export}) but hold no optimizer state, so they cannot resume training")
+
+
+# -- the run that owns a checkpoint folder, stops safely, and says so in its exit code ---------
+
+LOCK = "run.lock"  # in the checkpoint folder while a run trains into it
+EXIT = {"done": 0, "nonfinite": 1, "interrupted": 130, "terminated": 143}  # with the work saved
+NOT_SAVED = 74  # sysexits' EX_IOERR: the run ended but its last save failed
+
+
+def new_run_id() -> str:
+    """A new training run's id, stored in each of its checkpoints: when it began and 24 random
+    bits, e.g. '20250131-142501-9f3ac2'."""
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
+
+
+class FolderLock:
+    """An exclusive lock (flock) on <folder>/run.lock, held while a run trains into the folder.
+    The operating system drops it when the process ends, however it ends, so the lock of a
+    killed run is free again at once; the file says which run holds it."""
+
+    def __init__(self, path: str | None, fd: int | None):
+        self.path, self.fd = path, fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.remove(self.path)  # first, so a run that opened the file re-checks it
+            os.close(self.fd)  # closing unlocks
+            self.fd = None
+
+    def __enter__(self) -> "FolderLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def lock_folder(folder: str, run_id: str) -> FolderLock:
+    """Lock `folder` for this run, or UserError naming the live run that holds it. Where the
+    file system cannot lock (some network file systems; Windows has no flock) the folder is
+    not locked."""
+    path = os.path.join(folder, LOCK)
+    if fcntl is None:
+        return FolderLock(None, None)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 500).decode(errors="replace").strip() or "a run"
+            os.close(fd)
+            raise UserError(f"{folder}/ is in use by another live run ({holder}): wait for it to "
+                            f"end, or train into another --ckpt-save-dir") from None
+        except OSError:  # no locks on this file system
+            os.close(fd)
+            return FolderLock(None, None)
+        try:  # the holder may have removed the file between our open and lock: lock the new one
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"run {run_id}, pid {os.getpid()} on {socket.gethostname()}\n".encode())
+    return FolderLock(path, fd)
+
+
+def run_of(path: str) -> str | None:
+    """The run id a checkpoint file records ('' for one written before runs had ids), or None
+    for a file that is not a readable ddpm.py checkpoint. Memory-maps the file: cheap."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return None
+    if not isinstance(ckpt, dict) or ckpt.get("format") not in READABLE:
+        return None
+    return str(ckpt.get("run_id") or "")
+
+
+def claim_folder(ckpt_dir: str, run_id: str, continuing: bool = False,
+                 start_over: bool = False) -> FolderLock:
+    """Make ckpt_dir this run's, before it writes anything there -> the folder's lock, to hold
+    (and release) for the whole run. Refuses (UserError, one line) a folder in use by another
+    live run, and one that holds checkpoints of another run, which the new run's rotation and
+    --resume would mix with its own; continuing: the run goes on from a checkpoint written
+    before runs had ids, so checkpoints without an id count as its own. start_over moves the
+    other run's checkpoints into ckpt_dir/replaced-<their run id>/ instead (nothing is
+    deleted). Temporaries of saves that were killed are removed (the lock is held: no live
+    run is writing them). Files that are not readable checkpoints are left alone."""
+    try:
+        os.makedirs(ckpt_dir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create folder {ckpt_dir}: {e.strerror}") from None
+    lock = lock_folder(ckpt_dir, run_id)
+    try:
+        others = {}  # checkpoint file -> the other run's id ('' unknown)
+        for path in sorted(glob.glob(os.path.join(ckpt_dir, "*.pth"))):
+            rid = run_of(path)
+            if rid is not None and rid != run_id and not (rid == "" and continuing):
+                others[path] = rid
+        if others and not start_over:
+            names = ", ".join(os.path.basename(p) for p in others)
+            rids = sorted(set(others.values()))
+            whose = f"run {', '.join(r or 'without an id' for r in rids)}"
+            raise UserError(f"{ckpt_dir}/ holds checkpoints of another run ({whose}: {names}): "
+                            f"continue it with --resume, train into another --ckpt-save-dir, or "
+                            f"give --start-over to move them into {ckpt_dir}/replaced-<run>/")
+        for path, rid in others.items():
+            aside = os.path.join(ckpt_dir, f"replaced-{rid or 'unknown'}")
+            os.makedirs(aside, exist_ok=True)
+            os.replace(path, os.path.join(aside, os.path.basename(path)))
+        for name in os.listdir(ckpt_dir):
+            if re.fullmatch(r".+\.pth\.\d+\.tmp", name):
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(ckpt_dir, name))
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+@contextlib.contextmanager
+def signals_held(deliver: bool = True, signums=(signal.SIGTERM, signal.SIGINT)):
+    """Hold SIGTERM and Ctrl-C off a block (a save) so that they never interrupt it half-way:
+    those that arrive meanwhile are delivered once it ends (deliver, for the saves of a run that
+    goes on: it then stops as asked) or dropped (for the last save of a run that is already
+    stopping: a scheduler's second SIGTERM must not cut it short). Main thread only."""
+    got = []
+    previous = {s: signal.signal(s, lambda signum, frame: got.append(signum)) for s in signums}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        if deliver:
+            for s in dict.fromkeys(got):  # each kind once, in the order they came
+                signal.raise_signal(s)
+
+
+def exit_code(how: str, saved: bool) -> int:
+    """The exit code of a training run that ended `how` (done | nonfinite | interrupted |
+    terminated): EXIT[how] when its last save succeeded, else NOT_SAVED (74), so the code
+    alone says whether the work is on disk."""
+    return EXIT[how] if saved else NOT_SAVED

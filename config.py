@@ -5,6 +5,7 @@ The groups marked "stored" describe the model: they are saved in every checkpoin
 (`config`), and loading a checkpoint sets them, so `--loadckpt ckpt-4.pth` alone rebuilds the model.
 """
 import argparse
+import math
 
 import torch
 
@@ -197,6 +198,10 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
                    help="every N optimizer steps draw the same fixed noise into a grid with the "
                         "EMA weights (DDIM, 25 steps): output/progress/step-<step>.png and "
                         "output/progress.png, a row each (default: once per epoch; 0 = off)")
+    g.add_argument("--start-over", action="store_true",
+                   help="train a new run into a --ckpt-save-dir that holds another run's "
+                        "checkpoints: they are moved into <ckpt-save-dir>/replaced-<run id>/ "
+                        "first (without it such a folder is refused; --resume continues it)")
     g.add_argument("--tensorboard", action="store_true",
                    help="also log loss, learning rate, img/s, FID/KID and the progress grids to "
                         "<--save-dir>/tensorboard (needs the tensorboard package)")
@@ -403,7 +408,7 @@ def _check_values(a: argparse.Namespace) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(a, name)}")
     if min(hw(a.img_size)) <= 0:
         raise UserError(f"--img-size must be positive, got {size_name(a.img_size)}")
-    if a.data_memory is not None and a.data_memory <= 0:
+    if a.data_memory is not None and not a.data_memory > 0:
         raise UserError(f"--data-memory must be positive (MiB), got {a.data_memory}")
     if any(m <= 0 for m in a.channel_multiples):
         raise UserError(f"--channel-multiples must be positive, got {a.channel_multiples}")
@@ -425,15 +430,17 @@ def _check_values(a: argparse.Namespace) -> None:
     if a.sampler == "ddpm" and (a.sample_steps or a.spacing != "uniform"):
         raise UserError("--sampler ddpm always takes all T steps; use --sampler ddim, dpm++ or "
                         "heun with --sample-steps or --spacing")
-    if min(a.eval_fid, a.eval_every, a.eval_bpd) < 0 or a.eval_samples < 2:
-        raise UserError("--eval-fid and --eval-every must be >= 0, --eval-samples >= 2")
+    # KID averages a kernel over pairs of distinct samples: it needs two at least.
+    if min(a.eval_fid, a.eval_every, a.eval_bpd) < 0 or a.eval_fid == 1 or a.eval_samples < 2:
+        raise UserError("--eval-every and --eval-bpd must be >= 0, --eval-fid 0 (off) or >= 2, "
+                        "--eval-samples >= 2")
     if not 0 <= a.ema_decay < 1:
         raise UserError(f"--ema-decay must be in [0, 1), got {a.ema_decay}")
-    if a.lr <= 0:
-        raise UserError(f"--lr must be positive, got {a.lr}")
+    _check_numbers(a)
     if min(a.max_steps, a.lr_warmup) < 0 or (a.sample_every is not None and a.sample_every < 0):
         raise UserError("--max-steps, --lr-warmup and --sample-every must be >= 0")
-    if not 0 <= a.cond_drop <= 1 or a.sr_noise < 0 or a.sr_noise_max < 0 or a.eval_sr < 0:
+    if not 0 <= a.cond_drop <= 1 or not a.sr_noise >= 0 or not a.sr_noise_max >= 0 \
+            or a.eval_sr < 0:  # "not x >= 0" also refuses NaN
         raise UserError("need 0 <= --cond-drop <= 1, and --sr-noise, --sr-noise-max, --eval-sr >= 0")
     if a.super_res and a.captions != "off":
         raise UserError("a model is either text-conditioned (--captions) or super-resolution "
@@ -444,6 +451,28 @@ def _check_values(a: argparse.Namespace) -> None:
     if a.super_res and not 0 < a.super_res < a.img_size:
         raise UserError(f"--super-res {a.super_res} must be between 0 and --img-size "
                         f"{a.img_size} (the low and the high resolution)")
+
+
+def _check_numbers(a: argparse.Namespace) -> None:
+    """Real-valued training and sampling flags; NaN fails every comparison, so each test is
+    written as the range the value must lie in."""
+    if not (math.isfinite(a.lr) and a.lr > 0):
+        raise UserError(f"--lr must be a positive number, got {a.lr}")
+    if not a.grad_clip > 0:  # 0 would zero every gradient, a negative one flip its sign
+        raise UserError(f"--grad-clip is the largest gradient norm and must be > 0 (inf: no "
+                        f"clipping), got {a.grad_clip}")
+    if not (math.isfinite(a.min_snr_gamma) and a.min_snr_gamma >= 0):
+        raise UserError(f"--min-snr-gamma must be >= 0 (0 = off; 5 is typical), got "
+                        f"{a.min_snr_gamma}")
+    # DDIM's sigma = eta sqrt((1 - ab_s)/(1 - ab_t)) sqrt(1 - ab_t/ab_s) stays within the
+    # sqrt(1 - ab_s) the step has room for only for eta <= 1 (Song et al. 2021, Eq. 16).
+    if not 0 <= a.eta <= 1:
+        raise UserError(f"--eta must be in [0, 1] (0 = deterministic DDIM, 1 = ancestral-like), "
+                        f"got {a.eta}")
+    bad = [w for w in a.guidance_scale if not (math.isfinite(w) and w >= 0)]
+    if bad:
+        raise UserError(f"--guidance-scale must be >= 0 (0 = unconditional, 1 = plain "
+                        f"conditional), got {bad[0]}")
 
 
 def _check_task(a: argparse.Namespace, cascade: bool) -> None:
@@ -461,6 +490,9 @@ def _check_task(a: argparse.Namespace, cascade: bool) -> None:
     if a.train:
         if a.export:
             raise UserError("--export and --train do different things: give one of them")
+        if a.start_over and a.resume:
+            raise UserError("--start-over begins a new run, --resume continues the folder's: "
+                            "give one of them")
         if not a.demo and not a.data_folders:
             raise UserError("--train needs --data-folders DIR (or --demo for built-in faces)"
                             if not a.loadckpt else "resuming with --loadckpt needs the "
@@ -468,6 +500,8 @@ def _check_task(a: argparse.Namespace, cascade: bool) -> None:
         if a.captions != "off" and a.demo:
             raise UserError("--captions reads captions beside images: give --data-folders DIR")
         return
+    if a.start_over:
+        raise UserError("--start-over begins a training run into --ckpt-save-dir: give --train")
     if not a.loadckpt:
         raise UserError("nothing to do: give --train to train, or --loadckpt PATH to sample")
     name, sr = a.loadckpt, f"a super-resolution model ({a.super_res} -> {a.img_size} px)"

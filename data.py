@@ -12,14 +12,16 @@ import math
 import mmap
 import os
 import queue
+import re
 import threading
+import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 from torch import Tensor
 
 from ui import progress_bar
@@ -139,7 +141,8 @@ class SkipImage(Exception):
 
 
 def load_image(path: str, size, channels: int, keep_small: bool = False) -> np.ndarray:
-    """Decode one image (the first frame of an animation), flatten transparency onto white,
+    """Decode one image (the first frame of an animation), turn it upright as its EXIF
+    orientation says (phone photos are stored on their side), flatten transparency onto white,
     resize it to cover size = S or (H, W), centre-crop. Returns uint8 (channels, H, W).
 
     Raises SkipImage for an image smaller than that unless keep_small (then it is upscaled).
@@ -154,13 +157,18 @@ def load_image(path: str, size, channels: int, keep_small: bool = False) -> np.n
     except Exception:  # any decoder failure means "not a usable image"
         raise SkipImage("could not be decoded") from None
     with im:
-        if (im.size[0] < W or im.size[1] < H) and not keep_small:
+        turned = orientation(im) in (5, 6, 7, 8)  # stored on its side: shown turned by 90 degrees
+        shown = im.size[::-1] if turned else im.size
+        if (shown[0] < W or shown[1] < H) and not keep_small:
             raise SkipImage(f"smaller than {W} x {H} px" if H != W else f"smaller than {H} px")
-        im.draft("RGB" if channels == 3 else "L", (W, H))  # big JPEGs: decode at 1/2..1/8
+        # Big JPEGs decode at 1/2 .. 1/8 scale, no smaller than needed (as stored: maybe turned).
+        im.draft("RGB" if channels == 3 else "L", (H, W) if turned else (W, H))
         try:
             im.load()
         except Exception:
             raise SkipImage("could not be decoded") from None
+        if orientation(im) not in (None, 1):
+            im = ImageOps.exif_transpose(im)
         if im.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit grey: keep the top 8 bits
             im = Image.fromarray((np.asarray(im, dtype=np.int64) // 257).clip(0, 255).astype(np.uint8))
         if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
@@ -178,18 +186,51 @@ def load_image(path: str, size, channels: int, keep_small: bool = False) -> np.n
     return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
 
 
+def orientation(im: Image.Image) -> int | None:
+    """The EXIF orientation tag (1 = upright, 6 = turn 90 degrees clockwise to show, ...), or None
+    where there is none or the EXIF block cannot be read (the image is then used as stored)."""
+    try:
+        return im.getexif().get(0x0112)
+    except Exception:
+        return None
+
+
 def folder_key(folders: list[str], size, channels: int, salt: str = "") -> tuple[str, list]:
-    """A key that changes when any image file under the folders is added, removed or modified
-    (sha256 of each path, size and mtime, or of a zip file's, plus size, channels and salt),
-    and the image paths."""
+    """A key that changes when any image file under the folders is added, removed or changed
+    (sha256 of each path and fingerprint, plus size, channels and salt), and the image paths."""
     paths, key = list_images(folders), hashlib.sha256(f"{salt}|{size}|{channels}".encode())
-    stats = {}  # a zip member's key is its archive's
-    for p in paths:
-        where = ZIPS.find(p) if ".zip" in p.lower() else None
-        src = where[0] if where else p
-        st = stats[src] = stats.get(src) or os.stat(src)
-        key.update(f"|{os.path.abspath(p)}|{st.st_size}|{st.st_mtime_ns}".encode())
+    where = [ZIPS.find(p) if ".zip" in p.lower() else None for p in paths]
+    sources = list(dict.fromkeys(w[0] if w else p for p, w in zip(paths, where)))
+    prints = {}
+    with ThreadPoolExecutor(os.cpu_count()) as pool:  # an open and two reads a file
+        for i in range(0, len(sources), 512):  # a chunk at a time: few futures held at once
+            chunk = sources[i:i + 512]
+            prints.update(zip(chunk, pool.map(fingerprint, chunk)))
+    crcs = {}  # zip file -> {member: CRC-32}, from its central directory
+    for p, w in zip(paths, where):  # a zip member: its archive's fingerprint and its own CRC
+        key.update(f"|{os.path.abspath(p)}|{prints[w[0] if w else p]}".encode())
+        if w:
+            if w[0] not in crcs:
+                with zipfile.ZipFile(w[0]) as z:
+                    crcs[w[0]] = {i.filename: i.CRC for i in z.infolist()}
+            key.update(f"|{crcs[w[0]][w[1]]}".encode())
     return key.hexdigest()[:32], paths
+
+
+FINGERPRINT_BYTES = 4096  # read from each end of a file
+
+
+def fingerprint(path: str) -> str:
+    """A file's size, mtime and a hash of its first and last 4 KiB: a copy that keeps the size
+    and mtime (`cp -p`, `rsync -a`) still changes it, as an image's last bytes are compressed
+    pixels. An open and 8 KiB read a file: about 0.1 ms with the file in the page cache (10 s
+    for 100,000 images); a cold disk adds its seeks."""
+    with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
+        head = f.read(FINGERPRINT_BYTES)
+        f.seek(max(st.st_size - FINGERPRINT_BYTES, len(head)))
+        tail = f.read(FINGERPRINT_BYTES)
+    return f"{st.st_size}|{st.st_mtime_ns}|{hashlib.sha256(head + tail).hexdigest()[:16]}"
 
 
 class MappedImages:
@@ -221,23 +262,19 @@ def load_folders(folders: list[str], size, channels: int, warn=print,
     Files that are not images by extension are ignored; files that fail to decode are skipped with
     one warning line that counts and names them by reason (undecodable, unreadable, smaller than
     `size` unless keep_small); no usable image at all raises DataError. With cache_dir, the
-    decoded set is streamed into cache_dir/images-<folder_key>.npy (never all in memory) and read
-    back on the next start. mapped (needs cache_dir): return a MappedImages of that file instead
-    of a copy in memory. with_paths: also return the file of each image (a list of N paths).
+    decoded set is streamed into a cache file (never all in memory) and read back on the next
+    start (decode_cache); where no cache can be written it is decoded into memory. mapped: a
+    MappedImages of the cache file instead of a copy in memory (without a cache, a tensor).
+    with_paths: also return the file of each image (a list of N paths).
     """
-    key, paths = folder_key(folders, size, channels, f"decoded v3 keep_small={keep_small}")
+    salt = f"{CACHE_VERSION} keep_small={keep_small}"
+    key, paths = folder_key(folders, size, channels, salt)
     if not paths:
         raise DataError(f"no image files (.jpg, .png, ...) in {', '.join(folders)}")
-    cache = cache_dir and os.path.join(cache_dir, f"images-{key}")
-    if cache and os.path.isfile(cache + ".json") and os.path.isfile(cache + ".npy"):
-        with open(cache + ".json") as f:
-            meta = json.load(f)
-        count, bad = meta["count"], [tuple(b) for b in meta["skipped"]]
-    elif cache:
-        os.makedirs(cache_dir, exist_ok=True)
-        count, bad = decode_to_file(paths, size, channels, keep_small, cache + ".npy")
-        atomic_write(cache + ".json", lambda f: f.write(json.dumps(
-            {"count": count, "skipped": bad}).encode()))  # written last: marks the cache whole
+    cache = cache_dir and decode_cache(cache_dir, folders, size, channels, salt, key, paths,
+                                       keep_small, warn)
+    if cache:
+        cache, count, bad = cache
     else:
         images, bad = decode_all(paths, size, channels, keep_small)
         count = len(images)
@@ -255,6 +292,107 @@ def load_folders(folders: list[str], size, channels: int, warn=print,
         skipped = {p for p, _ in bad}
         return images, [p for p in paths if p not in skipped]
     return images
+
+
+CACHE_VERSION = "decoded v4"  # in every key: a new layout or decoding never reads an old file
+CACHE_NAME = re.compile(r"images-([0-9a-f]{16})-([0-9a-f]{32})\.(npy|json)")
+OLD_CACHE_NAME = re.compile(r"images-[0-9a-f]{32}\.(npy|json)")  # earlier versions' names
+
+
+def decode_cache(cache_dir: str, folders: list[str], size, channels: int, salt: str, key: str,
+                 paths: list[str], keep_small: bool, warn) -> tuple[str, int, list] | None:
+    """The decode cache of these folders: images-<source>-<key>.npy, uint8 (len(paths), C, H, W)
+    whose first `count` rows are used, and beside it a .json of the count and the skipped files,
+    written last (it marks the .npy whole). source names the folders and the decoding, key their
+    contents (folder_key). A missing cache is decoded and written; a damaged one (truncated,
+    unreadable, not of these files) is decoded again after one warning line; a folder that
+    cannot take it (read-only, full, a file in its place) gives one warning line and None: the
+    caller decodes into memory. Once a new cache is whole, the older ones of the same source go,
+    with the temporaries of killed decodes and files named as earlier versions named them
+    (which no version reads any more). -> (the .npy path less '.npy', count, skipped) or None."""
+    source = hashlib.sha256(f"{salt}|{size}|{channels}|{[os.path.abspath(f) for f in folders]}"
+                            .encode()).hexdigest()[:16]
+    stem = os.path.join(cache_dir, f"images-{source}-{key}")
+    try:
+        meta = read_cache(stem, (len(paths), channels, *hw(size)))
+    except (OSError, ValueError, EOFError, KeyError, TypeError) as e:
+        warn(f"warning: the decode cache {stem}.npy is damaged ({e}); decoding the images again")
+        meta = None
+    if meta:
+        return stem, *meta
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        remove_stale_temporaries(cache_dir)
+        count, bad = decode_to_file(paths, size, channels, keep_small, stem + ".npy")
+        atomic_write(stem + ".json", lambda f: f.write(json.dumps(
+            {"count": count, "skipped": bad}).encode()))
+    except OSError as e:
+        warn(f"warning: cannot write the decode cache in {cache_dir} ({e.strerror or e}); "
+             f"decoding into memory instead, not kept for the next start")
+        return None
+    for name in os.listdir(cache_dir):  # this source's older caches, earlier versions' ones
+        m = CACHE_NAME.fullmatch(name)
+        if (m and m[1] == source and m[2] != key) or OLD_CACHE_NAME.fullmatch(name):
+            with contextlib.suppress(OSError):  # a run still reading one keeps its open copy
+                os.remove(os.path.join(cache_dir, name))
+    return stem, count, bad
+
+
+def read_cache(stem: str, shape: tuple) -> tuple[int, list] | None:
+    """A complete cache pair stem.npy + stem.json of `shape` -> (count, skipped), or None where
+    either file is missing (never written, or a decode stopped before the .json). A damaged pair
+    raises ValueError (or OSError, EOFError, KeyError, TypeError) saying what is wrong."""
+    if not (os.path.isfile(stem + ".json") and os.path.isfile(stem + ".npy")):
+        return None
+    with open(stem + ".json", encoding="utf-8") as f:
+        meta = json.load(f)
+    count, bad = meta["count"], [tuple(b) for b in meta["skipped"]]
+    if not (isinstance(count, int) and count + len(bad) == shape[0]
+            and all(len(b) == 2 and all(isinstance(x, str) for x in b) for b in bad)):
+        raise ValueError(f"its .json does not describe {shape[0]} files")
+    with open(stem + ".npy", "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        stored, fortran, dtype = read_header(f)
+        offset = f.tell()
+    if tuple(stored) != shape or fortran or dtype != np.uint8:
+        raise ValueError(f"it holds {dtype} {tuple(stored)}, not uint8 {shape}")
+    if os.path.getsize(stem + ".npy") != offset + math.prod(shape):
+        raise ValueError(f"{os.path.getsize(stem + '.npy'):,} bytes, not "
+                         f"{offset + math.prod(shape):,}")
+    return count, bad
+
+
+STALE_AFTER = 60.0  # seconds untouched after which a dead process's temporary file is stale
+
+
+def remove_stale_temporaries(folder: str) -> list[str]:
+    """Remove the temporaries atomic_write leaves when its process is killed (<file>.<pid>.tmp)
+    whose process is not running here and which were not written to for STALE_AFTER seconds
+    (the latter for a folder shared with other machines, whose processes are not seen here)
+    -> the names removed."""
+    removed = []
+    for name in os.listdir(folder):
+        m = re.fullmatch(r".+\.(\d+)\.tmp", name)
+        path = os.path.join(folder, name)
+        with contextlib.suppress(OSError):
+            idle = time.time() - os.path.getmtime(path) if m else 0.0
+            if m and not pid_alive(int(m[1])) and idle > STALE_AFTER:
+                os.remove(path)
+                removed.append(name)
+    return removed
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` is running on this machine."""
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists but is someone else's (PermissionError), or cannot be told
+        return True
+    return True
 
 
 def skip_summary(bad: list[tuple[str, str]]) -> str:

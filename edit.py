@@ -68,7 +68,10 @@ def masks(drawer, names: list[str]) -> Tensor:
         keep = torch.ones(len(names), 1, s, s)
         keep[:, :, y0:y1, x0:x1] = 0
         return keep
-    files = {os.path.splitext(f)[0]: f for f in sorted(os.listdir(a.mask_folder))}
+    try:
+        files = {os.path.splitext(f)[0]: f for f in sorted(os.listdir(a.mask_folder))}
+    except OSError as e:  # missing, not a folder, not readable
+        raise UserError(f"--mask-folder {a.mask_folder}: {e.strerror or e}") from None
     out = []
     for name in names:
         if name not in files:

@@ -6,7 +6,7 @@ pooled feature for its time embedding (as GLIDE, Nichol et al. 2022, and Imagen,
 """
 import csv
 import os
-import re
+import unicodedata
 
 import torch
 import torch.nn as nn
@@ -23,8 +23,14 @@ class CaptionError(Exception):
 
 
 def words(caption: str) -> list[str]:
-    """'Blue hair, red eyes' -> ['blue', 'hair', 'red', 'eyes'] (lower case, letters/digits/-/')."""
-    return re.findall(r"[a-z0-9'\-]+", caption.lower())
+    """'Blue hair, red eyes' -> ['blue', 'hair', 'red', 'eyes']: the Unicode words of the caption,
+    NFC-normalised and casefolded ('Rød' -> 'rød', 'КРАСНЫЕ' -> 'красные'). A word is a run of
+    letters and digits in any script (regex \\w without '_'), their combining marks, ' and -;
+    anything else separates words."""
+    text = unicodedata.normalize("NFC", caption).casefold().replace("\u2019", "'")
+    runs = "".join(c if c.isalnum() or c in "'-" or unicodedata.category(c).startswith("M")
+                   else " " for c in text).split()
+    return [w for w in runs if any(c.isalnum() for c in w)]  # '--' alone is not a word
 
 
 def read_captions(paths: list[str], folders: list[str], source: str) -> list[str]:
@@ -47,13 +53,7 @@ def read_captions(paths: list[str], folders: list[str], source: str) -> list[str
     for folder in folders:
         for root, files in walk(folder):  # a symlink loop is walked once
             if "captions.csv" in files:
-                try:
-                    with open(os.path.join(root, "captions.csv"), newline="", encoding="utf-8") as f:
-                        for row in csv.DictReader(f):
-                            table[os.path.abspath(os.path.join(root, row["file"]))] = row["caption"]
-                except (KeyError, UnicodeDecodeError, csv.Error) as e:
-                    raise CaptionError(f"{os.path.join(root, 'captions.csv')}: expected a header "
-                                       f"'file,caption' and UTF-8 rows ({type(e).__name__})") from None
+                table.update(read_csv(os.path.join(root, "captions.csv")))
     out = []
     for p in paths:
         txt = os.path.splitext(p)[0] + ".txt"
@@ -81,6 +81,35 @@ def caption_tokens(paths: list[str], folders: list[str], source: str, vocab: "Vo
     return vocab.encode_all(captions), vocab
 
 
+def read_csv(path: str) -> dict[str, str]:
+    """A captions.csv -> {absolute image path: caption}. UTF-8, with or without the byte-order
+    mark spreadsheet programs write; a header naming the columns 'file' and 'caption'; one row a
+    line. A row without a caption, with more fields than the header, or one that runs over
+    several lines (a quote left open swallows the rows after it) is refused with its line."""
+    folder, table = os.path.dirname(path), {}
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = csv.DictReader(f)
+            if not {"file", "caption"} <= set(rows.fieldnames or ()):
+                raise CaptionError(f"{path}: expected a header 'file,caption', got "
+                                   f"{','.join(rows.fieldnames or [])!r}")
+            end = rows.line_num  # the header's line
+            for row in rows:
+                file, caption, after, end = row["file"], row["caption"], end, rows.line_num
+                fields = [file or "", caption or "", *row.get(None, [])]
+                breaks = max(sum(v.count("\n") for v in fields), sum(v.count("\r") for v in fields))
+                if breaks:  # quoted line breaks (at the end of the file also the last one's)
+                    raise CaptionError(f"{path} line {max(after + 1, end - breaks)}: the row runs "
+                                       f"on to line {end}; close its quote (a caption is one line)")
+                if caption is None or None in row:
+                    raise CaptionError(f"{path} line {end}: expected file,caption, got "
+                                       f"{','.join(fields)!r}; quote a caption that holds commas")
+                table[os.path.abspath(os.path.join(folder, file))] = caption
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise CaptionError(f"{path}: not a UTF-8 csv file of file,caption rows ({e})") from None
+    return table
+
+
 class Vocab:
     """Words <-> token ids; ids 0 and 1 are <pad> and <empty>, words follow in sorted order."""
 
@@ -91,8 +120,13 @@ class Vocab:
 
     @classmethod
     def build(cls, captions: list[str]) -> "Vocab":
-        """From training captions; room for the longest caption (at least 8 tokens)."""
+        """From training captions; room for the longest caption (at least 8 tokens). Captions
+        without a single word leave nothing to condition on: CaptionError."""
         tokenised = [words(c) for c in captions]
+        if not any(tokenised):
+            raise CaptionError(f"none of the {len(captions)} captions holds a word (letters or "
+                               f"digits), e.g. {captions[0] if captions else ''!r}: a text model "
+                               f"would have nothing to condition on")
         return cls([w for ws in tokenised for w in ws], max(8, *(len(ws) for ws in tokenised)))
 
     def __len__(self) -> int:
