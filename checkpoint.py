@@ -150,16 +150,16 @@ class RunState:
     schedule_steps: int = 0  # the learning-rate schedule's length in steps (0: not yet set)
 
 
-def state(a, run: RunState, weights: dict, vocab, data_gen: torch.Generator,
+def state(a, run_id: str, run: RunState, weights: dict, vocab, data_gen: torch.Generator,
           device: torch.device) -> dict:
-    """Everything a training checkpoint holds: the stored config, the recipe and length, the
-    vocabulary, weights (Trainer.state_dict: model, EMA, optimizer, timestep sampler), the
-    counters and the RNG states."""
+    """Everything a training checkpoint holds: the run's id, the stored config, the recipe and
+    length, the vocabulary, weights (Trainer.state_dict: model, EMA, optimizer, timestep
+    sampler), the counters and the RNG states."""
     train = {"batch_size": a.batch_size, "grad_accum": a.grad_accum, "lr": a.lr,
              "lr_warmup": a.lr_warmup, "lr_schedule": a.lr_schedule, "hflip": a.hflip,
              "schedule_steps": run.schedule_steps, "ema_decay": a.ema_decay,
              "images_seen": run.images_seen}  # the recipe and length (--info, resume)
-    return {"format": FORMAT, "config": config_of(a), "train": train,
+    return {"format": FORMAT, "run_id": run_id, "config": config_of(a), "train": train,
             "text": vocab.state() if vocab else None, **weights, "epoch": run.epoch,
             "step": run.step, "best_fid": run.best_fid, "data_rng": data_gen.get_state(),
             "torch_rng": torch.get_rng_state(),

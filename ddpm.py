@@ -86,6 +86,9 @@ class Program:
         self.drawer = Drawer(a, self.kind, self.trainer, self.console, self.vocab,
                              quiet=not self.is_main)
         self.state = RunState()
+        # A resumed run keeps its id (the folder's checkpoints are its own); a new run gets one.
+        self.run_id = (ckpt or {}).get("run_id") or checkpoint.new_run_id()
+        self.saved = True  # whether the last checkpoint save succeeded (the exit code says)
         if ckpt:
             self.restore(ckpt, typed)
         self.make_folders()
@@ -243,9 +246,25 @@ class Program:
         return row
 
     def train(self) -> None:
-        """The training run with its pictures; Ctrl-C or SIGTERM (a cluster's pre-emption)
-        saves a checkpoint and ends it cleanly. After SIGTERM the exit code is 143."""
+        """The training run, owning its checkpoint folder (checkpoint.claim_folder: no other
+        run's checkpoints, no second live run); the exit code says how it ended and whether its
+        last save succeeded (checkpoint.exit_code; docs/safety.md)."""
         a = self.args
+        lock = (checkpoint.claim_folder(a.ckpt_save_dir, self.run_id, bool(a.loadckpt),
+                                        a.start_over) if self.is_main else None)
+        try:
+            how = self.train_run()
+        finally:
+            if lock:
+                lock.release()
+        code = checkpoint.exit_code(how, self.saved)
+        if code:
+            sys.exit(code)
+
+    def train_run(self) -> str:
+        """The run with its pictures -> how it ended: done, interrupted, terminated (SIGTERM, a
+        cluster's pre-emption) or nonfinite. A stop saves a checkpoint first."""
+        a, how = self.args, "done"
         if self.is_main:
             with self.drawer.side_rng():
                 monitor.save_forward_strip(self.drawer, to_model(self.data.images[:4]))
@@ -254,19 +273,20 @@ class Program:
         try:
             self.train_loop()
         except (KeyboardInterrupt, Preempted) as stop:
-            path = self.save_checkpoint(self.state.epoch)  # the epoch restarts on resume
+            path = self.save_checkpoint(self.state.epoch, last=True)  # the epoch restarts
+            how = "terminated" if isinstance(stop, Preempted) else "interrupted"
             why = "stopped by SIGTERM" if isinstance(stop, Preempted) else "interrupted"
             self.console.print(f"{why}: saved {path} (epoch {self.state.epoch}, step "
                                f"{self.state.step})")
             if isinstance(stop, Preempted):
-                sys.exit(143)
+                return how
         except NonFiniteLoss:
-            path = self.save_checkpoint(self.state.epoch)
+            path = self.save_checkpoint(self.state.epoch, last=True)
             self.console.print(
                 f"stopped: the loss was not finite {MAX_BAD_STEPS} steps in a row; the last good "
                 f"weights are in {path} (step {self.state.step}). Lower --lr (now {a.lr}) or "
                 f"--grad-clip, or look for broken images in the data, then resume with --loadckpt")
-            sys.exit(1)
+            return "nonfinite"
         finally:
             signal.signal(signal.SIGTERM, previous)
             if self.tensorboard:
@@ -275,17 +295,24 @@ class Program:
             monitor.strip(self.drawer, "run-after")
         self.console.print(f"pictures in {a.save_dir}/: forward-steps.png, run-before.png, "
                            f"run-after.png, progress.png, loss.png; metrics.jsonl")
+        return how
 
-    def save_checkpoint(self, epoch_index: int, name: str = "") -> str | None:
+    def save_checkpoint(self, epoch_index: int, name: str = "", last: bool = False):
         """The run's checkpoint as ckpt-{epoch_index % 5}.pth (or `name`) in --ckpt-save-dir
-        -> its path (None if the write failed). Only the first process writes."""
+        -> its path (None if the write failed). Only the first process writes. SIGTERM and
+        Ctrl-C wait until the file is whole (then act; dropped after the last save of a run
+        that is stopping)."""
         if not self.is_main:
             return None
         a = self.args
-        ckpt = checkpoint.state(a, self.state, self.trainer.state_dict(), self.vocab,
-                                self.data_gen, self.device)
+        ckpt = checkpoint.state(a, self.run_id, self.state, self.trainer.state_dict(),
+                                self.vocab, self.data_gen, self.device)
         path = os.path.join(a.ckpt_save_dir, name or checkpoint.rotation_name(epoch_index))
-        return checkpoint.save(path, ckpt, self.console.print)
+        with checkpoint.signals_held(deliver=not last):
+            path = checkpoint.save(path, ckpt, self.console.print)
+        if not name:  # best.pth is an extra: the rotation holds the run
+            self.saved = path is not None
+        return path
 
     def end_epoch(self, e: int, loss: float, seen: int, secs: float) -> None:
         """Checkpoint, metrics.jsonl + loss.png, FID every --eval-every epochs, one line."""
@@ -365,6 +392,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, DataError, CaptionError, evaluate.MissingNetwork) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside training (sampling, measuring): nothing to save
+        print("error: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # e.g. `--info ckpt.pth | head`: the reader has gone; stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so exit's flush is quiet
         return 1

@@ -11,7 +11,7 @@ from PIL import Image
 from torch import Tensor
 
 from config import UserError, sample_steps
-from data import DataError, SkipImage, load_folders, load_image, to_model
+from data import DataError, SkipImage, load_folders, load_image, to_model, to_uint8
 from diffusion import slerp
 
 
@@ -122,7 +122,8 @@ def inpaint(drawer) -> Tensor:
 def interpolate(drawer) -> Tensor:
     """--interpolate A B: both images to noise by DDIM inversion; --interpolate-seeds S1 S2: the
     noise of two seeds. Then --frames noises slerped from one to the other, each decoded with
-    DDIM (eta 0) -> (frames, C, S, S); interpolation.png, one strip."""
+    DDIM (eta 0), --batch-size at a time -> uint8 (frames, C, S, S) on the CPU;
+    interpolation.png, one strip."""
     a, c, s = drawer.args, drawer.args.img_channels, drawer.args.img_size
     steps = sample_steps(drawer.args) if a.sampler == "ddim" else 50
     model = drawer.sampling_model()
@@ -143,10 +144,15 @@ def interpolate(drawer) -> Tensor:
     else:
         ends = torch.stack([torch.randn(c, s, s, generator=torch.Generator().manual_seed(seed))
                             for seed in a.interpolate_seeds]).to(drawer.device)
-    noise = torch.stack([slerp(ends[0], ends[1], k / (a.frames - 1)) for k in range(a.frames)])
-    cond = None if cond is None else {"tokens": cond["tokens"].expand(a.frames, -1)}
-    frames, _ = drawer.draw(a.frames, "interpolating", cond, w, x_T=noise,
-                          sampler=("ddim", steps))
+    frames = []
+    for i in range(0, a.frames, a.batch_size):  # --batch-size frames at a time: bounded memory
+        ks = range(i, min(i + a.batch_size, a.frames))
+        noise = torch.stack([slerp(ends[0], ends[1], k / (a.frames - 1)) for k in ks])
+        part = None if cond is None else {"tokens": cond["tokens"].expand(len(ks), -1)}
+        x0, _ = drawer.draw(len(ks), f"interpolating {i}..{ks[-1]}", part, w, x_T=noise,
+                            sampler=("ddim", steps))
+        frames.append(to_uint8(x0).cpu())
+    frames = torch.cat(frames)  # uint8 (frames, C, S, S)
     drawer.save_grid(frames, "interpolation.png", nrow=a.frames)
     what = " -> ".join(a.interpolate) if a.interpolate else \
         f"seed {a.interpolate_seeds[0]} -> seed {a.interpolate_seeds[1]}"

@@ -1,11 +1,7 @@
 """The training program's side of docs/safety.md: run ownership of the checkpoint folder, a
 second SIGTERM during the pre-emption save, Ctrl-C and failed-save exit codes, interpolation
 drawn in batches. The pieces they use (checkpoint.new_run_id, claim_folder, signals_held,
-exit_code) are tested in test_run_folder.py; these tests check that ddpm.py uses them.
-
-Not collected by default (the name does not start with test_): run it explicitly with
-`python -m pytest -q tests/pending_wiring.py`, then rename it to test_wiring.py once ddpm.py
-and edit.py use the pieces."""
+exit_code) are tested in test_run_folder.py; these tests check that ddpm.py uses them."""
 import os
 import signal
 import subprocess
