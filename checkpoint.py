@@ -312,6 +312,14 @@ EXIT = {"done": 0, "nonfinite": 1, "interrupted": 130, "terminated": 143}  # wit
 NOT_SAVED = 74  # sysexits' EX_IOERR: the run ended but its last save failed
 
 
+class Preempted(BaseException):
+    """SIGTERM arrived (a cluster's scheduler stops the job): save, then exit."""
+
+
+def stop_on_sigterm(signum, frame):
+    raise Preempted()
+
+
 def new_run_id() -> str:
     """A new training run's id, stored in each of its checkpoints: when it began and 24 random
     bits, e.g. '20250131-142501-9f3ac2'."""

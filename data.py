@@ -564,6 +564,25 @@ def placement(images, device: torch.device, choice: str,
                       f"({'--data-on memory' if choice == 'memory' else 'within ' + why})")
 
 
+def training_images(a, device: torch.device, say=print):
+    """The flags' training images where they will live (placement: on the device, or the decode
+    cache memory-mapped from disk) -> (images: a tensor or MappedImages, their paths (None for
+    --demo), the most bytes of the file kept resident on disk)."""
+    paths = None
+    if a.demo:
+        images = demo_faces(a.demo_images, a.img_size, a.img_channels, seed=0)
+    else:  # a memory-mapped view of the decode cache: nothing is read into memory yet
+        images, paths = load_folders(a.data_folders, a.img_size, a.img_channels, warn=say,
+                                     cache_dir=a.cache_dir, keep_small=a.keep_small,
+                                     with_paths=True, mapped=True)
+    limit = None if a.data_memory is None else int(a.data_memory * 2**20)
+    on_disk, resident, why = placement(images, device, a.data_on, limit)
+    say(why)
+    if isinstance(images, MappedImages) and not on_disk:
+        images = images.images.to(device, copy=True)  # read into memory once
+    return images, paths, resident
+
+
 class ImageDataset:
     """The training images, uint8 (N, C, H, W): batches are shuffled, flipped and scaled.
     In memory (a tensor, moved to the training device) or on disk (a MappedImages: each batch is

@@ -25,33 +25,14 @@ import evaluate
 import monitor
 import prompts
 import superres
-from augment import Augmented
 from checkpoint import RunState
 from config import UserError
-from data import (DataError, ImageDataset, MappedImages, demo_faces, load_folders, placement,
-                  to_model)
+from data import DataError, ImageDataset, to_model, training_images
 from drawing import Drawer
-from text import CaptionError, Captioned, Vocab, caption_tokens
-from trainer import (MAX_BAD_STEPS, NonFiniteLoss, Plain, Trainer, ema_decay, init_distributed,
-                     lr_at, pick_device, seed_everything, shared_seed)
+from text import CaptionError, Vocab, caption_tokens
+from trainer import (MAX_BAD_STEPS, NonFiniteLoss, Trainer, ema_decay, init_distributed, lr_at,
+                     model_kind, pick_device, seed_everything, shared_seed)
 from ui import make_console
-
-
-class Preempted(BaseException):
-    """SIGTERM arrived (a cluster's scheduler stops the job): save, then exit."""
-
-
-def stop_on_sigterm(signum, frame):
-    raise Preempted()
-
-
-def model_kind(a, vocab: Vocab | None, preview: Tensor | None):
-    """What kind of model the flags describe (the one place that decides): text-conditioned,
-    super-resolution or plain, trained on augmented images with --augment. preview: training
-    images a super-resolution model's pictures start from (None when only sampling)."""
-    kind = (Captioned(vocab, a.cond_drop) if vocab else
-            superres.SuperRes.from_args(a, preview) if a.super_res else Plain())
-    return Augmented(kind, a.augment) if a.augment else kind
 
 
 class Program:
@@ -141,17 +122,7 @@ class Program:
         """The training images, and with --captions their caption tokens (a new run builds the
         vocabulary from the captions; a resumed one keeps the checkpoint's)."""
         a, t0, tokens = self.args, time.time(), None
-        if a.demo:
-            images = demo_faces(a.demo_images, a.img_size, a.img_channels, seed=0)
-        else:  # a memory-mapped view of the decode cache: nothing is read into memory yet
-            images, paths = load_folders(a.data_folders, a.img_size, a.img_channels,
-                                         warn=self.console.print, cache_dir=a.cache_dir,
-                                         keep_small=a.keep_small, with_paths=True, mapped=True)
-        limit = None if a.data_memory is None else int(a.data_memory * 2**20)
-        on_disk, resident, why = placement(images, self.device, a.data_on, limit)
-        self.console.print(why)
-        if isinstance(images, MappedImages) and not on_disk:
-            images = images.images.to(self.device, copy=True)  # read into memory once
+        images, paths, resident = training_images(a, self.device, self.console.print)
         if a.captions != "off" and not a.demo:
             tokens, self.vocab = caption_tokens(paths, a.data_folders, a.captions, self.vocab,
                                                 self.console.print)
@@ -269,16 +240,16 @@ class Program:
             with self.drawer.side_rng():
                 monitor.save_forward_strip(self.drawer, to_model(self.data.images[:4]))
             monitor.strip(self.drawer, "run-before")
-        previous = signal.signal(signal.SIGTERM, stop_on_sigterm)
+        previous = signal.signal(signal.SIGTERM, checkpoint.stop_on_sigterm)
         try:
             self.train_loop()
-        except (KeyboardInterrupt, Preempted) as stop:
+        except (KeyboardInterrupt, checkpoint.Preempted) as stop:
             path = self.save_checkpoint(self.state.epoch, last=True)  # the epoch restarts
-            how = "terminated" if isinstance(stop, Preempted) else "interrupted"
-            why = "stopped by SIGTERM" if isinstance(stop, Preempted) else "interrupted"
+            how = "terminated" if isinstance(stop, checkpoint.Preempted) else "interrupted"
+            why = "stopped by SIGTERM" if isinstance(stop, checkpoint.Preempted) else "interrupted"
             self.console.print(f"{why}: saved {path} (epoch {self.state.epoch}, step "
                                f"{self.state.step})")
-            if isinstance(stop, Preempted):
+            if isinstance(stop, checkpoint.Preempted):
                 return how
         except NonFiniteLoss:
             path = self.save_checkpoint(self.state.epoch, last=True)
@@ -349,20 +320,6 @@ class Program:
         superres.check_cascade(self.args, sr.args)
         return sr.drawer
 
-    def sample(self, sr: Drawer | None) -> None:
-        """--batch-size samples: ddpm-<i>.png, ddpm-all.png, reverse-steps.png (and the cascade)."""
-        a = self.args
-        drawer = self.drawer
-        x0, frames = drawer.draw(a.batch_size)
-        for i, img in enumerate(x0):
-            drawer.save_grid(img[None], f"ddpm-{i}.png", nrow=1)
-        drawer.save_grid(x0, "ddpm-all.png", nrow=math.ceil(math.sqrt(len(x0))))
-        monitor.save_reverse_strip(drawer, frames, "reverse-steps.png")
-        self.console.print(f"wrote {len(x0)} samples to {a.save_dir}/ddpm-*.png, "
-                           f"ddpm-all.png and reverse-steps.png")
-        if sr:
-            superres.save_sr(sr, x0, superres.super_resolve(sr, x0), list(map(str, range(len(x0)))))
-
     def run(self) -> None:
         """The one thing asked: the first command whose flag is given, in this order."""
         a, drawer = self.args, self.drawer
@@ -376,7 +333,7 @@ class Program:
             (a.prompt, lambda: prompts.sample_prompts(drawer, self.sr_stage())),
             (a.eval_fid, lambda: evaluate.sample_quality(drawer, a.eval_fid)),
             (a.eval_bpd, lambda: evaluate.likelihood(drawer, self.load_data().images, a.eval_bpd)),
-            (True, lambda: self.sample(self.sr_stage()))]
+            (True, lambda: monitor.write_samples(drawer, self.sr_stage()))]
         next(command for given, command in commands if given)()
         if self.world > 1:
             dist.destroy_process_group()

@@ -5,6 +5,7 @@ Everything here draws on a side RNG and its own fixed-noise generator, so watchi
 changes what it trains on (an exact resume still holds).
 """
 import json
+import math
 import os
 import re
 
@@ -13,6 +14,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+import superres
 from config import UserError, size_name, sr_target_name
 from data import hw
 
@@ -148,3 +150,18 @@ def log_step(progress, tasks, tensorboard, step: int, loss: float, lr: float,
         progress.update(task, info=info)
     if tensorboard:
         tensorboard.scalars(step, loss=loss, lr=lr, img_per_s=img_s)
+
+
+def write_samples(drawer, sr=None) -> None:
+    """--batch-size samples: ddpm-<i>.png, ddpm-all.png, reverse-steps.png; with the cascade's
+    super-resolution stage sr (a Drawer), also each super-resolved."""
+    a = drawer.args
+    x0, frames = drawer.draw(a.batch_size)
+    for i, img in enumerate(x0):
+        drawer.save_grid(img[None], f"ddpm-{i}.png", nrow=1)
+    drawer.save_grid(x0, "ddpm-all.png", nrow=math.ceil(math.sqrt(len(x0))))
+    save_reverse_strip(drawer, frames, "reverse-steps.png")
+    drawer.console.print(f"wrote {len(x0)} samples to {a.save_dir}/ddpm-*.png, ddpm-all.png and "
+                         f"reverse-steps.png")
+    if sr:
+        superres.save_sr(sr, x0, superres.super_resolve(sr, x0), list(map(str, range(len(x0)))))

@@ -19,7 +19,10 @@ import torch.nn as nn
 from torch import Tensor
 
 from config import UserError
+import superres
+from augment import Augmented
 from diffusion import GaussianDiffusion, ImportanceSampler
+from text import Captioned, Vocab
 from unet import UNet
 
 MAX_BAD_STEPS = 5  # non-finite losses in a row before a run stops
@@ -155,6 +158,15 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def model_kind(a, vocab: Vocab | None, preview: Tensor | None):
+    """What kind of model the flags describe (the one place that decides): text-conditioned,
+    super-resolution or plain, trained on augmented images with --augment. preview: training
+    images a super-resolution model's pictures start from (None when only sampling)."""
+    kind = (Captioned(vocab, a.cond_drop) if vocab else
+            superres.SuperRes.from_args(a, preview) if a.super_res else Plain())
+    return Augmented(kind, a.augment) if a.augment else kind
 
 
 class Trainer:
