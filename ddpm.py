@@ -4,6 +4,10 @@ Follows Ho et al. 2020, "Denoising Diffusion Probabilistic Models" (DDPM): Algor
 Algorithm 2 to sample. `python ddpm.py --help` lists every option (declared in config.py); the
 maths is in diffusion.py, the network in unet.py, super-resolution and prompts in their modules.
 """
+if __name__ == "__main__":  # --help and flag errors answer before torch loads (it takes seconds)
+    import config
+    config.check_command_line()
+
 import contextlib
 import copy
 import math
