@@ -436,8 +436,8 @@ def _img_size(v):
 
 
 def stored_config(ckpt: dict) -> dict:
-    """A checkpoint's config: one dict of the stored flags. Checkpoints written before the
-    redesign kept model_config, diffusion_config and cond_config (and derived sizes)."""
+    """A checkpoint's config: one dict of the stored flags. Checkpoints of the three-dict layout
+    keep model_config, diffusion_config and cond_config (and derived sizes) instead."""
     if "config" in ckpt:
         return {**ADDED_LATER, **ckpt["config"]}
     merged = {**ADDED_LATER, **OLD_DEFAULTS, **ckpt["model_config"],
@@ -469,10 +469,12 @@ def flag_reference() -> str:
     """docs/flags.md: every flag of build_parser as Markdown, group by group, in --help's order
     (a test checks that the file is this; `make docs/flags.md` writes it)."""
     parser = build_parser()
-    lines = ["# Flags", "", "Every flag of `python ddpm.py`, generated from its parser (`config.py`)",
-             "by `make docs/flags.md`; a test fails when this page and the parser disagree. The",
-             "groups *model*, *diffusion* and *conditioning* are stored in every checkpoint.",
-             "`" + RARE.strip() + "` marks the flags for benchmarks, tests and older checkpoints."]
+    lines = ["# Flags", "",
+             "Every flag of `python ddpm.py`, generated from its parser (`config.py`) by "
+             "`make docs/flags.md`; a test fails when this page and the parser disagree. The "
+             "groups *model*, *diffusion* and *conditioning* are stored in every checkpoint. "
+             "`" + RARE.strip() + "` marks the flags for benchmarks, tests and older "
+             "checkpoints. The usage guide by task is [usage.md](usage.md)."]
     for g in parser._action_groups:
         actions = [a for a in g._group_actions if a.option_strings and a.dest != "help"]
         if not actions:
@@ -480,11 +482,12 @@ def flag_reference() -> str:
         lines += ["", f"## {g.title}", ""] + ([g.description + ".", ""] if g.description else [])
         lines += ["| flag | default | meaning |", "|---|---|---|"]
         for a in actions:
-            arg = f" {{{','.join(a.choices)}}}" if a.choices else (
+            arg = f" {{{','.join(map(str, a.choices))}}}" if a.choices else (
                 "" if a.nargs == 0 else f" {_metavar(a)}")
             default = "—" if a.default is None or a.default is False else _words(a.default)
             meaning = (a.help or "").replace("%%", "%").replace("|", "\\|")
-            lines.append(f"| `{a.option_strings[0]}{arg}` | {default} | {meaning} |")
+            flag = f"{a.option_strings[0]}{arg}".replace("|", "\\|")
+            lines.append(f"| `{flag}` | {default} | {meaning} |")
     return "\n".join(lines) + "\n"
 
 
