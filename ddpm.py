@@ -8,6 +8,10 @@ kind of model trains on in trainer.py (plain), text.py, superres.py and augment.
 Notation: Python t = 0..T-1 is the paper's step t+1; betas, alpha_bars (ab), q_sample (x_t from
 x_0 and eps), p_sample (x_t -> x_{t-1}); eps is the true noise, eps_hat the network's.
 """
+if __name__ == "__main__":  # --help and flag errors answer before torch loads (it takes seconds)
+    import config
+    config.check_command_line()
+
 import math
 import os
 import signal

@@ -37,3 +37,29 @@ def task_bar(progress, total: int, default: str):
         task = bar.add_task(progress if own else default, total=total)
         yield lambda n=1: bar.advance(task, n)
         bar.remove_task(task)
+
+
+def duration(seconds: float) -> str:
+    """3725 -> '1 h 02 min', 150 -> '3 min', 40 -> '40 s'."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    minutes = int(seconds / 60 + 0.5)
+    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
+
+
+def long_run_warning(seconds_per_step: float, steps_planned: int, device_type: str,
+                     is_default_64px: bool, at_least: float = 600.0) -> str | None:
+    """After a CPU run's first few steps: one line with the time the whole run will take at the
+    measured speed, when that is at least `at_least` seconds, and for the default 64-px model a
+    pointer to the small models. None on other devices and for shorter runs."""
+    total = seconds_per_step * steps_planned
+    if device_type != "cpu" or total < at_least:
+        return None
+    line = (f"note: {steps_planned:,} steps at {seconds_per_step:.2f} s a step on the CPU: about "
+            f"{duration(total)} for this run")
+    if is_default_64px:
+        line += ("; the default 64-px model (63 M parameters) is meant for a GPU: for a first try "
+                 "use --demo (a 1.1 M-parameter model, about 8 minutes on 2 cores) or smaller "
+                 "flags (--img-size 32 --num-channels 32 --channel-multiples 1 2 2 --has-attn "
+                 "f t f --num-blocks 1)")
+    return line

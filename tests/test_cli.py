@@ -107,7 +107,7 @@ def test_a_flag_that_contradicts_the_checkpoint_is_a_one_line_error(run_ddpm, tr
     (["--loadckpt", "missing.pth"], "checkpoint not found"),
     (["--train"], "--train needs --data-folders"),
     (["--train", "--demo", "--has-attn", "t"], "--has-attn needs one t/f per"),
-    (["--train", "--demo", "--img-size", "20"], "must be divisible by 8"),
+    (["--train", "--demo", "--img-size", "18"], "must be divisible by 4"),  # the preset's 3 levels
     (["--train", "--demo", "--beta-min", "0.1", "--beta-max", "0.01"], "--beta-min < --beta-max"),
     (["--train", "--data-folders", "nowhere"], "data folder not found"),
     ([], "nothing to do"),
@@ -137,7 +137,8 @@ def test_eval_fid_scores_samples_and_reuses_the_cached_training_features(
         run_ddpm, png_size, trained):
     root, _ = trained
     args = ["--loadckpt", "ckpt-1.pth", "--eval-fid", "10", "--data-folders", "faces",
-            "--batch-size", "5", "--save-dir", "eval", "--cache-dir", "cache", "--seed", "0"]
+            "--batch-size", "5", "--save-dir", "eval", "--cache-dir", "cache", "--seed", "0",
+            "--sampler", "ddpm"]
     first = run_ddpm(root, *args)
     if "not installed" in first.stderr:
         pytest.skip(first.stderr)

