@@ -1,5 +1,5 @@
-"""Checkpoints written before the redesign (three config dicts, format 1) still load, sample and
-resume: tests/fixtures/text-model-bc9cbb7.pth was written by the code at commit bc9cbb7."""
+"""Checkpoints of the three-dict layout (format 1) still load, sample and resume:
+tests/fixtures/text-model-bc9cbb7.pth is one (see tests/fixtures/README.md)."""
 import json
 import os
 import shutil

@@ -201,3 +201,18 @@ def test_a_long_cpu_run_gets_one_line_with_its_expected_time():
     assert ui.long_run_warning(3.0, 1800, "cuda", is_default_64px=True) is None
     assert ui.long_run_warning(1.0, 600, "cpu", False, at_least=600) is not None  # the threshold
 
+
+
+def test_a_training_run_says_how_long_it_will_take_after_its_first_steps(tmp_path, monkeypatch,
+                                                                         capsys):
+    import ddpm
+    monkeypatch.setattr(ddpm, "LONG_RUN_S", 0.0)  # any run is long: the tiny one shows the note
+    args, typed = config.parse_args([
+        "--train", "--demo", "--demo-images", "32", "--img-size", "8", "--num-channels", "8",
+        "--channel-multiples", "1", "--has-attn", "f", "--timesteps", "10", "--beta-max", "0.5",
+        "--batch-size", "8", "--epochs", "2", "--device", "cpu", "--sample-every", "0",
+        "--ckpt-save-dir", str(tmp_path), "--save-dir", str(tmp_path)])
+    ddpm.Program(args, typed).run()
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: ")]
+    assert len(notes) == 1 and notes[0].startswith("note: 8 steps at ")  # 2 epochs of 4 steps
+    assert "for this run" in notes[0] and "--demo" not in notes[0]  # not the 64-px default

@@ -273,8 +273,8 @@ def test_clipping_x0_keeps_a_bad_model_inside_the_data_range(sampler, steps):
 
 
 def test_new_models_predict_v():
-    """Issue 19: DDIM / DPM-Solver++ turned 1 in 5 seeds of an eps model into noise. The default
-    parameterisation is v; checkpoints keep what they were trained with."""
+    """With eps prediction DDIM / DPM-Solver++ turn about 1 in 5 seeds into noise (below), so the
+    default parameterisation is v; checkpoints keep what they were trained with."""
     args, _ = parse_args([])
     assert args.prediction == "v"
 
@@ -285,7 +285,7 @@ def test_a_small_network_error_stays_small_in_x0_at_every_t_with_v(make_diffusio
     x0_hat = (x_t - sqrt(1 - ab) eps) / sqrt(ab) multiplies it by up to 1 / sqrt(ab_T) (160 for
     the linear schedule). A network that misses the per-image amplitude of x_t by 1 % (as our
     GroupNorm-ended UNet does: its output norm barely follows |x_T|) must not put +-1.6 of noise
-    into x0_hat, which the deterministic samplers then carry to the end (issue 19)."""
+    into x0_hat, which the deterministic samplers then carry to the end."""
     torch.manual_seed(0)
     x0, eps = torch.rand(4, 3, 8, 8) * 2 - 1, torch.randn(4, 3, 8, 8)
     worst = {}

@@ -177,7 +177,7 @@ def stubbed(path: str, sampler: str, prediction: str | None = None, **flags) -> 
 def test_a_residual_model_that_predicts_a_zero_residual_returns_bicubic(sr_run, monkeypatch,
                                                                          prediction, sampler,
                                                                          flags):
-    """Issue 20: with --sr-target residual a model that has learned nothing (its clean residual
+    """With --sr-target residual a model that has learned nothing (its clean residual
     is 0 at every step) returns the bicubic image itself, with every sampler."""
     assert set(config.DEFAULT_STEPS) == {"ddpm", "ddim", "dpm++", "heun"}  # every sampler here
     monkeypatch.chdir(sr_run)
