@@ -14,8 +14,9 @@ DDPM = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path, augment, port):
     flags = ["--train", "--demo", "--demo-images", "32", "--img-size", "8", "--num-channels", "8",
              "--channel-multiples", "1", "2", "--has-attn", "f", "t", "--num-blocks", "1",
-             "--timesteps", "10", "--beta-max", "0.5", "--batch-size", "8", "--epochs", "2",
-             "--seed", "11", "--device", "cpu", "--augment", augment]
+             "--timesteps", "10", "--beta-min", "1e-4", "--beta-max", "0.5", "--lr", "1e-4",
+             "--batch-size", "8", "--epochs", "2", "--seed", "11", "--device", "cpu",
+             "--augment", augment]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     runs = {"one": [sys.executable, DDPM],
             "two": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
@@ -44,8 +45,8 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
 def test_two_processes_accumulating_two_micro_batches_match_one_process_with_the_whole_batch(tmp_path):
     base = ["--train", "--demo", "--demo-images", "32", "--img-size", "8", "--num-channels", "8",
             "--channel-multiples", "1", "--has-attn", "f", "--num-blocks", "1", "--timesteps",
-            "10", "--beta-max", "0.5", "--epochs", "1", "--seed", "5", "--device", "cpu",
-            "--grad-clip", "1e9"]
+            "10", "--beta-min", "1e-4", "--beta-max", "0.5", "--lr", "1e-4", "--epochs", "1",
+            "--seed", "5", "--device", "cpu", "--grad-clip", "1e9"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     runs = {"one": [sys.executable, DDPM, "--batch-size", "16"],
             "two": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",

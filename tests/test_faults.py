@@ -17,9 +17,10 @@ DDPM = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 
 def tiny(tmp_path, *extra):
     return ["--train", "--demo", "--demo-images", "32", "--img-size", "8", "--num-channels", "8",
-            "--channel-multiples", "1", "--has-attn", "t", "--timesteps", "10", "--beta-max",
-            "0.5", "--batch-size", "8", "--seed", "7", "--ckpt-save-dir", str(tmp_path / "ckpt"),
-            "--save-dir", str(tmp_path / "out"), *extra]
+            "--channel-multiples", "1", "--has-attn", "t", "--num-blocks", "2", "--timesteps", "10",
+            "--beta-min", "1e-4", "--beta-max", "0.5", "--lr", "1e-4", "--batch-size", "8",
+            "--seed", "7", "--ckpt-save-dir", str(tmp_path / "ckpt"),
+            "--save-dir", str(tmp_path / "out"), *extra]  # every --demo preset flag but --epochs
 
 
 def test_resume_is_exact_two_epochs_equal_one_plus_one(tmp_path):
