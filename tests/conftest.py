@@ -42,12 +42,14 @@ def tiny_flags():
 @pytest.fixture(scope="session")
 def tiny():
     """tiny(folder, *extra): the flags of a training run of a tiny 8 px model on 32 demo faces
-    (seed 7) with its checkpoints in folder/ckpt and pictures in folder/out."""
+    (seed 7) with its checkpoints in folder/ckpt and pictures in folder/out; every flag of the
+    --demo preset but --epochs is typed, so the preset changes nothing here."""
     def flags(folder, *extra):
         return ["--train", "--demo", "--demo-images", "32", "--img-size", "8", "--num-channels",
-                "8", "--channel-multiples", "1", "--has-attn", "t", "--timesteps", "10",
-                "--beta-max", "0.5", "--batch-size", "8", "--seed", "7", "--ckpt-save-dir",
-                str(folder / "ckpt"), "--save-dir", str(folder / "out"), *extra]
+                "8", "--channel-multiples", "1", "--has-attn", "t", "--num-blocks", "2",
+                "--timesteps", "10", "--beta-min", "1e-4", "--beta-max", "0.5", "--lr", "1e-4",
+                "--batch-size", "8", "--seed", "7", "--ckpt-save-dir", str(folder / "ckpt"),
+                "--save-dir", str(folder / "out"), *extra]
     return flags
 
 

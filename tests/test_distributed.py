@@ -33,8 +33,9 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
                                                                          unused_port):
     flags = ["--train", "--demo", "--demo-images", "32", "--img-size", "8", "--num-channels", "8",
              "--channel-multiples", "1", "2", "--has-attn", "f", "t", "--num-blocks", "1",
-             "--timesteps", "10", "--beta-max", "0.5", "--batch-size", "8", "--epochs", "2",
-             "--seed", "11", "--device", "cpu", "--augment", augment]
+             "--timesteps", "10", "--beta-min", "1e-4", "--beta-max", "0.5", "--lr", "1e-4",
+             "--batch-size", "8", "--epochs", "2", "--seed", "11", "--device", "cpu",
+             "--augment", augment]
     out = one_and_two_processes(tmp_path, flags, unused_port, folder="ckpt")
     assert "distributed: 2 processes, global batch 8 = 4 per process" in out["two"]
     assert out["two"].count("epoch 1: mean loss") == 1  # only rank 0 prints
@@ -54,8 +55,8 @@ def test_two_processes_accumulating_two_micro_batches_match_one_process_with_the
         tmp_path, unused_port):
     base = ["--train", "--demo", "--demo-images", "32", "--img-size", "8", "--num-channels", "8",
             "--channel-multiples", "1", "--has-attn", "f", "--num-blocks", "1", "--timesteps",
-            "10", "--beta-max", "0.5", "--epochs", "1", "--seed", "5", "--device", "cpu",
-            "--grad-clip", "1e9"]
+            "10", "--beta-min", "1e-4", "--beta-max", "0.5", "--lr", "1e-4", "--epochs", "1",
+            "--seed", "5", "--device", "cpu", "--grad-clip", "1e9"]
     # global micro-batch 8 = 4 a process, twice a step
     one_and_two_processes(tmp_path, base, unused_port, one=["--batch-size", "16"],
                           two=["--batch-size", "8", "--grad-accum", "2"])
