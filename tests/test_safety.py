@@ -9,7 +9,6 @@ import pytest
 import torch
 from PIL import Image
 
-import checkpoint
 from config import UserError, parse_args, stored_config
 from data import load_image
 from ddpm import main
