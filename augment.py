@@ -29,6 +29,13 @@ def reflect(i: Tensor, n: int) -> Tensor:
     return (n - 1) - ((n - 1) - i % (2 * n - 2)).abs()
 
 
+def quarter_turn(k: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos and sin of k quarter turns, exactly (1, 0, -1, 0 and 0, 1, 0, -1 for k = 0..3), made
+    on k's device from k itself: no table copied from the host."""
+    k = k % 4
+    return ((k == 0).to(dtype) - (k == 2).to(dtype), (k == 1).to(dtype) - (k == 3).to(dtype))
+
+
 def warp(x: Tensor, flip: Tensor, rot: Tensor, tx: Tensor, ty: Tensor, sx: Tensor,
          sy: Tensor) -> Tensor:
     """The geometric transforms, composed and applied in one bilinear resampling with
@@ -47,8 +54,7 @@ def warp(x: Tensor, flip: Tensor, rot: Tensor, tx: Tensor, ty: Tensor, sx: Tenso
     col = lambda a: a.to(f64)[:, None, None]  # (B,) -> (B, 1, 1)
     u, v = u - col(tx), v - col(ty)  # undo the translation
     u, v = u / col(sx), v / col(sy)  # undo the scaling
-    c = torch.tensor([1, 0, -1, 0], device=dev, dtype=f64)[rot % 4]  # cos, sin of k quarter turns
-    s = torch.tensor([0, 1, 0, -1], device=dev, dtype=f64)[rot % 4]
+    c, s = quarter_turn(rot, f64)  # cos, sin of k quarter turns
     u, v = col(c) * u - col(s) * v, col(s) * u + col(c) * v  # undo the rotation (y points down)
     u = torch.where(col(flip).bool(), -u, u)  # undo the flip
     src_x, src_y = u + cx, v + cy  # (B, H, W) source coordinates in pixels
@@ -109,8 +115,8 @@ def draw(n: int, p: float, size: tuple[int, int], channels: int, device) -> dict
 
 def labels_of(d: dict[str, Tensor]) -> Tensor:
     """The parameters -> the network's label vector (n, AUGMENT_DIM), zero where not applied."""
-    rot_cos = torch.tensor([0.0, -1.0, -2.0, -1.0], device=d["rot"].device)[d["rot"]]  # cos - 1
-    rot_sin = torch.tensor([0.0, 1.0, 0.0, -1.0], device=d["rot"].device)[d["rot"]]
+    rot_cos, rot_sin = quarter_turn(d["rot"], torch.float32)
+    rot_cos = rot_cos - 1  # zero when not turned
     hue = d["hue"]
     return torch.stack([d["flip"].float(), rot_cos, rot_sin, d["tx"] / d["t_max"][0],
                         d["ty"] / d["t_max"][1], d["w_scale"], d["w_aniso"], d["w_bright"],

@@ -158,10 +158,12 @@ def test_a_cpu_tensor_reaching_the_model_on_the_stand_in_fails(stand_in):
         net(torch.zeros(1, 3, 4, 4))
 
 
-@pytest.mark.parametrize("data_on", ["memory", "disk"])
+@pytest.mark.parametrize("data_on", [["--data-on", "memory"], ["--data-on", "disk"],
+                                     ["--augment", "0.5"]])
 def test_a_default_training_step_never_waits_for_the_device(stand_in, tmp_path, monkeypatch,
                                                             data_on):
-    """No host read (item, bool, tolist) and no blocking copy in a step of the default path:
+    """No host read (item, bool, tolist) and no blocking copy in a step of the default path
+    (from memory or disk) or of an augmenting one:
     on a GPU the host queues step after step without waiting. The epoch's order goes to the
     device once, at its start; the guard and the figures read the device every 10 steps."""
     made = []  # torch.tensor(data, device=...) copies from the host, unseen by dispatch modes
@@ -169,8 +171,8 @@ def test_a_default_training_step_never_waits_for_the_device(stand_in, tmp_path, 
     monkeypatch.setattr(torch, "tensor", lambda *a, **k: made.append(k.get("device")) or
                         real_tensor(*a, **k))
     pictures(tmp_path / "imgs", n=24)
-    prog = Program(*parse_args(flags(tmp_path, "--train", "--device", "meta", "--data-on",
-                                     data_on, "--data-folders", str(tmp_path / "imgs"))))
+    prog = Program(*parse_args(flags(tmp_path, "--train", "--device", "meta", *data_on,
+                                     "--data-folders", str(tmp_path / "imgs"))))
     batches = prog.batches()
     prog.train_step(*next(batches))  # the first step of an epoch sends its order and flips
     stand_in.reads.clear()
