@@ -115,11 +115,16 @@ def parse(argv=None) -> tuple[argparse.Namespace, list[str]]:
 
 
 def build(b, rest: list[str], tmp: str, quiet: bool = True) -> ddpm.Program:
-    """A training Program on demo faces that writes only into tmp; quiet: no config line."""
+    """A training Program on demo faces (of the model the flags give: the --demo preset does
+    not apply) that writes only into tmp; quiet: no config line."""
     argv = (SMALL * b.small + ["--demo-images", str(8 * b.batch_size), "--seed", "0"] + rest
             + ["--train", "--demo", "--device", b.device, "--batch-size", str(b.batch_size),
                "--save-dir", tmp, "--ckpt-save-dir", tmp, "--cache-dir", tmp])
     args, typed = config.parse_args(argv)
+    parser = config.build_parser()
+    for k in config.DEMO_PRESET:  # demo faces as data, not the demo preset's model
+        if k not in typed:
+            setattr(args, k, parser.get_default(k))
     with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
         return ddpm.Program(args, typed)
 

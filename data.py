@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageOps
 from torch import Tensor
 
+from config import hw  # noqa: F401 (data.hw: the image size as (H, W))
 from ui import progress_bar
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
@@ -57,11 +58,6 @@ def downsample(x: Tensor, low: int) -> Tensor:
 def upsample(x: Tensor, size: int) -> Tensor:
     """Bicubic upsampling (B, C, h, w) -> (B, C, size, size), clipped to [-1, 1]."""
     return F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False).clamp(-1, 1)
-
-
-def hw(size) -> tuple[int, int]:
-    """--img-size as stored (an int for a square, [H, W] otherwise) -> (H, W)."""
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 def list_images(folders: list[str]) -> list[str]:
