@@ -158,6 +158,7 @@ def state(a, run_id: str, run: RunState, weights: dict, vocab, data_gen: torch.G
     train = {"batch_size": a.batch_size, "grad_accum": a.grad_accum, "lr": a.lr,
              "lr_warmup": a.lr_warmup, "lr_schedule": a.lr_schedule, "hflip": a.hflip,
              "schedule_steps": run.schedule_steps, "ema_decay": a.ema_decay,
+             "min_snr_gamma": a.min_snr_gamma, "t_sampling": a.t_sampling,
              "images_seen": run.images_seen}  # the recipe and length (--info, resume)
     return {"format": FORMAT, "run_id": run_id, "config": config_of(a), "train": train,
             "text": vocab.state() if vocab else None, **weights, "epoch": run.epoch,
@@ -184,13 +185,16 @@ def save(path: str, ckpt: dict, warn) -> str | None:
     return path
 
 
-RECIPE = ("lr_warmup", "lr_schedule", "hflip")  # training flags a resume goes on with
+# The training flags a resume goes on with (whatever the defaults are now), and the values of
+# those that older checkpoints do not store: the only way they trained then.
+RECIPE = ("lr", "lr_warmup", "lr_schedule", "hflip", "ema_decay", "min_snr_gamma", "t_sampling")
+RECIPE_NOT_STORED = {"min_snr_gamma": 0.0, "t_sampling": "uniform"}
 
 
 def resume_recipe(a, ckpt: dict, typed: set[str]) -> None:
-    """A resumed run goes on with its learning-rate warm-up and schedule and its flips, unless
-    typed again."""
-    train = ckpt.get("train", {})
+    """A resumed run goes on with its recipe (learning rate, its warm-up and schedule, flips,
+    EMA decay, loss weighting and how t is drawn), each unless typed again."""
+    train = {**RECIPE_NOT_STORED, **ckpt.get("train", {})}
     for k in RECIPE:
         if k in train and k not in typed:
             setattr(a, k, train[k])
@@ -281,7 +285,9 @@ def describe(ckpt: dict, path: str) -> list[str]:
     if train:
         lines.append(f"  recipe: batch {train['batch_size']} x {train['grad_accum']} accumulated, "
                      f"lr {train['lr']} ({train['lr_schedule']}, warm-up {train['lr_warmup']} "
-                     f"steps), EMA decay {train['ema_decay']}")
+                     f"steps), EMA decay {train['ema_decay']}, min-SNR gamma "
+                     f"{train.get('min_snr_gamma', 'not recorded')}, t "
+                     f"{train.get('t_sampling', 'not recorded')}")
     best = ckpt.get("best_fid", math.inf)
     lines.append(f"  best FID: {best:.2f}" if math.isfinite(best) else "  best FID: not measured")
     if ckpt.get("text"):

@@ -127,9 +127,11 @@ def _diffusion_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--timesteps", type=int, default=1000, help="diffusion steps T")
     g.add_argument("--beta-min", type=float, default=1e-4, help="beta_1 of the linear schedule")
     g.add_argument("--beta-max", type=float, default=0.02, help="beta_T of the linear schedule")
-    g.add_argument("--schedule", default="linear", choices=["linear", "cosine"],
-                   help="noise schedule: linear betas (Ho et al.) or cosine alpha_bar (Nichol & "
-                        "Dhariwal; ignores --beta-min/--beta-max)")
+    g.add_argument("--schedule", default="linear", choices=["linear", "cosine", "cosine-shifted"],
+                   help="noise schedule: linear betas (Ho et al.), cosine alpha_bar (Nichol & "
+                        "Dhariwal), or cosine with its SNR times (64 / image side)^2 (Hoogeboom et "
+                        "al. 2023: less noise for small images); the cosine ones ignore "
+                        "--beta-min/--beta-max")
     g.add_argument("--prediction", default="v", choices=["eps", "v", "x0"],
                    help="what the network predicts: v = sqrt(ab) eps - sqrt(1 - ab) x0 (Salimans & "
                         "Ho 2022; the default), the noise eps (Ho et al. 2020), or x0 itself (the "
@@ -184,6 +186,10 @@ def _training_flags(p: argparse.ArgumentParser) -> None:
                    help="EMA decay of the weights; warms up as min(decay, (1 + step) / (10 + step))")
     g.add_argument("--min-snr-gamma", type=float, default=0.0,
                    help="min-SNR-gamma loss weighting (Hang et al. 2023; 5 is typical); 0 = off")
+    g.add_argument("--t-sampling", default="uniform", choices=["uniform", "lognormal"],
+                   help="how training draws t: uniformly (Ho et al.), or so that ln sigma ~ "
+                        "N(-1.2, 1.2^2), sigma = sqrt((1 - ab) / ab) (EDM, Karras et al. 2022); "
+                        "kept on resume")
     g.add_argument("--importance-sampling", action="store_true",
                    help="draw t with p_t ~ sqrt(E[L_t^2]) over the last 10 losses per t, loss "
                         "reweighted to stay unbiased (Nichol & Dhariwal 2021); kept on resume")
@@ -598,6 +604,9 @@ def _check_numbers(a: argparse.Namespace) -> None:
     if not (math.isfinite(a.min_snr_gamma) and a.min_snr_gamma >= 0):
         raise UserError(f"--min-snr-gamma must be >= 0 (0 = off; 5 is typical), got "
                         f"{a.min_snr_gamma}")
+    if a.t_sampling != "uniform" and a.importance_sampling:
+        raise UserError(f"--t-sampling {a.t_sampling} and --importance-sampling both say how to "
+                        f"draw t: give one")
     # DDIM's sigma = eta sqrt((1 - ab_s)/(1 - ab_t)) sqrt(1 - ab_t/ab_s) stays within the
     # sqrt(1 - ab_s) the step has room for only for eta <= 1 (Song et al. 2021, Eq. 16).
     if not 0 <= a.eta <= 1:

@@ -32,11 +32,46 @@ def linear_betas(T: int, beta_1: float, beta_T: float) -> Tensor:
     return torch.linspace(beta_1, beta_T, T, dtype=torch.float64)
 
 
-def cosine_betas(T: int, s: float = 0.008, max_beta: float = 0.999) -> Tensor:
-    """beta_t = min(1 - alpha_bar_t / alpha_bar_{t-1}, max_beta) with alpha_bar_t = f(t) / f(0),
-    f(t) = cos^2((t / T + s) / (1 + s) * pi / 2) (Nichol & Dhariwal 2021, Eq. 17). (T,) f64."""
-    f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
+def cosine_f(T: int, s: float = 0.008) -> Tensor:
+    """f(t) = cos^2((t / T + s) / (1 + s) * pi / 2) for t = 0..T (Nichol & Dhariwal 2021, Eq. 17).
+    (T + 1,) f64."""
+    return torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
+
+
+def cosine_betas(T: int, max_beta: float = 0.999) -> Tensor:
+    """beta_t = min(1 - alpha_bar_t / alpha_bar_{t-1}, max_beta) with alpha_bar_t = f(t) / f(0)
+    (Nichol & Dhariwal 2021, Eq. 17). (T,) f64."""
+    f = cosine_f(T)
     return (1.0 - f[1:] / f[:-1]).clamp(max=max_beta)
+
+
+def shifted_cosine_betas(T: int, shift: float, max_beta: float = 0.999) -> Tensor:
+    """The cosine schedule with its log-SNR moved by `shift`: logit(ab'_t) = logit(ab_t) + shift,
+    i.e. SNR'_t = e^shift SNR_t, ab_t = f(t) / f(0) as in cosine_betas. Hoogeboom et al. 2023
+    (simple diffusion, Sec. 3.1) shift by 2 log(64 / d) for d-pixel images, the cosine schedule
+    being made for 64 px: less noise for smaller images, more for larger. (T,) f64."""
+    f = cosine_f(T)
+    ab = torch.sigmoid(torch.logit(f / f[0]) + shift)  # (T + 1,); ab[0] = 1 stays 1
+    return (1.0 - ab[1:] / ab[:-1]).clamp(max=max_beta)
+
+
+def resolution_shift(side: int, reference: int = 64) -> float:
+    """The log-SNR shift of the cosine schedule for side-pixel images: 2 log(reference / side)
+    (Hoogeboom et al. 2023, Eq. 4 with their reference of 64 px)."""
+    return 2.0 * math.log(reference / side)
+
+
+def lognormal_t_probs(alpha_bars: Tensor, p_mean: float = -1.2, p_std: float = 1.2) -> Tensor:
+    """EDM's training noise levels on our T steps (Karras et al. 2022, Table 1: ln sigma ~
+    N(p_mean, p_std^2), sigma = sqrt((1 - ab) / ab) in the data's units): step t gets the
+    probability of the ln sigma values nearer to its own than to its neighbours', i.e. of the
+    interval between the midpoints of ln sigma (the ends reaching to -inf and +inf). (T,) f64,
+    summing to 1."""
+    log_sigma = 0.5 * (torch.log1p(-alpha_bars) - torch.log(alpha_bars))  # (T,), increasing
+    edges = (log_sigma[1:] + log_sigma[:-1]) / 2  # (T - 1,)
+    cdf = torch.special.ndtr((edges - p_mean) / p_std)
+    cdf = torch.cat([cdf.new_zeros(1), cdf, cdf.new_ones(1)])  # (T + 1,)
+    return cdf[1:] - cdf[:-1]
 
 
 def gather(a: Tensor, t: Tensor) -> Tensor:
@@ -176,20 +211,26 @@ class ImportanceSampler:
 # The forward and reverse processes
 
 
+SCHEDULES = ("linear", "cosine", "cosine-shifted")
+
+
 class GaussianDiffusion(nn.Module):
     """The DDPM forward process q and the learned reverse process p_theta around a network that
     predicts eps (Ho et al. 2020), v = sqrt(ab) eps - sqrt(1 - ab) x0 (Salimans & Ho 2022) or x0."""
 
     def __init__(self, model: nn.Module, timesteps: int = 1000, beta_min: float = 1e-4,
                  beta_max: float = 0.02, *, prediction: str, schedule: str = "linear",
-                 min_snr_gamma: float = 0.0, learn_sigma: bool = False):
+                 min_snr_gamma: float = 0.0, learn_sigma: bool = False, image_side: int = 64):
+        """schedule: linear (beta_min .. beta_max), cosine, or cosine-shifted for image_side-pixel
+        images (the longer side)."""
         super().__init__()
         assert 0 < beta_min < beta_max < 1, "need 0 < beta_min < beta_max < 1"
-        assert schedule in ("linear", "cosine") and prediction in ("eps", "v", "x0")
+        assert schedule in SCHEDULES and prediction in ("eps", "v", "x0")
         self.model, self.T = model, timesteps
         self.prediction, self.min_snr_gamma, self.learn_sigma = prediction, min_snr_gamma, learn_sigma
         betas = (linear_betas(timesteps, beta_min, beta_max) if schedule == "linear"
-                 else cosine_betas(timesteps))  # (T,) float64 for the products
+                 else cosine_betas(timesteps) if schedule == "cosine"
+                 else shifted_cosine_betas(timesteps, resolution_shift(image_side)))  # (T,) f64
         alpha_bars = torch.cumprod(1.0 - betas, dim=0)
         alpha_bars_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bars[:-1]])
         self.ab64 = alpha_bars  # float64 on the CPU: samplers read step coefficients from it

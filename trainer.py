@@ -18,10 +18,10 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch import Tensor
 
-from config import UserError
+from config import UserError, hw
 import superres
 from augment import Augmented
-from diffusion import GaussianDiffusion, ImportanceSampler
+from diffusion import GaussianDiffusion, ImportanceSampler, lognormal_t_probs
 from text import Captioned, Vocab
 from unet import UNet
 
@@ -185,11 +185,14 @@ class Trainer:
             dropout=a.dropout, learn_sigma=a.learn_sigma, **kind.unet_inputs()).to(device)
         self.diffusion = GaussianDiffusion(
             self.model, a.timesteps, a.beta_min, a.beta_max, schedule=a.schedule,
-            prediction=a.prediction, min_snr_gamma=a.min_snr_gamma,
-            learn_sigma=a.learn_sigma).to(device)
+            prediction=a.prediction, min_snr_gamma=a.min_snr_gamma, learn_sigma=a.learn_sigma,
+            image_side=max(hw(a.img_size))).to(device)
         self.model.grad_checkpoint = a.grad_checkpoint
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
         self.importance = ImportanceSampler(a.timesteps) if a.importance_sampling else None
+        # --t-sampling lognormal: t = the first index whose cumulative probability passes u ~ U(0, 1)
+        self.t_cdf = (lognormal_t_probs(self.diffusion.ab64).cumsum(0).float().to(device)
+                      if a.t_sampling == "lognormal" else None)  # (T,)
         if world > 1:  # training goes through DDP (gradients averaged); sampling does not
             self.diffusion.model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -226,7 +229,7 @@ class Trainer:
         n, share = len(x0) * world, slice(self.rank, None, world)
         target, cond = self.kind.train_batch(x0, tokens, n, share)
         t_all, w_all = (self.importance.sample(n, dev) if self.importance
-                        else (torch.randint(0, self.diffusion.T, (n,), device=dev), None))
+                        else (self.draw_t(n), None))
         t, eps = t_all[share], torch.randn(n, *target.shape[1:], device=dev)[share]
         w = torch.ones_like(t, dtype=torch.float) if w_all is None else w_all[share]
         for group in self.optimizer.param_groups:
@@ -251,6 +254,13 @@ class Trainer:
             self.importance.update(t_all, self.gather_global(per_image.float()))  # global batch
         self.count(ok, n)
         return loss
+
+    def draw_t(self, n: int) -> Tensor:
+        """n training timesteps (n,) int64 on the device, uniform or as --t-sampling says."""
+        if self.t_cdf is None:
+            return torch.randint(0, self.diffusion.T, (n,), device=self.device)
+        u = torch.rand(n, device=self.device)
+        return torch.searchsorted(self.t_cdf, u).clamp(max=self.diffusion.T - 1)
 
     def count(self, ok: Tensor, n: int) -> None:
         """Book a step of n images on the device: skipped or not, and how many in a row."""
