@@ -180,7 +180,10 @@ def _training_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--grad-accum", type=int, default=1, metavar="K",
                    help="K micro-batches of --batch-size per optimizer step (gradients added "
                         "up): the step sees K x --batch-size images")
-    g.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (the peak)")
+    g.add_argument("--lr", type=float, default=None,
+                   help="Adam learning rate (the peak); default 1e-3 min(1, sqrt(1 M / the "
+                        "UNet's parameters)), at least 1e-4: 1e-3 for the small CPU models "
+                        "(docs/results/recipe.md), 1.3e-4 for the 63 M-parameter 64-px model")
     g.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this")
     g.add_argument("--ema-decay", type=float, default=0.9999,
                    help="EMA decay of the weights; warms up as min(decay, (1 + step) / (10 + step))")
@@ -596,7 +599,7 @@ def _check_values(a: argparse.Namespace) -> None:
 def _check_numbers(a: argparse.Namespace) -> None:
     """Real-valued training and sampling flags; NaN fails every comparison, so each test is
     written as the range the value must lie in."""
-    if not (math.isfinite(a.lr) and a.lr > 0):
+    if a.lr is not None and not (math.isfinite(a.lr) and a.lr > 0):
         raise UserError(f"--lr must be a positive number, got {a.lr}")
     if not a.grad_clip > 0:  # 0 would zero every gradient, a negative one flip its sign
         raise UserError(f"--grad-clip is the largest gradient norm and must be > 0 (inf: no "

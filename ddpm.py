@@ -35,7 +35,7 @@ from data import DataError, ImageDataset, to_model, training_images
 from drawing import Drawer
 from text import CaptionError, Vocab, caption_tokens
 from trainer import (MAX_BAD_STEPS, NonFiniteLoss, Trainer, ema_decay, init_distributed, lr_at,
-                     model_kind, pick_device, seed_everything, shared_seed)
+                     model_kind, pick_device, resolve_lr, seed_everything, shared_seed)
 from ui import long_run_warning, make_console
 
 
@@ -70,6 +70,7 @@ class Program:
         self.vocab = Vocab.from_state(ckpt["text"]) if ckpt and ckpt.get("text") else None
         self.data = self.load_data() if a.train else None
         self.kind = model_kind(a, self.vocab, self.data.images[:8] if self.data else None)
+        resolve_lr(a, self.kind)
         self.trainer = Trainer(a, self.kind, self.device, amp_dtype, self.rank, self.world)
         self.drawer = Drawer(a, self.kind, self.trainer, self.console, self.vocab,
                              quiet=not self.is_main)

@@ -94,6 +94,29 @@ def lr_at(step: int, lr: float, warmup: int, schedule: str, total: int) -> float
     return lr * scale
 
 
+def default_lr(params: int) -> float:
+    """--lr when not given: 1e-3 up to 1 M parameters (the small models of the recipe study),
+    shrinking as 1 / sqrt(parameters) above, at least 1e-4 (1.3e-4 at 63 M, between the 1e-4
+    of Nichol & Dhariwal 2021 and EDM's 2e-4 at 64 px)."""
+    return max(1e-4, 1e-3 * min(1.0, math.sqrt(1e6 / params)))
+
+
+def make_unet(a, kind) -> UNet:
+    """The UNet the flags describe, with the kind's extra inputs, on the current default device."""
+    return UNet(img_channels=a.img_channels, num_channels=a.num_channels,
+                channel_multiples=a.channel_multiples, has_attn=a.has_attn,
+                num_blocks=a.num_blocks, dropout=a.dropout, learn_sigma=a.learn_sigma,
+                **kind.unet_inputs())
+
+
+def resolve_lr(a, kind) -> None:
+    """--lr not given (nor by a resumed checkpoint): default_lr of the UNet's size, counted on
+    the meta device (no memory, no arithmetic)."""
+    if a.lr is None:
+        with torch.device("meta"):
+            a.lr = default_lr(sum(p.numel() for p in make_unet(a, kind).parameters()))
+
+
 def native_bf16(device: torch.device) -> bool:
     """Whether this GPU computes in bf16 natively (compute capability 8.0 on, Ampere and later);
     torch.cuda.is_bf16_supported() also says yes where it is only emulated (T4, V100), slowly."""
@@ -179,10 +202,7 @@ class Trainer:
                  rank: int = 0, world: int = 1):
         self.args, self.kind, self.device, self.amp_dtype = a, kind, device, amp_dtype
         self.rank, self.world = rank, world
-        self.model = UNet(
-            img_channels=a.img_channels, num_channels=a.num_channels,
-            channel_multiples=a.channel_multiples, has_attn=a.has_attn, num_blocks=a.num_blocks,
-            dropout=a.dropout, learn_sigma=a.learn_sigma, **kind.unet_inputs()).to(device)
+        self.model = make_unet(a, kind).to(device)
         self.diffusion = GaussianDiffusion(
             self.model, a.timesteps, a.beta_min, a.beta_max, schedule=a.schedule,
             prediction=a.prediction, min_snr_gamma=a.min_snr_gamma, learn_sigma=a.learn_sigma,

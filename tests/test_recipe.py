@@ -92,3 +92,18 @@ def test_a_resume_goes_on_with_its_recipe_and_older_checkpoints_with_the_old_one
 def test_lognormal_t_and_importance_sampling_together_are_refused(run_ddpm, tiny, tmp_path):
     r = run_ddpm(tmp_path, *tiny(tmp_path, "--t-sampling", "lognormal", "--importance-sampling"))
     assert r.returncode == 2 and "give one" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_the_default_learning_rate_follows_the_size_rule():
+    from trainer import Plain, default_lr, resolve_lr
+    assert default_lr(400_000) == 1e-3 and default_lr(1_000_000) == 1e-3
+    assert default_lr(4_000_000) == pytest.approx(5e-4)  # 1e-3 / sqrt(4)
+    assert default_lr(10**9) == 1e-4  # the floor
+    a, _ = config.parse_args([])  # the 64-px model: 1e-3 sqrt(1 M / its parameters)
+    resolve_lr(a, Plain())
+    from unet import UNet
+    params = sum(p.numel() for p in UNet(3, 64, (1, 2, 4, 8), (False, False, True, True), 2).parameters())
+    assert a.lr == pytest.approx(1e-3 * math.sqrt(1e6 / params))
+    b, _ = config.parse_args(["--lr", "3e-4"])
+    resolve_lr(b, Plain())
+    assert b.lr == 3e-4  # a typed --lr is kept
