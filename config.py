@@ -189,10 +189,12 @@ def _training_flags(p: argparse.ArgumentParser) -> None:
                    help="EMA decay of the weights; warms up as min(decay, (1 + step) / (10 + step))")
     g.add_argument("--min-snr-gamma", type=float, default=0.0,
                    help="min-SNR-gamma loss weighting (Hang et al. 2023; 5 is typical); 0 = off")
-    g.add_argument("--t-sampling", default="uniform", choices=["uniform", "lognormal"],
-                   help="how training draws t: uniformly (Ho et al.), or so that ln sigma ~ "
-                        "N(-1.2, 1.2^2), sigma = sqrt((1 - ab) / ab) (EDM, Karras et al. 2022); "
-                        "kept on resume")
+    g.add_argument("--t-sampling", default="lognormal", choices=["lognormal", "uniform"],
+                   help="how training draws t: so that ln sigma ~ N(-1.2, 1.2^2), sigma = "
+                        "sqrt((1 - ab) / ab) (EDM, Karras et al. 2022; FID 52 against 77 in "
+                        "docs/results/recipe.md), or uniformly (Ho et al.; the default of "
+                        "super-resolution, --learn-sigma and --importance-sampling runs); kept "
+                        "on resume")
     g.add_argument("--importance-sampling", action="store_true",
                    help="draw t with p_t ~ sqrt(E[L_t^2]) over the last 10 losses per t, loss "
                         "reweighted to stay unbiased (Nichol & Dhariwal 2021); kept on resume")
@@ -391,6 +393,8 @@ def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, set[str]]:
     args.img_size = _img_size(args.img_size)
     if args.super_res and args.sr_target == "residual" and "prediction" not in typed:
         args.prediction = "x0"  # zero-initialised output = zero residual = bicubic
+    if "t_sampling" not in typed and (args.super_res or args.learn_sigma or args.importance_sampling):
+        args.t_sampling = "uniform"  # their losses are set up for uniform t, or draw t themselves
     _default_sampler(args, typed)
     return args, typed
 

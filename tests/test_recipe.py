@@ -107,3 +107,10 @@ def test_the_default_learning_rate_follows_the_size_rule():
     b, _ = config.parse_args(["--lr", "3e-4"])
     resolve_lr(b, Plain())
     assert b.lr == 3e-4  # a typed --lr is kept
+
+
+def test_lognormal_t_is_the_default_where_the_loss_allows_it():
+    assert config.parse_args([])[0].t_sampling == "lognormal"
+    for flags in (["--super-res", "16"], ["--learn-sigma"], ["--importance-sampling"]):
+        assert config.parse_args(flags)[0].t_sampling == "uniform", flags  # uniform-t losses
+    assert config.parse_args(["--learn-sigma", "--t-sampling", "lognormal"])[0].t_sampling == "lognormal"
