@@ -40,15 +40,18 @@ RECIPES = {
     "cosine": TODAY + ["--schedule", "cosine"],
     "cosine-shifted": TODAY + ["--schedule", "cosine-shifted"],
     "lognormal-t": TODAY + ["--t-sampling", "lognormal"],
+    "lognormal-t+min-snr-5": TODAY + ["--t-sampling", "lognormal", "--min-snr-gamma", "5"],
+    "lognormal-t+cosine-shifted": TODAY + ["--t-sampling", "lognormal", "--schedule",
+                                           "cosine-shifted"],
     "lr-2e-3": TODAY + ["--lr", "2e-3"],
     "defaults": [],  # no recipe flag: what the program does by itself
 }
 BUDGETS = {  # image size and architecture, batch, steps
     16: ["--img-size", "16", "--num-channels", "24", "--channel-multiples", "1", "2",
          "--has-attn", "f", "t", "--num-blocks", "1", "--batch-size", "64", "--max-steps", "1500"],
-    32: ["--img-size", "32", "--num-channels", "32", "--channel-multiples", "1", "2", "2",
+    32: ["--img-size", "32", "--num-channels", "24", "--channel-multiples", "1", "2", "2",
          "--has-attn", "f", "t", "f", "--num-blocks", "1", "--batch-size", "64",
-         "--max-steps", "3000"],
+         "--max-steps", "600"],
 }
 
 
