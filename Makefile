@@ -14,7 +14,7 @@ demo: install
 
 # The test suite: two worker processes, a test file each at a time (pytest-xdist).
 test: install-test
-	$(PYTHON) -m pytest -q -n 2 --dist loadfile tests
+	$(PYTHON) -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
 install: $(VENV)
 	$(PIP) -r requirements.txt
