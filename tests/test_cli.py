@@ -88,7 +88,8 @@ def test_resume_continues_the_epoch_count(run_ddpm, trained):
     assert resumed["config"] == before["config"]
     adam_steps = [s["step"].item() for s in resumed["optimizer"]["state"].values()]
     assert set(adam_steps) == {6.0}  # Adam's own count went on from 4, not from 0
-    assert resumed["optimizer"]["param_groups"][0]["lr"] == 1e-4
+    # the run's learning rate goes on (its size rule's value: no --lr was typed in either run)
+    assert resumed["optimizer"]["param_groups"][0]["lr"] == before["train"]["lr"] == 1e-3
     r = run_ddpm(root, "--train", "--data-folders", "faces", "--loadckpt", "ckpt/ckpt-2.pth",
                  "--epochs", "1", "--batch-size", "8", "--save-dir", "out2", "--lr", "3e-5")
     assert r.returncode == 0, r.stderr
