@@ -61,14 +61,20 @@ def resolution_shift(side: int, reference: int = 64) -> float:
     return 2.0 * math.log(reference / side)
 
 
+def log_sigma(alpha_bars: Tensor) -> Tensor:
+    """ln sigma_t, sigma_t = sqrt((1 - ab_t) / ab_t): the noise-to-signal ratio in the data's units
+    (EDM's sigma, Karras et al. 2022). Same shape as alpha_bars; increasing in t."""
+    return 0.5 * (torch.log1p(-alpha_bars) - torch.log(alpha_bars))
+
+
 def lognormal_t_probs(alpha_bars: Tensor, p_mean: float = -1.2, p_std: float = 1.2) -> Tensor:
     """EDM's training noise levels on our T steps (Karras et al. 2022, Table 1: ln sigma ~
     N(p_mean, p_std^2), sigma = sqrt((1 - ab) / ab) in the data's units): step t gets the
     probability of the ln sigma values nearer to its own than to its neighbours', i.e. of the
     interval between the midpoints of ln sigma (the ends reaching to -inf and +inf). (T,) f64,
     summing to 1."""
-    log_sigma = 0.5 * (torch.log1p(-alpha_bars) - torch.log(alpha_bars))  # (T,), increasing
-    edges = (log_sigma[1:] + log_sigma[:-1]) / 2  # (T - 1,)
+    ln_sigma = log_sigma(alpha_bars)  # (T,), increasing
+    edges = (ln_sigma[1:] + ln_sigma[:-1]) / 2  # (T - 1,)
     cdf = torch.special.ndtr((edges - p_mean) / p_std)
     cdf = torch.cat([cdf.new_zeros(1), cdf, cdf.new_ones(1)])  # (T + 1,)
     return cdf[1:] - cdf[:-1]
@@ -108,12 +114,12 @@ def karras_timesteps(alpha_bars: Tensor, n: int, rho: float = 7.0) -> list[int]:
     sigma_i = (sigma_max^(1/rho) + i / (n - 1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho,
     each taken to the timestep of nearest log sigma (so the solvers keep the trained t's);
     steps crowd towards low noise. Fewer than n where two sigma_i round to one t."""
-    log_sigma = 0.5 * (torch.log1p(-alpha_bars) - torch.log(alpha_bars))  # (T,), increasing
+    ln_sigma = log_sigma(alpha_bars)  # (T,), increasing
     if n == 1:
         return [len(alpha_bars) - 1]
-    lo, hi = log_sigma[0].exp() ** (1 / rho), log_sigma[-1].exp() ** (1 / rho)
+    lo, hi = ln_sigma[0].exp() ** (1 / rho), ln_sigma[-1].exp() ** (1 / rho)
     sigmas = (hi + torch.arange(n, dtype=torch.float64) / (n - 1) * (lo - hi)) ** rho  # (n,)
-    ts = (sigmas.log()[:, None] - log_sigma[None]).abs().argmin(1).tolist()
+    ts = (sigmas.log()[:, None] - ln_sigma[None]).abs().argmin(1).tolist()
     return sorted(set(ts), reverse=True)
 
 
