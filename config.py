@@ -56,7 +56,13 @@ def str2bool(s: str) -> bool:
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults after each flag's help; the description's command list kept as written."""
+    """Defaults after each flag's help, unless it is None (the help then says what happens);
+    the description's command list kept as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None:
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -126,6 +126,12 @@ def test_no_project_history_in_help():
     assert history(config.build_parser().format_help()) == []
 
 
+def test_help_gives_each_default_that_exists_and_never_none():
+    text = config.build_parser().format_help()
+    assert "(default: None)" not in text  # a flag without a default says in words what happens
+    assert "(default: dpm++)" in text and "(default: 0.9999)" in text
+
+
 def test_help_and_flag_errors_answer_without_importing_torch():
     r = subprocess.run([sys.executable, "-X", "importtime", DDPM, "--help"], capture_output=True,
                        text=True, timeout=60)
