@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import warnings
+import zipfile
 
 import numpy as np
 import torch
@@ -136,8 +137,14 @@ def reference_features(folders: list[str], img_size: int, channels: int, net, ca
     key, paths = data.folder_key(folders, img_size, channels, CACHE_VERSION)
     cache = os.path.join(cache_dir, f"ref-{key}.npz")
     if os.path.isfile(cache):
-        with np.load(cache) as z:
-            return z["feats"], [paths[i] for i in z["index"]]
+        try:
+            with np.load(cache) as z:
+                feats, index = z["feats"], z["index"]
+            if feats.ndim == 2 and len(feats) == len(index) and index.max(initial=-1) < len(paths):
+                return feats, [paths[i] for i in index]
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            pass  # cut short or not ours: made again below, and the file replaced
+        say(f"warning: {cache} is damaged; extracting the features again")
 
     def decode(path):
         try:

@@ -152,6 +152,27 @@ def test_reference_features_cache_is_reused_and_follows_file_changes(
     assert len(feats) == 3 and not any(p.endswith("a.png") for p in paths)
 
 
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "other arrays"])
+def test_a_damaged_reference_cache_is_made_again_with_a_warning(write_images, tmp_path, damage,
+                                                                 capsys):
+    folder, cache = tmp_path / "imgs", tmp_path / "cache"
+    write_images(folder, ["a.png", "b.png"])
+    run = lambda: reference_features([str(folder)], 16, 3, FakeNet(), str(cache), console=None)
+    feats, paths = run()
+    [path] = cache.glob("ref-*.npz")
+    if damage == "truncate":  # a copy or a disk cut short
+        path.write_bytes(path.read_bytes()[:100])
+    elif damage == "garbage":
+        path.write_bytes(b"not a zip file")
+    else:
+        np.savez(open(path, "wb"), something=np.zeros(3))
+    capsys.readouterr()
+    again, paths_again = run()
+    assert "is damaged" in capsys.readouterr().out
+    assert np.array_equal(again, feats) and paths_again == paths
+    assert np.array_equal(np.load(path)["feats"], feats)  # the file replaced by a good one
+
+
 def test_cli_prints_fid_and_kid_of_two_folders(write_images, tmp_path, monkeypatch, capsys):
     write_images(tmp_path / "a", [f"{i}.png" for i in range(12)], seed=0)
     write_images(tmp_path / "b", [f"{i}.png" for i in range(10)], seed=1)
