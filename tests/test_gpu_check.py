@@ -8,6 +8,7 @@ import sys
 
 import bench
 import evaluate
+import gpu_check
 
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench.py")
 # The rehearsal's tests: one of each file, so that the check's pytest runs stay short.
@@ -68,13 +69,13 @@ def test_the_cpu_rehearsal_passes_every_check_and_writes_the_report(tmp_path, ca
 
 def test_a_failing_or_hanging_step_fails_its_own_line_and_the_rest_still_run(tmp_path):
     b, _ = bench.parse(["--gpu-check", "--device", "cpu", "--report", str(tmp_path / "r.txt")])
-    check = bench.GpuCheck(b, str(tmp_path))
+    check = gpu_check.GpuCheck(b, str(tmp_path))
     python = [sys.executable, "-c"]
     check.check("fails", python + ["print('error: no such thing'); raise SystemExit(3)"], 60)
     check.check("hangs", python + ["import time; print('started', flush=True); time.sleep(600)"],
                 3)
     check.check("passes", python + ["print('all well')"], 60, lambda out: out.strip())
-    check.check("wrong result", python + ["pass"], 60, bench.wrote(str(tmp_path), "x-", 2))
+    check.check("wrong result", python + ["pass"], 60, gpu_check.wrote(str(tmp_path), "x-", 2))
     check.b.budget = 0  # what is left after the budget is spent does not run
     check.check("late", python + ["print('ran')"], 60)
     assert check.finish() == 1
@@ -103,6 +104,6 @@ def test_without_a_gpu_the_check_says_so_in_one_line(tmp_path):
 def test_the_benchmark_takes_as_many_training_steps_as_it_times(tmp_path):
     # 32 demo images are 8 batches of 4: 11 steps take a second epoch.
     b, _ = bench.parse(["--device", "cpu", "--batch-size", "4"])
-    prog = bench.build(b, bench.TINY, str(tmp_path))
+    prog = bench.build(b, gpu_check.TINY, str(tmp_path))
     bench.train_steps(prog, prog.data, 11, b.batch_size)
     assert len(prog.data) == 32 and prog.state.step == 11
