@@ -8,6 +8,7 @@ is the model kind's answer (`Plain` here; text.Captioned, superres.SuperRes, aug
 import contextlib
 import copy
 import datetime
+import functools
 import math
 import os
 import random
@@ -221,15 +222,20 @@ class Trainer:
             # the compiler can overlap its gradient buckets with the backward pass
             self.diffusion.model.compile()
             self.ema.compile()
-        # Fused Adam (one kernel per tensor) on CUDA and CPU: the same update, about 7x faster
-        # than the per-op loop on a CPU core, and it can skip a step on the device (found_inf).
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=a.lr,
-                                          fused=device.type in FUSED_DEVICES)
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
         # Skipped steps, counted on the device and read by the host in `check` (no sync a step).
         zero = lambda: torch.zeros((), dtype=torch.long, device=device)  # noqa: E731
         self.skipped, self.skipped_images, self.bad_in_a_row = zero(), zero(), zero()
         self.ok = torch.ones((), dtype=torch.bool, device=device)  # did the last step count
+
+    @functools.cached_property
+    def optimizer(self) -> torch.optim.Adam:
+        """Adam over the model's weights, made when first used: sampling never makes one (making
+        one imports torch's compiler, seconds of every start on a CPU). Fused (one kernel per
+        tensor) on CUDA and CPU: the same update, about 7x faster than the per-op loop on a CPU
+        core, and it can skip a step on the device (found_inf)."""
+        return torch.optim.Adam(self.model.parameters(), lr=self.args.lr,
+                                fused=self.device.type in FUSED_DEVICES)
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -334,12 +340,13 @@ class Trainer:
         it has one, at learning rate lr (--lr applies on resume, e.g. a lower one after a NaN)."""
         self.model.load_state_dict(ckpt["model"])
         self.ema.load_state_dict(ckpt.get("ema", ckpt["model"]))
-        if "optimizer" in ckpt:  # fused where this device has it, whatever it was saved with
-            saved = ckpt["optimizer"]
-            fused = self.optimizer.defaults["fused"]
-            self.optimizer.load_state_dict({**saved, "param_groups": [
-                {**group, "fused": fused} for group in saved["param_groups"]]})
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        if self.args.train:  # sampling makes no optimizer
+            if "optimizer" in ckpt:  # fused where this device has it, whatever it was saved with
+                saved = ckpt["optimizer"]
+                fused = self.optimizer.defaults["fused"]
+                self.optimizer.load_state_dict({**saved, "param_groups": [
+                    {**group, "fused": fused} for group in saved["param_groups"]]})
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
         if self.importance and ckpt.get("importance"):
             self.importance.load_state_dict(ckpt["importance"])
