@@ -44,6 +44,27 @@ def to_uint8(x: Tensor) -> Tensor:
     return ((x.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
+def grid(images: Tensor, nrow: int, padding: int = 2, pad_value: int = 255) -> Tensor:
+    """uint8 (N, C, H, W) -> one uint8 (3, rows (H + padding) + padding, cols (W + padding) +
+    padding) picture: nrow images a row (fewer if N is smaller), in order, on a pad_value
+    background; one channel is shown as grey."""
+    n, c, h, w = images.shape
+    cols = min(nrow, n)
+    rows = math.ceil(n / cols)
+    out = torch.full((3, rows * (h + padding) + padding, cols * (w + padding) + padding),
+                     pad_value, dtype=torch.uint8)
+    for i, img in enumerate(images.expand(-1, 3, -1, -1) if c == 1 else images):
+        y, x = padding + (i // cols) * (h + padding), padding + (i % cols) * (w + padding)
+        out[:, y:y + h, x:x + w] = img
+    return out
+
+
+def save_png(picture: Tensor, path: str) -> None:
+    """uint8 (C, H, W) -> a PNG file."""
+    hwc = np.ascontiguousarray(picture.permute(1, 2, 0).cpu().numpy())
+    Image.fromarray(hwc[..., 0] if hwc.shape[-1] == 1 else hwc).save(path)
+
+
 def make_lowres(x: Tensor, low: int) -> Tensor:
     """The super-resolution model's input: x (B, C, H, W) in [-1, 1] downsampled to low x low
     (bicubic, anti-aliased) and upsampled back to H x W (bicubic), clipped to [-1, 1]."""

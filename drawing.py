@@ -9,10 +9,9 @@ import torch
 import torch.nn as nn
 from rich.console import Console
 from torch import Tensor
-from torchvision.utils import save_image
 
 import config
-from data import hw, to_uint8
+from data import grid, hw, save_png, to_uint8
 from text import Vocab
 from ui import progress_bar
 
@@ -42,8 +41,8 @@ class Drawer:
     def save_grid(self, images: Tensor, name: str, nrow: int) -> None:
         """images: (N, C, H, W) in [-1, 1] (or uint8) -> one PNG grid in --save-dir."""
         images = images if images.dtype == torch.uint8 else to_uint8(images)
-        save_image(images.float() / 255, os.path.join(self.args.save_dir, name), nrow=nrow,
-                   padding=1)
+        save_png(grid(images.cpu(), nrow, padding=1, pad_value=0),
+                 os.path.join(self.args.save_dir, name))
 
     @property
     def sampler_name(self) -> str:

@@ -17,7 +17,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.utils import make_grid, save_image
 
 import data
 from ui import make_console, task_bar
@@ -238,10 +237,11 @@ def save_nearest_picture(path: str, samples_uint8: Tensor, neighbours_uint8: Ten
     """One row per sample: the sample, a gap, its k nearest training images.
     samples_uint8: (n, C, H, W); neighbours_uint8: (n, k, C, H, W)."""
     k = neighbours_uint8.shape[1]
-    left = make_grid(samples_uint8.float() / 255, nrow=1, padding=2, pad_value=1)
-    right = make_grid(neighbours_uint8.flatten(0, 1).float() / 255, nrow=k, padding=2, pad_value=1)
-    gap = torch.ones(3, left.shape[1], max(2, samples_uint8.shape[-1] // 4))  # white
-    save_image(torch.cat([left, gap, right], dim=2), path)
+    left = data.grid(samples_uint8, nrow=1)  # white padding
+    right = data.grid(neighbours_uint8.flatten(0, 1), nrow=k)
+    gap = torch.full((3, left.shape[1], max(2, samples_uint8.shape[-1] // 4)), 255,
+                     dtype=torch.uint8)
+    data.save_png(torch.cat([left, gap, right], dim=2), path)
 
 
 def score(sample_feats: np.ndarray, ref_feats: np.ndarray) -> dict:

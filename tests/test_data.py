@@ -6,7 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from data import DataError, ImageDataset, demo_faces, load_folders, to_model, to_uint8
+from data import (DataError, ImageDataset, demo_faces, grid, load_folders, save_png, to_model,
+                  to_uint8)
 
 
 def test_uint8_to_model_and_back_is_exact_for_every_value():
@@ -15,6 +16,33 @@ def test_uint8_to_model_and_back_is_exact_for_every_value():
     assert m.min().item() == -1.0 and m.max().item() == 1.0
     assert torch.equal(to_uint8(m), x)
     assert to_uint8(torch.tensor([-3.0, 3.0])).tolist() == [0, 255]  # out of range is clipped
+
+
+@pytest.mark.parametrize("n, c, nrow, padding", [(7, 3, 3, 2), (2, 3, 8, 1), (12, 1, 4, 0),
+                                                  (1, 3, 1, 2)])
+def test_grid_places_each_image_in_its_cell_on_the_background(n, c, nrow, padding):
+    images = torch.randint(0, 255, (n, c, 5, 6), dtype=torch.uint8)
+    out = grid(images, nrow, padding, pad_value=255)
+    cols = min(nrow, n)
+    rows = -(-n // cols)
+    assert out.shape == (3, rows * (5 + padding) + padding, cols * (6 + padding) + padding)
+    covered = torch.zeros(out.shape[1:], dtype=torch.bool)
+    for i in range(n):
+        y, x = padding + (i // cols) * (5 + padding), padding + (i % cols) * (6 + padding)
+        assert torch.equal(out[:, y:y + 5, x:x + 6], images[i].expand(3, -1, -1))  # grey: 3 x 1
+        covered[y:y + 5, x:x + 6] = True
+    assert (out[:, ~covered] == 255).all()  # padding and empty cells
+
+
+def test_grid_matches_torchvision_make_grid_and_the_png_holds_it_exactly(tmp_path):
+    utils = pytest.importorskip("torchvision.utils")
+    images = torch.randint(0, 255, (10, 3, 8, 8), dtype=torch.uint8)
+    theirs = utils.make_grid(images.float() / 255, nrow=4, padding=1, pad_value=0)
+    ours = grid(images, 4, padding=1, pad_value=0)
+    assert torch.equal(to_uint8(theirs * 2 - 1), ours)
+    save_png(ours, str(tmp_path / "g.png"))
+    back = torch.from_numpy(np.array(Image.open(tmp_path / "g.png"))).permute(2, 0, 1)
+    assert torch.equal(back, ours)
 
 
 def make_mixed_folder(root):
