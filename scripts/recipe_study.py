@@ -155,11 +155,11 @@ def main() -> None:
 
 
 def table(results: str, path: str) -> None:
-    """Mean and spread over seeds of each (budget, recipe) -> a markdown table."""
+    """Mean and spread over seeds of each (budget, recipe, steps) -> a markdown table."""
     rows = [json.loads(line) for line in open(results)]
     lines = ["| px | recipe | seeds | FID | KID x1e-3 | train s | images |", "|---|---|---|---|---|---|---|"]
-    for key in sorted({(r["budget"], r["recipe"]) for r in rows}):
-        rs = [r for r in rows if (r["budget"], r["recipe"]) == key]
+    for key in sorted({(r["budget"], r["recipe"], r["steps"]) for r in rows}):
+        rs = [r for r in rows if (r["budget"], r["recipe"], r["steps"]) == key]
         fid, kid = np.array([r["fid"] for r in rs]), np.array([r["kid"] for r in rs]) * 1e3
         spread = lambda v: f" ± {v.std(ddof=1):.1f}" if len(v) > 1 else ""  # noqa: E731
         lines.append(f"| {key[0]} | {key[1]} | {len(rs)} | {fid.mean():.1f}{spread(fid)} | "
