@@ -47,8 +47,11 @@ def to_uint8(x: Tensor) -> Tensor:
 def grid(images: Tensor, nrow: int, padding: int = 2, pad_value: int = 255) -> Tensor:
     """uint8 (N, C, H, W) -> one uint8 (3, rows (H + padding) + padding, cols (W + padding) +
     padding) picture: nrow images a row (fewer if N is smaller), in order, on a pad_value
-    background; one channel is shown as grey."""
+    background; one channel is shown as grey. A single image is returned as it is (C, H, W),
+    unpadded, as torchvision's make_grid does."""
     n, c, h, w = images.shape
+    if n == 1:
+        return images[0]
     cols = min(nrow, n)
     rows = math.ceil(n / cols)
     out = torch.full((3, rows * (h + padding) + padding, cols * (w + padding) + padding),
