@@ -27,8 +27,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import config
 import ddpm
-import data
-from data import DataError, ImageDataset, MappedImages, load_folders, to_model
+from data import DataError, MappedImages, load_folders, to_model
+from dataset import ImageDataset, free_memory
 from ui import make_console
 
 SMALL = ["--img-size", "32", "--num-channels", "32", "--channel-multiples", "1", "2", "2",
@@ -394,7 +394,7 @@ def data_speed(b, console: Console) -> None:
             os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
         rate(ImageDataset(mapped, dev), "disk, cold page cache")
         rate(ImageDataset(mapped, dev), "disk, warm page cache")
-        free = data.free_memory(torch.device("cpu")) or 0
+        free = free_memory(torch.device("cpu")) or 0
         if n * 3 * 64 * 64 < free // 2:
             rate(ImageDataset(mapped.images.to(dev, copy=True), dev), "memory")
         else:

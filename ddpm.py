@@ -31,7 +31,8 @@ import prompts
 import superres
 from checkpoint import RunState
 from config import UserError
-from data import DataError, ImageDataset, to_model, training_images
+from data import DataError, to_model
+from dataset import ImageDataset, training_images
 from drawing import Drawer
 from text import CaptionError, Vocab, caption_tokens
 from trainer import (MAX_BAD_STEPS, NonFiniteLoss, Trainer, ema_decay, init_distributed, lr_at,

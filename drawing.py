@@ -5,15 +5,41 @@ evaluate, monitor) are given of a run: the flags, the device, the model kind and
 import math
 import os
 
+import numpy as np
 import torch
 import torch.nn as nn
+from PIL import Image
 from rich.console import Console
 from torch import Tensor
 
 import config
-from data import grid, hw, save_png, to_uint8
+from data import hw, to_uint8
 from text import Vocab
 from ui import progress_bar
+
+
+def grid(images: Tensor, nrow: int, padding: int = 2, pad_value: int = 255) -> Tensor:
+    """uint8 (N, C, H, W) -> one uint8 (3, rows (H + padding) + padding, cols (W + padding) +
+    padding) picture: nrow images a row (fewer if N is smaller), in order, on a pad_value
+    background; one channel is shown as grey. A single image is returned as it is (C, H, W),
+    unpadded, as torchvision's make_grid does."""
+    n, c, h, w = images.shape
+    if n == 1:
+        return images[0]
+    cols = min(nrow, n)
+    rows = math.ceil(n / cols)
+    out = torch.full((3, rows * (h + padding) + padding, cols * (w + padding) + padding),
+                     pad_value, dtype=torch.uint8)
+    for i, img in enumerate(images.expand(-1, 3, -1, -1) if c == 1 else images):
+        y, x = padding + (i // cols) * (h + padding), padding + (i % cols) * (w + padding)
+        out[:, y:y + h, x:x + w] = img
+    return out
+
+
+def save_png(picture: Tensor, path: str) -> None:
+    """uint8 (C, H, W) -> a PNG file."""
+    hwc = np.ascontiguousarray(picture.permute(1, 2, 0).cpu().numpy())
+    Image.fromarray(hwc[..., 0] if hwc.shape[-1] == 1 else hwc).save(path)
 
 
 class Drawer:

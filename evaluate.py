@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import data
+import drawing
 from ui import make_console, task_bar
 
 CACHE_VERSION = "tf-inception-2015-12-05 pool3, bilinear 299, 2x-1, v1"  # bump to drop caches
@@ -237,11 +238,11 @@ def save_nearest_picture(path: str, samples_uint8: Tensor, neighbours_uint8: Ten
     """One row per sample: the sample, a gap, its k nearest training images.
     samples_uint8: (n, C, H, W); neighbours_uint8: (n, k, C, H, W)."""
     k = neighbours_uint8.shape[1]
-    left = data.grid(samples_uint8, nrow=1)  # white padding
-    right = data.grid(neighbours_uint8.flatten(0, 1), nrow=k)
+    left = drawing.grid(samples_uint8, nrow=1)  # white padding
+    right = drawing.grid(neighbours_uint8.flatten(0, 1), nrow=k)
     gap = torch.full((3, left.shape[1], max(2, samples_uint8.shape[-1] // 4)), 255,
                      dtype=torch.uint8)
-    data.save_png(torch.cat([left, gap, right], dim=2), path)
+    drawing.save_png(torch.cat([left, gap, right], dim=2), path)
 
 
 def score(sample_feats: np.ndarray, ref_feats: np.ndarray) -> dict:

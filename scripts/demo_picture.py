@@ -6,7 +6,8 @@ import sys
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data import demo_faces, grid  # noqa: E402  (the repository root on the path first)
+from data import demo_faces  # noqa: E402  (the repository root on the path first)
+from drawing import grid  # noqa: E402
 
 
 def main(samples: str = "output/ddpm-all.png", out: str = "docs/demo-samples.png") -> None:

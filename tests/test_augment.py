@@ -11,7 +11,8 @@ import augment
 import evaluate
 from augment import AUGMENT_DIM, recolour, warp
 from config import parse_args
-from data import ImageDataset, demo_faces
+from data import demo_faces
+from dataset import ImageDataset
 from ddpm import Program, main
 from unet import UNet
 

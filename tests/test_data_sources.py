@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import data
+import dataset
 from config import parse_args
 from data import DataError, MappedImages, load_folders
 from ddpm import Program, main
@@ -196,7 +197,7 @@ def test_a_damaged_member_of_a_zip_is_skipped_with_a_warning(write_images, tmp_p
 
 def test_the_memory_path_is_chosen_where_the_set_fits_and_says_why():
     x = torch.zeros(10, 3, 8, 8, dtype=torch.uint8)
-    on_disk, _, why = data.placement(x, torch.device("cpu"), "auto", 1 << 20)
+    on_disk, _, why = dataset.placement(x, torch.device("cpu"), "auto", 1 << 20)
     assert not on_disk and "in memory" in why and "--data-memory 1 MiB" in why
     with pytest.raises(DataError, match="decode cache"):
-        data.placement(x, torch.device("cpu"), "auto", 100)  # over budget, but no file to read
+        dataset.placement(x, torch.device("cpu"), "auto", 100)  # over budget, but no file to read
