@@ -17,10 +17,10 @@ from dataclasses import dataclass
 import torch
 
 import augment
-from config import (UserError, config_of, size_name, sr_target_name, stored_config, stored_keys,
-                    validate)
+from config import UserError, config_of, size_name, sr_target_name, stored_config, stored_keys
 from data import atomic_write
 from text import SPECIALS
+from validation import validate
 from unet import UNet
 
 try:

@@ -38,6 +38,7 @@ from text import CaptionError, Vocab, caption_tokens
 from trainer import (MAX_BAD_STEPS, NonFiniteLoss, Trainer, ema_decay, init_distributed, lr_at,
                      model_kind, pick_device, resolve_lr, seed_everything, shared_seed)
 from ui import long_run_warning, make_console
+from validation import validate
 
 
 LONG_RUN_S = 600.0  # a CPU run expected to take this long gets a note with its expected time
@@ -58,7 +59,7 @@ class Program:
             self.console = make_console(quiet=self.rank != 0)
         self.is_main = self.rank == 0  # only the first process writes files and prints
         ckpt = self.load_checkpoint(typed) if a.loadckpt else None
-        config.validate(a, cascade=parent is not None)
+        validate(a, cascade=parent is not None)
         self.device, amp_dtype = pick_device(device, a.precision)
         if a.batch_size % self.world:
             raise UserError(f"--batch-size {a.batch_size} (the global batch) must be divisible by "

@@ -158,7 +158,8 @@ def test_the_exit_code_says_how_the_run_ended_and_whether_its_work_was_saved():
 
 
 def test_start_over_is_a_training_flag_that_contradicts_resume():
-    from config import parse_args, validate
+    from config import parse_args
+    from validation import validate
     validate(parse_args(["--train", "--demo", "--start-over"])[0])
     for argv, says in ((["--resume", "--demo", "--start-over"], "give one of them"),
                        (["--loadckpt", "x.pth", "--start-over"], "give --train")):

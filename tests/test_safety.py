@@ -52,7 +52,7 @@ def test_flags_out_of_their_range_are_one_line(tmp_path, capsys, flags, says):
 
 
 def test_eval_fid_of_one_sample_is_refused_because_kid_needs_two():
-    from config import validate
+    from validation import validate
     args, _ = parse_args(["--loadckpt", "x.pth", "--eval-fid", "1", "--data-folders", "d"])
     with pytest.raises(UserError, match="--eval-fid 0 \\(off\\) or >= 2"):
         validate(args)
@@ -61,7 +61,7 @@ def test_eval_fid_of_one_sample_is_refused_because_kid_needs_two():
 
 
 def test_the_edges_of_the_ranges_are_accepted():
-    from config import validate
+    from validation import validate
     for flags in (["--eta", "0"], ["--eta", "1"], ["--grad-clip", "inf"], ["--min-snr-gamma", "0"],
                   ["--guidance-scale", "0", "7.5"], ["--lr", "1e-9"]):
         args, _ = parse_args(["--train", "--demo", *flags])
