@@ -19,6 +19,26 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
+import state_guard  # noqa: E402
+
+pytest_plugins = ["pytester"]  # test_state_guard runs a pytest session of its own
+
+
+@pytest.fixture(autouse=True)
+def leaves_the_process_as_it_found_it():
+    """Fails a test that leaves the process changed (state_guard: torch.cuda's functions, torch's
+    backend flags, default dtype and device, thread counts, signal handlers, working directory,
+    environment), and puts the state back so that the next tests run as they would alone.
+    Autouse, so set up before any fixture the test asks for: monkeypatch has undone its
+    changes by the time this looks."""
+    before = state_guard.snapshot()
+    yield
+    changed = state_guard.differences(before, state_guard.snapshot())
+    if changed:
+        state_guard.restore(before)
+        pytest.fail("the test left the process changed (now put back):\n  " + "\n  ".join(changed),
+                    pytrace=False)
+
 DDPM = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ddpm.py")
 
 
@@ -51,6 +71,21 @@ def tiny():
                 "--batch-size", "8", "--seed", "7", "--ckpt-save-dir", str(folder / "ckpt"),
                 "--save-dir", str(folder / "out"), *extra]
     return flags
+
+
+@pytest.fixture(scope="session")
+def reference():
+    """reference(module) -> an independent implementation a test compares with (torchvision,
+    pytorch-fid), or a skip that says why it is missing: PyPI's torchvision installs beside a
+    CPU-only PyTorch of another release but fails to import there (RuntimeError)."""
+    import importlib
+
+    def load(name):
+        try:
+            return importlib.import_module(name)
+        except (ImportError, RuntimeError) as e:
+            pytest.skip(f"{name} does not import here: {str(e).splitlines()[0]}")
+    return load
 
 
 @pytest.fixture(scope="session")

@@ -40,8 +40,9 @@ def test_a_grid_of_one_image_is_the_image_unpadded():
 
 
 @pytest.mark.parametrize("n, c", [(10, 3), (3, 1), (1, 3)])
-def test_grid_matches_torchvision_make_grid_and_the_png_holds_it_exactly(tmp_path, n, c):
-    utils = pytest.importorskip("torchvision.utils")
+def test_grid_matches_torchvision_make_grid_and_the_png_holds_it_exactly(tmp_path, n, c,
+                                                                         reference):
+    utils = reference("torchvision.utils")
     images = torch.randint(0, 255, (n, c, 8, 8), dtype=torch.uint8)
     theirs = utils.make_grid(images.float() / 255, nrow=4, padding=1, pad_value=0)
     ours = grid(images, 4, padding=1, pad_value=0)

@@ -39,8 +39,8 @@ def test_frechet_distance_matches_closed_form_for_diagonal_gaussians():
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # its sqrtm(..., disp=False)
-def test_frechet_distance_agrees_with_pytorch_fid():
-    fid_score = pytest.importorskip("pytorch_fid.fid_score")
+def test_frechet_distance_agrees_with_pytorch_fid(reference):
+    fid_score = reference("pytorch_fid.fid_score")
     rng = np.random.default_rng(2)
     # Fewer images than dimensions: singular covariances, as with small real sample sets.
     f1 = np.maximum(rng.normal(0.3, 1.0, (200, 256)), 0)

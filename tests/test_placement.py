@@ -191,7 +191,12 @@ def test_a_default_training_step_never_waits_for_the_device(stand_in, tmp_path, 
 def test_auto_precision_is_bf16_only_where_the_gpu_has_it_natively(monkeypatch, capability,
                                                                    auto, bf16_ok):
     """A T4 or V100 (7.x) emulates bf16 slowly, though torch.cuda.is_bf16_supported() says yes:
-    it gets fp16 with loss scaling. The chosen GPU is asked, not the current one."""
+    it gets fp16 with loss scaling. The chosen GPU is asked, not the current one. On a GPU the
+    fast-maths flags are turned on.
+
+    torch.cuda's functions are plain module attributes, which monkeypatch puts back; the backend
+    flags are properties of torch's C++ state, which monkeypatch cannot undo (pytest 9.2 tries
+    delattr), so they are kept and restored by hand."""
     asked = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
@@ -199,17 +204,20 @@ def test_auto_precision_is_bf16_only_where_the_gpu_has_it_natively(monkeypatch, 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "a GPU")
     monkeypatch.setattr(torch.cuda, "get_device_capability",
                         lambda d=None: asked.append(torch.device(d)) or capability)
-    for flag in ("benchmark", "allow_tf32"):
-        monkeypatch.setattr(torch.backends.cudnn, flag, False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    device, dtype = trainer.pick_device("cuda:1")
-    assert device == torch.device("cuda:1") and dtype == auto and asked[-1] == device
-    assert torch.backends.cudnn.benchmark and torch.backends.cuda.matmul.allow_tf32
-    if bf16_ok:
-        assert trainer.pick_device("cuda:1", "bf16")[1] == torch.bfloat16
-    else:
-        with pytest.raises(ddpm.UserError, match="emulates bf16"):
-            trainer.pick_device("cuda:1", "bf16")
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    kept = cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32
+    cudnn.benchmark = cudnn.allow_tf32 = matmul.allow_tf32 = False
+    try:
+        device, dtype = trainer.pick_device("cuda:1")
+        assert device == torch.device("cuda:1") and dtype == auto and asked[-1] == device
+        assert cudnn.benchmark and cudnn.allow_tf32 and matmul.allow_tf32
+        if bf16_ok:
+            assert trainer.pick_device("cuda:1", "bf16")[1] == torch.bfloat16
+        else:
+            with pytest.raises(ddpm.UserError, match="emulates bf16"):
+                trainer.pick_device("cuda:1", "bf16")
+    finally:
+        cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32 = kept
 
 
 def _seed_of_process(rank, world, port, seeds):
