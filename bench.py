@@ -3,6 +3,7 @@
 Everything runs through ddpm.Program (the code users run; a step is Program.train_step, the one
 the training loop calls): img/s, ms/step, peak memory, model FLOPs
 per image (torch.utils.flop_counter), MFU against an assumed dense peak, sampling and data times.
+`--check-rows` measures the speed rows of `--gpu-check` (gpu_check.py, which runs this file).
 """
 import argparse
 import contextlib
@@ -11,6 +12,7 @@ import importlib
 import importlib.util
 import io
 import json
+import math
 import os
 import resource
 import statistics
@@ -36,11 +38,19 @@ SMALL = ["--img-size", "32", "--num-channels", "32", "--channel-multiples", "1",
 # The architecture of the comparison with the reference program (our CPU step against theirs).
 PARITY = ["--img-size", "32", "--num-channels", "32", "--channel-multiples", "1", "2", "2",
           "--has-attn", "f", "t", "f", "--num-blocks", "2"]
-TOKENS = {"plain", "fp32", "bf16", "channels_last", "compile"}
+# fp32: TF32 off (true fp32 products); tf32: fp32 tensors, TF32 products (what Program picks on a
+# GPU); on a CPU the two are the same.
+TOKENS = {"plain", "fp32", "tf32", "bf16", "channels_last", "compile"}
+# The parts of --gpu-check after its probe, in their order, and the share of --budget each may
+# end by (cumulative: time one part leaves unused goes to the next).
+CHECK_PARTS = ("speed", "round-trip", "tests", "torchrun", "compile")
+CHECK_SHARES = {"speed": 0.4, "round-trip": 0.3, "tests": 0.1, "torchrun": 0.1, "compile": 0.1}
 # Dense peak TFLOP/s from the datasheets (bf16 with fp32 accumulation); first name match wins.
-_H100 = {"bf16": 989, "tf32": 494, "fp32": 67}
+_SXM = {"bf16": 989, "tf32": 494, "fp32": 67}  # H100 SXM and H200 SXM alike
 PEAKS = [("H100 PCIe", "H100 PCIe", {"bf16": 756, "tf32": 378, "fp32": 51}),
-         ("H100", "H100 SXM", _H100), ("H200", "H200 (as H100 SXM)", _H100),
+         ("H100", "H100 SXM", _SXM),
+         ("H200 NVL", "H200 NVL", {"bf16": 835, "tf32": 418, "fp32": 60}),
+         ("H200", "H200 SXM", _SXM),
          ("A100", "A100", {"bf16": 312, "tf32": 156, "fp32": 19.5}),
          ("4090", "RTX 4090", {"bf16": 165, "tf32": 82.6, "fp32": 82.6})]
 
@@ -64,9 +74,9 @@ def parse(argv=None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--ancestral-steps", type=int,
                    help="ancestral steps timed, the time scaled to all T (200 CUDA, 3 CPU)")
     p.add_argument("--variants", help="comma list, each a +-joined set of: plain (per-image data "
-                   "path), fp32 or bf16 (else the program's choice: bf16 on CUDA, fp32 on CPU), "
-                   "channels_last, compile; default plain-fp32,fp32,bf16 on CUDA, "
-                   "plain-fp32,fp32 on CPU")
+                   "path), fp32 (TF32 off), tf32 (fp32 tensors, TF32 products) or bf16 (else the "
+                   "program's choice: bf16 on CUDA, fp32 on CPU), channels_last, compile; default "
+                   "plain-tf32,tf32,bf16 on CUDA, plain-fp32,fp32 on CPU")
     p.add_argument("--peak-tflops", type=float, help="assumed peak (default: by GPU name)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own)")
     p.add_argument("--data-folder", metavar="DIR", help="also time decoding DIR, then its cache")
@@ -83,18 +93,23 @@ def parse(argv=None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--data-batches", type=int, default=200,
                    help="batches timed per path with --data-speed")
     p.add_argument("--gpu-check", action="store_true",
-                   help="instead: does this setup work, and how fast? The CUDA tests, a round "
-                        "trip through ddpm.py (train, resume, each sampler, --eval-fid; memory, "
-                        "disk, --compile, --super-res), torchrun, then the benchmark table: one "
-                        "report, PASS/FAIL per check (README: GPU check). --device cpu "
-                        "rehearses it with a tiny model")
+                   help="instead: does this setup work, and how fast? A probe (versions, "
+                        "nvidia-smi), the speed rows (matmul peaks; training at two batch sizes in "
+                        "fp32, TF32 and bf16; sampling), a round trip through ddpm.py (train, "
+                        "resume, each sampler, disk, --super-res), the CUDA tests, torchrun, then "
+                        "--compile; every row written to --report as it is measured (usage.md: "
+                        "GPU check). --device cpu rehearses it with a tiny model")
     p.add_argument("--report", default="gpu-check.txt", metavar="PATH",
-                   help="--gpu-check writes its report here (gpu-check.txt), every step's whole "
-                        "output beside it (.log)")
-    p.add_argument("--budget", type=float, default=480, metavar="SECONDS",
-                   help="--gpu-check: its time (480); checks still to run when it is spent fail "
-                        "unrun")
-    p.add_argument("--gpu-check-k", help=argparse.SUPPRESS)  # pytest -k of the rehearsal's tests
+                   help="--gpu-check writes its report here (gpu-check.txt), its rows as JSON "
+                        "lines beside it (.jsonl), every step's whole output too (.log)")
+    p.add_argument("--budget", type=float, default=300, metavar="SECONDS",
+                   help="--gpu-check: its time (300), shared out among the parts in turn; "
+                        "what does not fit is listed as not run")
+    p.add_argument("--parts", default=",".join(CHECK_PARTS), metavar="LIST",
+                   help="--gpu-check: the parts to run, in their fixed order, after the probe "
+                        f"(default: all, {','.join(CHECK_PARTS)})")
+    p.add_argument("--gpu-check-k", help=argparse.SUPPRESS)  # pytest -k of the check's tests
+    p.add_argument("--check-rows", choices=("eager", "compile"), help=argparse.SUPPRESS)
     b, rest = p.parse_known_args(argv)
     b.device_typed, b.device = b.device is not None, b.device or (
         "cuda" if torch.cuda.is_available() else "cpu")
@@ -103,7 +118,7 @@ def parse(argv=None) -> tuple[argparse.Namespace, list[str]]:
                             ("ancestral_steps", 200, 3)]:
         setattr(b, k, getattr(b, k) or (v_gpu if on_gpu else v_cpu))
     b.batch_size = b.batch_size or (32 if b.small or b.vs_reference else 128)
-    b.variants = b.variants or ("plain-fp32,fp32,bf16" if on_gpu else "plain-fp32,fp32")
+    b.variants = b.variants or ("plain-tf32,tf32,bf16" if on_gpu else "plain-fp32,fp32")
     return b, rest
 
 
@@ -184,15 +199,38 @@ def train_steps(prog: ddpm.Program, data: ImageDataset, steps: int, batch_size: 
                 break
 
 
+@contextlib.contextmanager
+def tf32_restored():
+    """cuBLAS's and cuDNN's TF32 switches and cuDNN's autotuner as they were when the block began
+    (a GPU Program turns them on; a row turns TF32 off)."""
+    m, c = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = m.allow_tf32, c.allow_tf32, c.benchmark
+    try:
+        yield
+    finally:
+        m.allow_tf32, c.allow_tf32, c.benchmark = saved
+
+
+def set_tf32(on: bool) -> None:
+    """fp32 matrix products and convolutions in TF32 (on) or in full fp32; a CPU ignores both."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = on
+
+
 def run_variant(b, rest, tmp, data, toks: set[str], sample: bool, flops: float) -> dict:
     """Train (warm-up, then timed steps), then optionally sample, with one variant."""
+    with tf32_restored():
+        return _run_variant(b, rest, tmp, data, toks, sample, flops)
+
+
+def _run_variant(b, rest, tmp, data, toks: set[str], sample: bool, flops: float) -> dict:
     cuda = b.device.startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats(b.device)
     prog = build(b, rest, tmp)
     nets = prog.trainer
-    if "fp32" in toks:
+    if toks & {"fp32", "tf32"}:
         nets.amp_dtype = None
+        set_tf32("tf32" in toks)
     if "bf16" in toks:
         nets.amp_dtype = torch.bfloat16
     if "channels_last" in toks:
@@ -226,6 +264,215 @@ def run_variant(b, rest, tmp, data, toks: set[str], sample: bool, flops: float) 
     if cuda:
         torch.cuda.empty_cache()
     return row
+
+
+# -- The speed rows of --gpu-check -----------------------------------------------------------
+
+CHECK_PRECISIONS = ("fp32", "tf32", "bf16")  # fp32: TF32 off
+
+
+def datasheet(device: torch.device) -> tuple[dict | None, str]:
+    """This GPU's dense peaks from its datasheet ({"bf16", "tf32", "fp32"} TFLOP/s; None where
+    unknown, and on a CPU), and the name they are for."""
+    if device.type != "cuda":
+        return None, "a CPU"
+    name = torch.cuda.get_device_name(device)
+    return next(((peaks, label) for fragment, label, peaks in PEAKS if fragment in name),
+                (None, name))
+
+
+def matmul_tflops(device: torch.device, precision: str) -> float:
+    """The rate of a large square matrix product, 2 n^3 FLOPs, in TFLOP/s: the peak this device
+    reaches in practice in bf16, TF32 or fp32 (n = 16384 in bf16, else 8192; 256 on a CPU)."""
+    n = (16384 if precision == "bf16" else 8192) if device.type == "cuda" else 256
+    gen = torch.Generator(device).manual_seed(0)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    x, y = (torch.randn(n, n, device=device, dtype=dtype, generator=gen) for _ in range(2))
+    with tf32_restored():
+        set_tf32(precision == "tf32")
+        timed(device, lambda: torch.mm(x, y), 2)  # warm-up: cuBLAS picks its kernel
+        secs = timed(device, lambda: torch.mm(x, y), 10)
+    return 2 * n ** 3 / secs / 1e12
+
+
+def covered(spans: list[tuple[float, float]]) -> float:
+    """The length of the union of the intervals [start, end)."""
+    total, reached = 0.0, -math.inf
+    for start, end in sorted(spans):
+        if end > reached:
+            total += end - max(start, reached)
+            reached = end
+    return total
+
+
+def gpu_busy(device: torch.device, fn) -> float | None:
+    """The fraction of fn's wall time (synchronised) in which the GPU runs a kernel or a copy
+    (the union of the spans torch.profiler's CUDA activity records): near 1 the GPU sets the
+    pace; well below 1 it waits for the host's launches. None on a CPU, or when the profiler
+    records no GPU work (no CUPTI)."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize(device)
+        wall_us = (time.perf_counter() - t0) * 1e6
+    spans = [(e.time_range.start, e.time_range.end) for e in prof.events()
+             if e.device_type == torch.autograd.DeviceType.CUDA]
+    return min(1.0, covered(spans) / wall_us) if spans else None
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device: torch.device) -> float | None:
+    """The most memory torch held on the GPU since reset_peak, GiB; None on a CPU."""
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def with_batch(b, n: int) -> argparse.Namespace:
+    return argparse.Namespace(**{**vars(b), "batch_size": n})
+
+
+def train_row(b, rest, tmp, n: int, variant: str, flops: float, measured: dict,
+              sheet: dict | None) -> dict:
+    """Training at batch n in one variant (fp32, tf32 or bf16, + compile): the first step alone
+    (with compile: the compilation), --warmup steps, 3 windows of --steps (median and spread),
+    then 2 steps profiled for the GPU-busy fraction; MFU against the measured matmul peak and
+    the datasheet's; the peak memory of it all."""
+    dev, toks = torch.device(b.device), set(variant.split("+"))
+    precision = next(p for p in CHECK_PRECISIONS if p in toks)
+    with tf32_restored():
+        prog = build(with_batch(b, n), rest, tmp)
+        nets = prog.trainer
+        nets.amp_dtype = torch.bfloat16 if precision == "bf16" else None
+        set_tf32(precision != "fp32")
+        if "compile" in toks:  # in place: diffusion.model is nets.model (the EMA only samples)
+            nets.model.compile()
+        reset_peak(dev)
+        loop = lambda steps: train_steps(prog, prog.data, steps, n)  # noqa: E731
+        first = timed(dev, lambda: loop(1))
+        if b.warmup > 1:
+            loop(b.warmup - 1)
+        windows = [timed(dev, lambda: loop(b.steps)) / b.steps for _ in range(3)]
+        busy = gpu_busy(dev, lambda: loop(2))
+        mem = peak_gib(dev)
+    secs = statistics.median(windows)
+    img_s = n / secs
+    mfu = lambda peak: flops * img_s / (peak * 1e12) if peak else None  # noqa: E731
+    return {"batch": n, "variant": variant, "img_s": img_s, "ms_step": 1e3 * secs,
+            "windows_ms": [1e3 * w for w in windows], "spread": (max(windows) - min(windows)) / secs,
+            "steps": b.steps, "warmup": b.warmup, "first_step_s": first,
+            "mfu_measured": mfu(measured.get(precision)),
+            "mfu_datasheet": mfu(sheet and sheet[precision]), "busy": busy, "mem_gib": mem}
+
+
+def loss_row(b, rest, tmp) -> dict:
+    """fp32 (TF32 off) and bf16-autocast losses of one model on one batch with the same t and
+    noise: the mean of each and the largest per-image relative difference. The model's
+    zero-initialised layers get random weights first (as nn.Conv2d draws them): at zero the
+    network's output is zero and every loss is the noise's own, in any precision."""
+    dev, n = torch.device(b.device), b.batch_size // 2
+    with tf32_restored():
+        prog = build(with_batch(b, n), rest, tmp)
+        nets = prog.trainer
+        with torch.no_grad():
+            for w in nets.model.parameters():
+                if w.dim() > 1 and not w.any():
+                    torch.nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+        x0 = next(prog.data.batches(n, prog.data_gen))  # (n, C, H, W) in [-1, 1]
+        gen = torch.Generator(dev).manual_seed(0)
+        t = torch.randint(0, nets.diffusion.T, (n,), device=dev, generator=gen)  # (n,)
+        eps = torch.randn(x0.shape, device=dev, generator=gen)
+        set_tf32(False)
+        nets.model.eval()
+        with torch.no_grad():
+            fp32 = nets.diffusion.losses(x0, t, eps).double()  # (n,)
+            with torch.autocast(dev.type, dtype=torch.bfloat16):
+                bf16 = nets.diffusion.losses(x0, t, eps).double()
+    return {"batch": n, "fp32": fp32.mean().item(), "bf16": bf16.mean().item(),
+            "rel_diff": abs(bf16.mean() / fp32.mean() - 1).item(),
+            "max_rel_diff_image": ((bf16 - fp32).abs() / fp32).max().item()}
+
+
+def sample_row(prog: ddpm.Program, n: int, steps: int) -> dict:
+    """Sampling n images (Drawer.draw, the EMA weights) with `steps` DPM-Solver++ steps, after a
+    2-step warm-up: img/s and the peak memory of the timed draw."""
+    dev, draw = prog.device, prog.drawer.draw
+    draw(n, sampler=("dpm++", 2))
+    reset_peak(dev)
+    secs = timed(dev, lambda: draw(n, sampler=("dpm++", steps)))
+    return {"batch": n, "steps": steps, "seconds": secs, "img_s": n / secs,
+            "mem_gib": peak_gib(dev)}
+
+
+def check_rows(b, rest: list[str], emit) -> None:
+    """--gpu-check's speed rows (--check-rows eager or compile), each handed to emit (a dict, a
+    row: its "row" kind and "name") as soon as it is measured, after a plan that names them all;
+    none starts once --budget seconds are spent, and one that fails is a row of its error.
+    eager: the matmul peaks in fp32, TF32 and bf16; training at half of --batch-size and at
+    --batch-size in each (train_row); fp32 against bf16 losses (loss_row); sampling
+    --sample-batch and 8 times as many images in each. compile: bf16 + compile at --batch-size."""
+    dev, t0 = torch.device(b.device), time.perf_counter()
+    sizes, draws = (b.batch_size // 2, b.batch_size), (b.sample_batch, 8 * b.sample_batch)
+    plan = ([f"matmul {p}" for p in CHECK_PRECISIONS]
+            + [f"train {n} {p}" for n in sizes for p in CHECK_PRECISIONS] + ["loss fp32-bf16"]
+            + [f"sample {n} {p}" for p in CHECK_PRECISIONS for n in draws]
+            if b.check_rows == "eager" else [f"train {b.batch_size} bf16+compile"])
+
+    def row(kind: str, name: str, fn, *args) -> None:
+        if time.perf_counter() - t0 >= b.budget:
+            return
+        try:
+            emit({"row": kind, "name": name, **fn(*args)})
+        except Exception as e:  # noqa: BLE001 (an out-of-memory, say: the other rows still run)
+            emit({"row": "error", "name": name, "error": f"{type(e).__name__}: {e}"[:300]})
+        gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        prog = build(b, rest, tmp)
+        x0 = next(prog.data.batches(min(b.batch_size, 8), prog.data_gen))
+        train_flops, fwd_flops = flops_per_image(prog, x0)
+        sheet, sheet_of = datasheet(dev)
+        emit({"row": "plan", "name": b.check_rows, "rows": plan, "torch": torch.__version__,
+              "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else
+              f"CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads",
+              "params": sum(p.numel() for p in prog.trainer.model.parameters()),
+              "config": config.config_of(prog.args), "train_flops": train_flops,
+              "fwd_flops": fwd_flops, "datasheet": sheet, "datasheet_of": sheet_of})
+        del prog
+        measured = {}
+
+        def matmul(p):
+            measured[p] = matmul_tflops(dev, p)
+            return {"precision": p, "tflops": measured[p], "datasheet": sheet and sheet[p]}
+
+        if b.check_rows == "compile":
+            measured["bf16"] = matmul_tflops(dev, "bf16")
+            return row("train", plan[0], train_row, b, rest, tmp, b.batch_size, "bf16+compile",
+                       train_flops, measured, sheet)
+        for p in CHECK_PRECISIONS:
+            row("matmul", f"matmul {p}", matmul, p)
+        for n in sizes:
+            for p in CHECK_PRECISIONS:
+                row("train", f"train {n} {p}", train_row, b, rest, tmp, n, p, train_flops,
+                    measured, sheet)
+        row("loss", "loss fp32-bf16", loss_row, b, rest, tmp)
+        for p in CHECK_PRECISIONS:
+            with tf32_restored():
+                prog = build(with_batch(b, draws[0]), rest, tmp)
+                prog.trainer.amp_dtype = torch.bfloat16 if p == "bf16" else None
+                set_tf32(p != "fp32")
+                for n in draws:
+                    row("sample", f"sample {n} {p}", lambda n: {"precision": p, **sample_row(
+                        prog, n, b.sample_steps)}, n)
+                del prog
 
 
 def measure(b, rest, variants: dict[str, set[str]], console: Console) -> dict:
@@ -405,11 +652,15 @@ def data_speed(b, console: Console) -> None:
 def main(argv=None) -> int:
     b, rest = parse(argv)
     console = make_console()
-    if b.gpu_check:
-        import gpu_check  # it imports this module
-        return gpu_check.gpu_check(b, rest)
+    if b.gpu_check:  # the __main__ block below hands the check to gpu_check.main
+        print("error: --gpu-check runs through gpu_check.main (python bench.py --gpu-check)",
+              file=sys.stderr)
+        return 2
     if b.threads:
         torch.set_num_threads(b.threads)
+    if b.check_rows:  # gpu_check.py reads these lines as they come
+        check_rows(b, rest, lambda r: print("ROW " + json.dumps(r), flush=True))
+        return 0
     if b.vs_reference:
         vs_reference(b, rest, console)
         return 0
@@ -434,4 +685,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    if parse()[0].gpu_check:  # gpu_check.py runs the check (it imports this module, not the reverse)
+        import gpu_check
+        sys.exit(gpu_check.main(sys.argv[1:]))
     sys.exit(main())
