@@ -269,6 +269,7 @@ def _run_variant(b, rest, tmp, data, toks: set[str], sample: bool, flops: float)
 # -- The speed rows of --gpu-check -----------------------------------------------------------
 
 CHECK_PRECISIONS = ("fp32", "tf32", "bf16")  # fp32: TF32 off
+ROW = "@row "  # --check-rows prints each row as this, then its JSON, on a line of its own
 
 
 def datasheet(device: torch.device) -> tuple[dict | None, str]:
@@ -659,7 +660,7 @@ def main(argv=None) -> int:
     if b.threads:
         torch.set_num_threads(b.threads)
     if b.check_rows:  # gpu_check.py reads these lines as they come
-        check_rows(b, rest, lambda r: print("ROW " + json.dumps(r), flush=True))
+        check_rows(b, rest, lambda r: print(ROW + json.dumps(r), flush=True))
         return 0
     if b.vs_reference:
         vs_reference(b, rest, console)

@@ -1,22 +1,26 @@
 """gpu_check.py: `python bench.py --gpu-check`, does this setup work, and how fast?
 
-On a GPU: the checks (the tests that can run on the device, a train-resume-sample round trip of a
-tiny model with every data placement, FID, torchrun), then bench.py's figures at two batch sizes;
-one report. With --device cpu it rehearses all of it on the CPU, in this process.
+A probe (versions, nvidia-smi), bench.py's speed rows, a round trip through ddpm.py, the tests on
+the GPU, torchrun and --compile, in that order, within --budget; every row and check line is
+written to the report the moment it ends, so a kill loses nothing measured. With --device cpu it
+rehearses every step on the CPU with a tiny model (ddpm.py and bench.py in this process).
 """
 import contextlib
-import importlib
+import importlib.metadata
+import importlib.util
 import io
 import json
 import math
 import os
 import re
+import selectors
 import signal
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
+import uuid
 
 import torch
 from PIL import Image
@@ -28,11 +32,18 @@ import evaluate
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # The round trip's model: 8 px, one level with attention, T = 10 (the tests' tiny model): the
-# check is of the code paths, and the time goes to the benchmark.
+# check is of the code paths, and the time goes to the speed rows.
 TINY = ["--img-size", "8", "--num-channels", "8", "--channel-multiples", "1", "--has-attn", "t",
         "--timesteps", "10", "--beta-max", "0.5"]
-# Each process torchrun starts joins the group on the backend argv[1] and all-reduces ones.
-PROBE = """import os, sys, torch, torch.distributed as dist
+# The speed rows' steps and sizes: on a GPU ddpm.py's default model at batch 64 and 128, 5 warm-up
+# steps and 3 windows of 10; sampling 64 and 512 images with 20 steps. In a rehearsal, tiny.
+SPEED = ["--warmup", "5", "--steps", "10", "--batch-size", "128", "--sample-batch", "64",
+         "--sample-steps", "20"]
+SPEED_REHEARSAL = TINY + ["--warmup", "1", "--steps", "1", "--batch-size", "16",
+                          "--sample-batch", "4", "--sample-steps", "2"]
+# Run by torchrun: join the group on the backend argv[1], all-reduce ones, leave the group; then
+# ddpm.py (argv[2]) with the flags after it, as `python ddpm.py ...` would run it.
+PROBE = """import os, runpy, sys, torch, torch.distributed as dist
 backend = sys.argv[1]
 dev = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if backend == "nccl" else "cpu")
 if dev.type == "cuda":
@@ -41,12 +52,27 @@ dist.init_process_group(backend)
 x = torch.ones(4, device=dev)
 dist.all_reduce(x)
 assert x.tolist() == [float(dist.get_world_size())] * 4, x
-print(f"all-reduce over {dist.get_world_size()} process(es) on {backend}: {x[0].item():g}")
+print(f"all-reduce over {dist.get_world_size()} process(es) on {backend}: {x[0].item():g}",
+      flush=True)
 dist.destroy_process_group()
+sys.argv = sys.argv[2:]
+sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[0]))
+runpy.run_path(sys.argv[0], run_name="__main__")
 """
-# test_unet.py with torch's default device set (argv[1]): its modules and tensors are made there.
-ON_DEVICE = ("import sys, pytest, torch; torch.set_default_device(sys.argv[1]); "
-             "sys.exit(pytest.main(sys.argv[2:]))")
+# Tests with torch's default device set (argv[1]): their modules and tensors are made there. TF32
+# off: the tests compare with tolerances of 1e-5, and TF32 products carry 10 mantissa bits.
+ON_DEVICE = """import sys, pytest, torch
+dev = sys.argv[1]
+torch.set_default_device(dev)
+torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+code = pytest.main(sys.argv[2:])
+if dev.startswith("cuda"):
+    print(f"peak memory on {dev}: {torch.cuda.max_memory_allocated(dev) / 2**20:.1f} MiB")
+sys.exit(code)
+"""
+# Every process a step starts carries this in its environment (the step's own token), whatever
+# session it moves to: torchrun starts its workers in sessions of their own.
+TAG = "DDPM_GPU_CHECK_STEP"
 
 
 class CheckFailed(Exception):
@@ -99,6 +125,23 @@ def fid_line(out: str) -> str:
     return f"FID {m.group(1)}, KID {m.group(2)} x 1e-3 (a tiny model's: any finite value passes)"
 
 
+def tests_line(cuda: bool):
+    """A check of the tests: pytest's count, and on a GPU the memory they held there (none: the
+    tests did not run on it)."""
+    def verify(out: str) -> str:
+        count = next((line.strip() for line in reversed(out.splitlines())
+                      if re.search(r"\d+ passed", line)), None)
+        if count is None:
+            raise CheckFailed("no pytest count in the output: " + failure_line(out))
+        if not cuda:
+            return count
+        m = re.search(r"peak memory on (\S+): ([\d.]+) MiB", out)
+        if not m or float(m.group(2)) == 0:
+            raise CheckFailed(f"{count}, but nothing was allocated on the GPU")
+        return f"{count}; peak {m.group(2)} MiB on {m.group(1)}"
+    return verify
+
+
 def write_faces(folder: str, n: int, size: int) -> None:
     """n demo faces as 000.png, 001.png, ... in folder: a data folder (--data-on disk needs one)."""
     os.makedirs(folder)
@@ -106,36 +149,225 @@ def write_faces(folder: str, n: int, size: int) -> None:
         Image.fromarray(face.permute(1, 2, 0).numpy()).save(os.path.join(folder, f"{i:03d}.png"))
 
 
+# -- The processes of a step ---------------------------------------------------------------------
+
+def tagged(token: str) -> list[int]:
+    """The processes (other than this one) whose environment holds TAG=token: a step's process
+    and every process it started, whatever their session or parent now (read from /proc)."""
+    want, found = f"{TAG}={token}".encode(), []
+    with contextlib.suppress(OSError):
+        for name in os.listdir("/proc"):
+            if not name.isdigit() or int(name) == os.getpid():
+                continue
+            with contextlib.suppress(OSError), open(f"/proc/{name}/environ", "rb") as f:
+                if want in f.read().split(b"\0"):
+                    found.append(int(name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Whether process pid still runs (a zombie has ended; only its exit status is left)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def end_step(proc: subprocess.Popen, token: str, grace: float = 10.0) -> list[int]:
+    """SIGKILL a step's process group and every process tagged with its token, again until none
+    is left (one may fork while the first kills land), for at most grace seconds; reap the step
+    -> the pids still alive then (none, unless the kernel holds one)."""
+    deadline = time.monotonic() + grace
+    while True:
+        pids = [pid for pid in tagged(token) if alive(pid)]
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        if not pids or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    return [pid for pid in tagged(token) if alive(pid)]
+
+
+def run_bounded(cmd: list[str], limit: float, on_line, cwd: str, env: dict) -> int | None:
+    """Run cmd in a session of its own, every line of its output (stdout and stderr) to
+    on_line as it comes, until it ends or limit seconds pass; then end_step kills whatever of
+    it is left (its workers too) -> its exit code, or None if it ran out of time."""
+    token = uuid.uuid4().hex
+    proc = subprocess.Popen(cmd, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, env={**env, TAG: token},
+                            start_new_session=True)
+    fd, pending, deadline = proc.stdout.fileno(), [b""], time.monotonic() + limit
+    sel = selectors.DefaultSelector()
+    sel.register(fd, selectors.EVENT_READ)
+
+    def feed(chunk: bytes) -> None:
+        *lines, pending[0] = (pending[0] + chunk).split(b"\n")
+        for line in lines:
+            on_line(line.decode(errors="replace"))
+
+    try:
+        while (left := deadline - time.monotonic()) > 0:
+            if sel.select(min(left, 0.25)):
+                chunk = os.read(fd, 1 << 16)
+                if chunk:
+                    feed(chunk)
+                    continue
+                with contextlib.suppress(subprocess.TimeoutExpired):  # EOF: did it end?
+                    proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+                break
+            if proc.poll() is not None:  # ended; a process it started may hold the pipe open
+                break
+        rc = proc.poll()
+    finally:  # also on Ctrl-C, which reaches this process only: the step's session has its own
+        end_step(proc, token)
+        while sel.select(2.0):  # what is left in the pipe (every writer is gone: EOF comes)
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                break
+            feed(chunk)
+        if pending[0]:
+            on_line(pending[0].decode(errors="replace"))
+        sel.close()
+        proc.stdout.close()
+    return rc
+
+
+class LineSink(io.TextIOBase):
+    """A text stream that hands each complete line to on_line (the rest at close)."""
+
+    def __init__(self, on_line):
+        self.on_line, self.pending = on_line, ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, s: str) -> int:
+        *lines, self.pending = (self.pending + s).split("\n")
+        for line in lines:
+            self.on_line(line)
+        return len(s)
+
+    def close(self) -> None:
+        if self.pending:
+            self.on_line(self.pending)
+            self.pending = ""
+        super().close()
+
+
+# -- The report's rows -----------------------------------------------------------------------------
+
+def label(name: str) -> str:
+    """A row's name as the report shows it: fp32 says that TF32 is off."""
+    return re.sub(r"\bfp32\b(?!-)", "fp32 (TF32 off)", name)
+
+
+def pct(x: float | None, digits: int = 1) -> str:
+    return "n/a" if x is None else f"{100 * x:.{digits}f}%"
+
+
+def gib(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f} GiB"
+
+
+def row_line(r: dict) -> str:
+    """One speed row (bench.check_rows) as one line of the report."""
+    kind, name = r["row"], f"ROW   {label(r['name']):<30}"
+    if kind == "plan":
+        c, sheet = r["config"], r["datasheet"]
+        peaks = (f"datasheet: {r['datasheet_of']} dense " + ", ".join(
+            f"{p} {v:g}" for p, v in sheet.items()) + " TFLOP/s" if sheet else
+            f"no datasheet peak known for {r['datasheet_of']}: MFU against the measured only")
+        return (f"speed rows ({r['name']}) on {r['device']}, torch {r['torch']}: "
+                f"{r['params'] / 1e6:.2f} M-parameter UNet, {c['img_size']} px, "
+                f"{r['train_flops'] / 1e9:.3g} GFLOP per training image (forward + backward), "
+                f"{r['fwd_flops'] / 1e9:.3g} per sampling step; {peaks}")
+    if kind == "matmul":
+        sheet = r["datasheet"]
+        return (f"{name} {r['tflops']:9.1f} TFLOP/s measured" + (
+            f"; datasheet {sheet:g} ({r['tflops'] / sheet:.0%} of it)" if sheet else
+            "; datasheet n/a"))
+    if kind == "train":
+        first = (f"first step (compilation) {r['first_step_s']:.1f} s" if "compile" in
+                 r["variant"] else f"first step {r['first_step_s']:.2f} s")
+        return (f"{name} {r['img_s']:9.1f} img/s  {r['ms_step']:.1f} ms/step (median of 3 x "
+                f"{r['steps']}, spread {pct(r['spread'])})  MFU {pct(r['mfu_measured'])} of "
+                f"measured, {pct(r['mfu_datasheet'])} of datasheet  GPU busy "
+                f"{pct(r['busy'], 0)}  peak {gib(r['mem_gib'])}  {first}")
+    if kind == "loss":
+        verdict = "agree" if r["rel_diff"] < 0.01 else "DIFFER"
+        return (f"{name} fp32 {r['fp32']:.5f}, bf16 {r['bf16']:.5f} (mean of {r['batch']}, "
+                f"same t and noise): {verdict}, {pct(r['rel_diff'], 3)} apart, at most "
+                f"{pct(r['max_rel_diff_image'], 2)} per image")
+    if kind == "sample":
+        return (f"{name} {r['img_s']:9.1f} img/s  ({r['steps']} DPM-Solver++ steps in "
+                f"{r['seconds']:.2f} s, EMA weights)  peak {gib(r['mem_gib'])}")
+    return f"{name} error: {r['error']}"
+
+
 class GpuCheck:
-    """The checks of --gpu-check in order, each bounded by its own time limit and by what is left
-    of --budget. Each is one report line (PASS, FAIL or SKIP, seconds, a one-line reason),
-    printed and written to --report when it ends; a failure does not stop the others. Every
-    step's whole output goes to the .log beside the report. Steps run as processes of their
-    own, killed with their children at their limit; in a CPU rehearsal (which tests the check
-    itself) ddpm.py and bench.py run in this process instead: no start-up, and no time limit."""
+    """The steps of --gpu-check in order, each bounded by its own time limit and by the share
+    of --budget its part may end by. Each check is one report line (PASS, FAIL, SKIP, or CUT
+    when --budget left no time for it), each speed row one line, written when it ends; a failure
+    does not stop the others. Every step's output goes to the .log beside the report as it comes,
+    the rows also to the .jsonl. Steps run as processes of their own, killed with every process
+    they started at their limit; in a CPU rehearsal (which tests the check itself) ddpm.py and
+    bench.py run in this process instead: no start-up, and no kill (bench.py's rows stop at
+    the part's time themselves)."""
 
     def __init__(self, b, tmp: str, rest: list[str] = ()):
         self.b, self.tmp, self.dev, self.rest = b, tmp, b.device, list(rest)
         self.rehearsal = not b.device.startswith("cuda")
+        self.parts = [p for p in bench.CHECK_PARTS if p in b.parts.split(",")]
+        # The parts --budget is shared among: a rehearsal skips --compile, and gives its time away.
+        self.timed_parts = [p for p in self.parts if not (self.rehearsal and p == "compile")]
         # bf16 where the GPU has it (Ampere and later), else fp16 with loss scaling; a rehearsal
         # in fp32: autocast to bf16 makes a CPU step several times slower.
         self.precision = ("fp32" if self.rehearsal else "bf16"
                           if torch.cuda.get_device_capability(b.device)[0] >= 8 else "fp16")
-        self.t0, self.statuses, self.benchmarks = time.perf_counter(), [], []
-        self.log_path = os.path.splitext(b.report)[0] + ".log"
-        self.report, self.log = open(b.report, "w"), open(self.log_path, "w")
+        self.t0, self.statuses = time.perf_counter(), []
+        self.stdout = sys.stdout  # the terminal's: a rehearsal's steps write to a LineSink
+        stem = os.path.splitext(b.report)[0]
+        self.log_path, self.jsonl_path = stem + ".log", stem + ".jsonl"
+        self.report = open(b.report, "w")
+        self.log, self.jsonl = open(self.log_path, "w"), open(self.jsonl_path, "w")
+
+    def close(self) -> None:
+        for f in (self.report, self.log, self.jsonl):
+            f.close()
 
     def say(self, text: str = "") -> None:
-        print(text, flush=True)
+        print(text, file=self.stdout, flush=True)
         self.report.write(text + "\n")
         self.report.flush()
 
-    def launch(self, cmd: list[str], limit: float) -> tuple[int | None, str]:
-        """cmd: ["ddpm", *flags], ["bench", *flags] or a command line -> (its exit code, None
-        when it ran out of time; its output, stdout and stderr together)."""
+    def part_end(self, part: str) -> float:
+        """When `part` must have ended, seconds from the start: its cumulative share of --budget
+        among the parts that run (what one part leaves unused goes to the next)."""
+        parts = self.timed_parts
+        shares = [bench.CHECK_SHARES[p] for p in parts]
+        upto = parts.index(part) + 1 if part in parts else len(parts)
+        return self.b.budget * sum(shares[:upto]) / (sum(shares) or 1)
+
+    def left(self, part: str) -> float:
+        return self.part_end(part) - (time.perf_counter() - self.t0)
+
+    def spent(self, part: str) -> str:
+        return (f"--budget {self.b.budget:g} s: the time of part {part} ends at "
+                f"{self.part_end(part):.0f} s")
+
+    def launch(self, cmd: list[str], limit: float, on_line) -> int | None:
+        """cmd: ["ddpm", *flags], ["bench", *flags] or a command line; every line of its output
+        to on_line as it comes -> its exit code, None when it ran out of time."""
         if self.rehearsal and cmd[0] in ("ddpm", "bench"):
-            out = io.StringIO()
-            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            sink = LineSink(on_line)
+            with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
                 try:
                     rc = (ddpm.main if cmd[0] == "ddpm" else bench.main)(cmd[1:])
                 except SystemExit as e:
@@ -143,213 +375,236 @@ class GpuCheck:
                 except Exception:
                     traceback.print_exc()
                     rc = 1
-            return rc, out.getvalue()
+            sink.close()
+            return rc
         script = {"ddpm": [sys.executable, os.path.join(HERE, "ddpm.py")],
                   "bench": [sys.executable, os.path.join(HERE, "bench.py")]}
         threads = {"OMP_NUM_THREADS": str(self.b.threads)} if self.b.threads else {}
-        proc = subprocess.Popen(script.get(cmd[0], cmd[:1]) + cmd[1:], cwd=self.tmp, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                env={**os.environ, **threads}, start_new_session=True)
-        try:
-            out = proc.communicate(timeout=limit)[0]
-        except BaseException as e:  # its whole session, torchrun's workers too; Ctrl-C reaches
-            with contextlib.suppress(ProcessLookupError):  # only this process, so ends it too
-                os.killpg(proc.pid, signal.SIGKILL)
-            if not isinstance(e, subprocess.TimeoutExpired):
-                raise
-            return None, proc.communicate()[0]
-        return proc.returncode, out
+        return run_bounded(script.get(cmd[0], cmd[:1]) + cmd[1:], limit, on_line, self.tmp,
+                           {**os.environ, **threads})
 
     def check(self, name: str, cmd: list[str] | None, limit: float, verify=None,
-              skip: str | None = None) -> None:
-        """One report line: cmd run (see launch) unless `skip` says why not; then verify(output)
-        -> the reason to print, or CheckFailed."""
-        t0 = time.perf_counter()
-        left = self.b.budget - (t0 - self.t0)
+              skip: str | None = None, part: str = "round-trip", on_line=None) -> str:
+        """One report line: cmd run (see launch) unless `skip` says why not or its part's time
+        is spent; then verify(output) -> the reason to print, or CheckFailed -> the status."""
+        t0, left, lines = time.perf_counter(), self.left(part), []
         if skip:
             status, reason = "SKIP", skip
         elif left < 1:
-            status, reason = "FAIL", f"not run: the {self.b.budget:g} s of --budget are spent"
+            status, reason = "CUT", f"not run: {self.spent(part)}"
         else:
-            rc, out = self.launch(cmd, min(limit, left))
-            self.log.write(f"=== {name}: {' '.join(cmd)}\n{out}\n")
-            self.log.flush()
+            self.log.write(f"=== {name}: {' '.join(cmd)}\n")
+
+            def line(text: str) -> None:
+                lines.append(text)
+                self.log.write(text + "\n")
+                self.log.flush()
+                if on_line:
+                    on_line(text)
             try:
-                if rc is None:
-                    raise CheckFailed(f"stopped at {min(limit, left):.0f} s ("
-                                      f"{'its limit' if limit < left else 'the end of --budget'})"
-                                      f"; last output: {failure_line(out)}")
-                if rc:
+                rc = self.launch(cmd, min(limit, left), line)
+            except OSError as e:  # the program is not there
+                rc, lines[:] = 127, [f"error: {e.strerror}: {cmd[0]}"]
+            out = "\n".join(lines)
+            try:
+                if rc is None and limit >= left:
+                    status, reason = "CUT", (f"stopped at {left:.0f} s, {self.spent(part)}; last "
+                                             f"output: {failure_line(out)}")
+                elif rc is None:
+                    raise CheckFailed(f"stopped at {limit:.0f} s (its limit); last output: "
+                                      f"{failure_line(out)}")
+                elif rc:
                     raise CheckFailed(f"exit code {rc}: {failure_line(out)}")
-                status, reason = "PASS", verify(out) if verify else "done"
+                else:
+                    status, reason = "PASS", verify(out) if verify else "done"
             except CheckFailed as e:
                 status, reason = "FAIL", str(e)
         self.statuses.append(status)
-        self.say(f"{status}  {name:<28} {time.perf_counter() - t0:6.1f} s  {reason}")
+        self.say(f"{status:<4}  {name:<30} {time.perf_counter() - t0:6.1f} s  {reason}")
+        return status
 
     def run(self) -> int:
-        """Every check, the benchmark table, the count -> 0 if none failed, else 1."""
+        """The probe, then each part asked for in order, the count -> 0 if none failed, else 1."""
         if self.rehearsal:
             where = (f"CPU REHEARSAL on {os.cpu_count()} cores (a tiny model and batches; its "
                      f"times say nothing about a GPU)")
         else:
             gpu = torch.cuda.get_device_properties(self.dev)
-            where = (f"{gpu.name} ({gpu.total_memory / 2**30:.0f} GiB) as {self.dev}, "
-                     f"CUDA {torch.version.cuda}")
-        self.say(f"ddpm.py GPU check: {where}; torch {torch.__version__}; round trip in "
-                 f"{self.precision}")
-        self.tests()
-        self.round_trip()
-        self.torchrun()
-        self.benchmark()
+            where = (f"{gpu.name} ({gpu.total_memory / 2**30:.0f} GiB, compute capability "
+                     f"{gpu.major}.{gpu.minor}) as {self.dev}")
+        self.say(f"ddpm.py GPU check: {where}; round trip in {self.precision}; --budget "
+                 f"{self.b.budget:g} s for {', '.join(self.parts) or 'the probe alone'}")
+        self.probe()
+        for part in self.parts:
+            {"speed": self.speed, "round-trip": self.round_trip, "tests": self.tests,
+             "torchrun": self.torchrun, "compile": self.compile}[part]()
         return self.finish()
 
     def finish(self) -> int:
         """The last line: the count of each status -> 0 if no check failed, else 1."""
-        n = {s: self.statuses.count(s) for s in ("PASS", "FAIL", "SKIP")}
-        self.say(f"{n['PASS']} passed, {n['FAIL']} failed, {n['SKIP']} skipped in "
-                 f"{time.perf_counter() - self.t0:.0f} s; report {self.b.report}, every step's "
-                 f"output {self.log_path}")
+        n = {s: self.statuses.count(s) for s in ("PASS", "FAIL", "SKIP", "CUT")}
+        self.say(f"{n['PASS']} passed, {n['FAIL']} failed, {n['SKIP']} skipped, {n['CUT']} not "
+                 f"run or cut by --budget, in {time.perf_counter() - self.t0:.0f} s; report "
+                 f"{self.b.report}, rows {self.jsonl_path}, every step's output {self.log_path}")
         return 1 if n["FAIL"] else 0
 
-    def tests(self) -> None:
-        """The test files that can run on the GPU: test_unet.py with torch's default device set
-        to it; test_samplers.py, whose runs of ddpm.py take ddpm.py's default device (CUDA)."""
-        k = ["-k", self.b.gpu_check_k] if self.b.gpu_check_k else []
-        skip = (None if importlib.util.find_spec("pytest") else
-                "pytest is not installed (pip install -r requirements-test.txt)")
-        for file, name, cmd in (
-                ("test_unet.py", f"tests: test_unet.py on {self.dev}",
-                 [sys.executable, "-c", ON_DEVICE, self.dev]),
-                ("test_samplers.py", "tests: test_samplers.py", [sys.executable, "-m", "pytest"])):
-            path = os.path.join(HERE, "tests", file)
-            self.check(name, cmd + ["-q", "-p", "no:cacheprovider", path, *k], 240,
-                       failure_line,  # passed: pytest's count, its last line
-                       skip or (None if os.path.isfile(path) else f"{path} is not there"))
+    def probe(self) -> None:
+        """Versions of what the check uses, and nvidia-smi's view of the GPU (5 s at most)."""
+        def version(dist: str) -> str:
+            try:
+                return importlib.metadata.version(dist)
+            except importlib.metadata.PackageNotFoundError:
+                return "not installed"
+        self.say(f"versions: Python {sys.version.split()[0]}, torch {torch.__version__} (CUDA "
+                 f"{torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}), " + ", ".join(
+                     f"{d} {version(d)}" for d in ("rich", "pytest", "pillow", "numpy"))
+                 + f"; {sys.executable}")
+        query = "name,driver_version,memory.total,power.limit,clocks.max.sm,temperature.gpu"
+        skip = "no GPU in a CPU rehearsal" if self.rehearsal and not any(
+            os.access(os.path.join(d, "nvidia-smi"), os.X_OK)
+            for d in os.environ.get("PATH", "").split(os.pathsep)) else None
+        self.check("probe: nvidia-smi", ["nvidia-smi", f"--query-gpu={query}",
+                                         "--format=csv,noheader"], 5,
+                   lambda out: f"{query}: {out.strip().splitlines()[0]}" if out.strip() else
+                   "(no output)", skip, part=self.parts[0] if self.parts else "speed")
+
+    def speed(self, kind: str = "eager") -> None:
+        """bench.py's speed rows (bench.check_rows) in one process, each row written as it comes;
+        the rows it did not reach listed as not run."""
+        part = "speed" if kind == "eager" else "compile"
+        seen, plan, errors = [], [], []
+
+        def on_line(text: str) -> None:
+            if not text.startswith(bench.ROW):
+                return
+            r = json.loads(text[len(bench.ROW):])
+            self.jsonl.write(json.dumps(r) + "\n")
+            self.jsonl.flush()
+            if r["row"] == "plan":
+                plan[:] = r["rows"]
+            else:
+                seen.append(r["name"])
+                errors.extend([r["name"]] * (r["row"] == "error"))
+            self.say(row_line(r))
+
+        def verify(out: str) -> str:
+            if errors:
+                raise CheckFailed(f"{len(errors)} row(s) failed: {', '.join(errors)}")
+            return f"{len(seen)} of {len(plan)} rows"
+
+        flags = (SPEED_REHEARSAL if self.rehearsal else SPEED) + self.rest
+        left = self.left(part)
+        self.check(f"speed rows, {kind}", ["bench", "--check-rows", kind, "--device", self.dev,
+                                           "--budget", f"{max(left - 1, 0):.0f}", *flags],
+                   left, verify, part=part, on_line=on_line)
+        for name in plan:
+            if name not in seen:
+                self.statuses.append("CUT")
+                self.say(f"CUT   {label(name):<30}    0.0 s  not run: {self.spent(part)}")
 
     def round_trip(self) -> None:
         """ddpm.py on a tiny model in bf16 (fp16 where the GPU has none): train a few steps ->
         checkpoint -> resume -> sample with each sampler -> --eval-fid, from memory; train and
-        resume from disk, with --compile, and a super-resolution model."""
+        resume from disk, and a super-resolution model."""
         t, faces, few = self.tmp, os.path.join(self.tmp, "faces"), os.path.join(self.tmp, "few")
         write_faces(faces, 16, 8)  # 2 batches of 8: --max-steps 2 is an epoch
         write_faces(few, 4, 8)  # FID's reference: 4 pictures (the Inception net is slow on a CPU)
-        base = TINY + ["--batch-size", "8", "--device", self.dev, "--precision", self.precision,
-                       "--seed", "0", "--cache-dir", os.path.join(t, "cache")]
-
-        def train(run, place, steps, *extra):  # steps > 2: resume the run's newest checkpoint
-            return [*base, "--train", "--data-folders", faces, "--data-on", place, "--epochs",
-                    "1", "--max-steps", str(steps), *(["--loadckpt", "latest"] * (steps > 2)),
-                    *extra, "--ckpt-save-dir", f"{t}/{run}/ckpt", "--save-dir", f"{t}/{run}/out"]
-
-        def sample(run, out, *extra):
-            return ["ddpm", *base, "--loadckpt", "latest", *extra, "--ckpt-save-dir",
-                    f"{t}/{run}/ckpt", "--save-dir", f"{t}/{run}/{out}"]
-
-        def trains(name, run, place, steps, *extra, limit=120, skip=None):
-            self.check(name, ["ddpm", *train(run, place, steps, *extra)], limit,
-                       trained_to(f"{t}/{run}/ckpt", steps), skip)
-
-        trains("train, memory", "mem", "memory", 2)
-        trains("resume, memory", "mem", "memory", 4)
+        self.trains("train, memory", "mem", "memory", 2)
+        self.trains("resume, memory", "mem", "memory", 4)
         for s in ("ddpm", "ddim", "dpm++", "heun"):
-            self.check(f"sample, {s}", sample("mem", s, "--sampler", s,
-                                              *["--sample-steps", "5"] * (s != "ddpm")),
-                       90, wrote(f"{t}/mem/{s}", "ddpm-", 8))
+            self.check(f"sample, {s}", self.sample("mem", s, "--sampler", s,
+                                                   *["--sample-steps", "5"] * (s != "ddpm")),
+                       60, wrote(f"{t}/mem/{s}", "ddpm-", 8))
         try:
             no_fid = evaluate.inception_path() and None
         except evaluate.MissingNetwork as e:
             no_fid = str(e)
-        self.check("eval-fid, 4 samples", sample("mem", "fid", "--eval-fid", "4",
-                                                 "--data-folders", few), 180, fid_line, no_fid)
-        trains("train, disk", "disk", "disk", 2)
-        trains("resume, disk", "disk", "disk", 4)
-        no_compile = ("checked on a GPU only: inductor's C++ compile of even this model takes "
-                      "minutes on a CPU") if self.rehearsal else None
-        trains("train, --compile", "comp", "memory", 2, "--compile", limit=300, skip=no_compile)
-        trains("resume, --compile", "comp", "memory", 4, "--compile", limit=240, skip=no_compile)
-        self.check("sample, dpm++ --compile", sample("comp", "dpm++", "--compile", "--sampler",
-                                                     "dpm++", "--sample-steps", "5"),
-                   240, wrote(f"{t}/comp/dpm++", "ddpm-", 8), no_compile)
-        trains("train, --super-res, disk", "sr", "disk", 2, "--super-res", "4")
-        trains("resume, --super-res, memory", "sr", "memory", 4, "--super-res", "4")
-        self.check("upsample, --super-res", sample("sr", "up", "--lowres-folder", faces,
-                                                   "--sampler", "dpm++", "--sample-steps", "5"),
-                   90, wrote(f"{t}/sr/up", "sr-", 16))
+        self.check("eval-fid, 4 samples", self.sample("mem", "fid", "--eval-fid", "4",
+                                                      "--data-folders", few), 120, fid_line, no_fid)
+        self.trains("train, disk", "disk", "disk", 2)
+        self.trains("resume, disk", "disk", "disk", 4)
+        self.trains("train, --super-res, disk", "sr", "disk", 2, "--super-res", "4")
+        self.trains("resume, --super-res, memory", "sr", "memory", 4, "--super-res", "4")
+        self.check("upsample, --super-res", self.sample("sr", "up", "--lowres-folder", faces,
+                                                        "--sampler", "dpm++", "--sample-steps",
+                                                        "5"), 60, wrote(f"{t}/sr/up", "sr-", 16))
+
+    def base(self) -> list[str]:
+        return TINY + ["--batch-size", "8", "--device", self.dev, "--precision", self.precision,
+                       "--seed", "0", "--cache-dir", os.path.join(self.tmp, "cache")]
+
+    def trains(self, name, run, place, steps, *extra, limit=60, skip=None, part="round-trip"):
+        """A training check: --max-steps steps (over 2: resuming the run's newest checkpoint)."""
+        t = self.tmp
+        self.check(name, ["ddpm", *self.base(), "--train", "--data-folders", f"{t}/faces",
+                          "--data-on", place, "--epochs", "1", "--max-steps", str(steps),
+                          *(["--loadckpt", "latest"] * (steps > 2)), *extra, "--ckpt-save-dir",
+                          f"{t}/{run}/ckpt", "--save-dir", f"{t}/{run}/out"], limit,
+                   trained_to(f"{t}/{run}/ckpt", steps), skip, part)
+
+    def sample(self, run, out, *extra):
+        return ["ddpm", *self.base(), "--loadckpt", "latest", *extra, "--ckpt-save-dir",
+                f"{self.tmp}/{run}/ckpt", "--save-dir", f"{self.tmp}/{run}/{out}"]
+
+    def tests(self) -> None:
+        """tests/test_unet.py with torch's default device set to the device and TF32 off: its
+        modules and tensors are made there (on a GPU the check reads the memory they held)."""
+        k = ["-k", self.b.gpu_check_k] if self.b.gpu_check_k else []
+        path = os.path.join(HERE, "tests", "test_unet.py")
+        skip = ("pytest is not installed (pip install -r requirements-test.txt)"
+                if not importlib.util.find_spec("pytest") else
+                None if os.path.isfile(path) else f"{path} is not there")
+        self.check(f"tests: test_unet.py on {self.dev}",
+                   [sys.executable, "-c", ON_DEVICE, self.dev, "-q", "-p", "no:cacheprovider",
+                    path, *k], 120, tests_line(not self.rehearsal), skip, "tests")
 
     def torchrun(self) -> None:
-        """torchrun with one process: an all-reduce on NCCL (gloo on the CPU), then ddpm.py
-        trains under it (ddpm.py forms no process group for a single process)."""
+        """torchrun with one process: an all-reduce on NCCL (gloo on the CPU), then ddpm.py trains
+        in the same process (ddpm.py forms no process group for a single process)."""
         backend, probe = "gloo" if self.rehearsal else "nccl", os.path.join(self.tmp, "probe.py")
         with open(probe, "w") as f:
             f.write(PROBE)
-        run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-               "1"]
-        self.check(f"torchrun, {backend} all-reduce", run + [probe, backend], 120,
-                   lambda out: next((line for line in out.splitlines()
-                                     if line.startswith("all-reduce")), "no result printed"))
-        args = [*TINY, "--batch-size", "8", "--device", self.dev, "--precision", self.precision,
-                "--train", "--demo", "--demo-images", "16", "--max-steps", "2", "--epochs", "1",
-                "--ckpt-save-dir", f"{self.tmp}/dist/ckpt", "--save-dir", f"{self.tmp}/dist/out",
-                "--cache-dir", f"{self.tmp}/cache"]
-        self.check("torchrun, ddpm.py", run + [os.path.join(HERE, "ddpm.py"), *args], 120,
-                   trained_to(f"{self.tmp}/dist/ckpt", 2))
+        ckpt = f"{self.tmp}/dist/ckpt"
+        args = [*self.base(), "--train", "--demo", "--demo-images", "16", "--max-steps", "2",
+                "--epochs", "1", "--ckpt-save-dir", ckpt, "--save-dir", f"{self.tmp}/dist/out"]
 
-    def benchmark(self) -> None:
-        """bench.py's own figures (measure) in a process per batch size, then one table; the
-        model: ddpm.py's default, or the flags given after --gpu-check."""
-        if self.rehearsal:
-            sizes, flags = ((8, "fp32,bf16"), (16, "fp32,bf16")), TINY + [
-                "--warmup", "1", "--steps", "2", "--sample-batch", "8", "--sample-steps", "2",
-                "--ancestral-steps", "2"]
+        def verify(out: str) -> str:
+            reduced = next((line for line in out.splitlines() if line.startswith("all-reduce")),
+                           None)
+            if reduced is None:
+                raise CheckFailed("no all-reduce result printed")
+            return f"{reduced}; ddpm.py: {trained_to(ckpt, 2)(out)}"
+        self.check(f"torchrun: {backend}, ddpm.py", [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+            probe, backend, os.path.join(HERE, "ddpm.py"), *args], 90, verify, part="torchrun")
+
+    def compile(self) -> None:
+        """torch.compile: the speed row of bf16 + compile at the largest batch (its first step's
+        time is the compilation's), then ddpm.py --compile trains the tiny model and samples."""
+        skip = ("checked on a GPU only: inductor's C++ compile of even the tiny model takes "
+                "minutes on a CPU") if self.rehearsal else None
+        if skip:
+            self.check("speed rows, compile", None, 0, skip=skip, part="compile")
         else:
-            sizes, flags = ((64, "fp32,bf16"), (128, "fp32,bf16,bf16+compile")), []
-        for bs, variants in sizes:
-            path = os.path.join(self.tmp, f"bench-{bs}.json")
-
-            def verify(out, path=path):
-                with open(path) as f:
-                    self.benchmarks.append(json.load(f))
-                return "img/s " + ", ".join(f"{v} {r['img_s']:.0f}"
-                                            for v, r in self.benchmarks[-1]["rows"].items())
-            self.check(f"benchmark, batch {bs}", ["bench", "--device", self.dev, "--batch-size",
-                                                  str(bs), "--variants", variants, "--json", path,
-                                                  *flags, *self.rest],
-                       360 if "compile" in variants else 180, verify)
-        self.table()
-
-    def table(self) -> None:
-        """The benchmark figures as plain text: a row per batch size and variant."""
-        if not self.benchmarks:
-            return
-        first = self.benchmarks[0]
-        c, n, steps = first["config"], first["sample_batch"], first["sample_steps"]
-        T = c["timesteps"]
-        model = ("the rehearsal's tiny UNet" if self.rehearsal else
-                 "the UNet of " + " ".join(self.rest) if self.rest else "ddpm.py's default UNet")
-        self.say(f"\nbenchmark on {first['device']}: {model}, {first['params'] / 1e6:.2f} M "
-                 f"parameters, {c['img_size']} px, {first['train_flops'] / 1e9:.3g} GFLOP per "
-                 f"training image; Program.train_step timed after warm-up; sampling {n} images "
-                 f"with the EMA weights")
-        self.say(f"{'batch':>5}  {'variant':<14} {'img/s':>9} {'ms/step':>8} {'MFU':>6} "
-                 f"{'peak mem':>10}  {f'{steps} dpm++ steps':>15} {f'{T} ancestral':>15}")
-        timed_steps = set()
-        for out in self.benchmarks:
-            for v, r in out["rows"].items():
-                mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
-                timed_steps.add(r["ancestral_timed"])
-                self.say(f"{out['batch_size']:>5}  {v:<14} {r['img_s']:>9.1f} "
-                         f"{r['ms_step']:>8.1f} {mfu:>6} {r['peak_mem']:>10}  "
-                         f"{r['dpm_s']:>13.2f} s {r['ancestral_s']:>13.1f} s")
-        peaks = "; ".join(sorted({r["peak"] for o in self.benchmarks for r in o["rows"].values()}))
-        rss = " Peak mem on a CPU*: the process's max RSS so far." * self.rehearsal
-        self.say(f"MFU against: {peaks}. Ancestral: the last {', '.join(map(str, timed_steps))} "
-                 f"of the {T} steps timed, scaled to all {T} (every step costs the same).{rss}")
+            self.speed("compile")
+        self.trains("train, --compile", "comp", "memory", 2, "--compile", limit=240, skip=skip,
+                    part="compile")
+        self.check("sample, dpm++ --compile", self.sample("comp", "dpm++", "--compile",
+                                                          "--sampler", "dpm++", "--sample-steps",
+                                                          "5"), 180,
+                   wrote(f"{self.tmp}/comp/dpm++", "ddpm-", 8), skip, "compile")
 
 
-def gpu_check(b, rest: list[str]) -> int:
-    """python bench.py --gpu-check -> 0 when no check failed, 1 when one did, 2 (and one line)
-    when there is no GPU and no --device cpu asked for a rehearsal."""
+def main(argv=None) -> int:
+    """python bench.py --gpu-check (bench.py's flags) -> 0 when no check failed, 1 when one did,
+    2 (and one line) when there is no GPU and no --device cpu asked for a rehearsal, or a flag
+    is wrong."""
+    b, rest = bench.parse(argv)
+    bad = set(b.parts.split(",")) - set(bench.CHECK_PARTS)
+    if bad:
+        print(f"error: --parts {b.parts}: unknown {', '.join(sorted(bad))}; use a comma list of "
+              f"{','.join(bench.CHECK_PARTS)}", file=sys.stderr)
+        return 2
     if not torch.cuda.is_available() and not (b.device_typed and b.device == "cpu"):
         print(f"error: bench.py --gpu-check needs a CUDA GPU, and torch {torch.__version__} sees "
               f"none (--device cpu rehearses it on the CPU with a tiny model)", file=sys.stderr)
@@ -358,11 +613,18 @@ def gpu_check(b, rest: list[str]) -> int:
     if b.device == "cpu" and not b.threads:  # a tiny model gains nothing from more threads,
         b.threads = 1  # and waits for descheduled ones on a busy machine
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
-        check = GpuCheck(b, tmp, rest)
+        try:
+            check = GpuCheck(b, tmp, rest)
+        except OSError as e:
+            print(f"error: cannot write the report {b.report}: {e.strerror}", file=sys.stderr)
+            return 2
         try:
             torch.set_num_threads(b.threads or threads)
             return check.run()
         finally:
             torch.set_num_threads(threads)
-            check.report.close()
-            check.log.close()
+            check.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
