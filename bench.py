@@ -411,6 +411,17 @@ def sample_row(prog: ddpm.Program, n: int, steps: int) -> dict:
             "mem_gib": peak_gib(dev)}
 
 
+def check_plan(b) -> list[str]:
+    """The names of the rows check_rows measures, in order."""
+    if b.check_rows == "compile":
+        return [f"train {b.batch_size} bf16+compile"]
+    return ([f"matmul {p}" for p in CHECK_PRECISIONS]
+            + [f"train {n} {p}" for n in (b.batch_size // 2, b.batch_size)
+               for p in CHECK_PRECISIONS] + ["loss fp32-bf16"]
+            + [f"sample {n} {p}" for p in CHECK_PRECISIONS
+               for n in (b.sample_batch, 8 * b.sample_batch)])
+
+
 def check_rows(b, rest: list[str], emit) -> None:
     """--gpu-check's speed rows (--check-rows eager or compile), each handed to emit (a dict, a
     row: its "row" kind and "name") as soon as it is measured, after a plan that names them all;
@@ -420,10 +431,7 @@ def check_rows(b, rest: list[str], emit) -> None:
     --sample-batch and 8 times as many images in each. compile: bf16 + compile at --batch-size."""
     dev, t0 = torch.device(b.device), time.perf_counter()
     sizes, draws = (b.batch_size // 2, b.batch_size), (b.sample_batch, 8 * b.sample_batch)
-    plan = ([f"matmul {p}" for p in CHECK_PRECISIONS]
-            + [f"train {n} {p}" for n in sizes for p in CHECK_PRECISIONS] + ["loss fp32-bf16"]
-            + [f"sample {n} {p}" for p in CHECK_PRECISIONS for n in draws]
-            if b.check_rows == "eager" else [f"train {b.batch_size} bf16+compile"])
+    plan = check_plan(b)
 
     def row(kind: str, name: str, fn, *args) -> None:
         if time.perf_counter() - t0 >= b.budget:

@@ -1,94 +1,229 @@
-"""`python bench.py --gpu-check`: its CPU rehearsal (a tiny model) passes every check and writes
-the report; a failing or hanging step fails its own line only; without a GPU it says so in one
-line. And the benchmark takes as many training steps as it divides its time by."""
+"""`python bench.py --gpu-check`: its CPU rehearsal (a tiny model) writes each speed row as it is
+measured and keeps them when killed; the round trip passes; what --budget leaves no time for is
+listed as not run; a step ends with every process it started, even one in a session of its own
+that ignores SIGTERM; a failing or hanging step fails its own line only; without a GPU it says so
+in one line. And the benchmark takes as many training steps as it divides its time by."""
+import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
+
+import pytest
+import torch
 
 import bench
 import evaluate
 import gpu_check
 
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench.py")
-# The rehearsal's tests: one of each file, so that the check's pytest runs stay short.
-ONE_TEST_EACH = "timestep_embedding_is_cos_sin or ema_warm_up_follows"
+CHECK_LINE = re.compile(r"^(PASS|FAIL|SKIP|CUT ) {2}(.+?) +\d+\.\d s  (.*)$", re.M)
+# A whole speed row of the report, by kind (its name, then its figures to the line's end).
+ROW_LINE = {
+    "matmul": r"matmul \S+( \(TF32 off\))? +[\d.]+ TFLOP/s measured; datasheet n/a",
+    "train": r"train \d+ \S+( \(TF32 off\))? +[\d.]+ img/s  [\d.]+ ms/step \(median of 3 x 1, "
+             r"spread [\d.]+%\)  MFU [\d.]+% of measured, n/a of datasheet  GPU busy n/a  "
+             r"peak n/a  first step [\d.]+ s",
+    "loss": r"loss fp32-bf16 +fp32 [\d.]+, bf16 [\d.]+ \(mean of 8, same t and noise\): agree, "
+            r"[\d.]+% apart, at most [\d.]+% per image",
+    "sample": r"sample \d+ \S+( \(TF32 off\))? +[\d.]+ img/s  \(2 DPM-Solver\+\+ steps in "
+              r"[\d.]+ s, EMA weights\)  peak n/a"}
 
 
 def lines_by_name(report: str) -> dict[str, tuple[str, str]]:
     """The check lines of a report -> {name: (status, reason)}."""
-    found = re.findall(r"^(PASS|FAIL|SKIP)  (.+?) +\d+\.\d s  (.*)$", report, re.M)
-    return {name: (status, reason) for status, name, reason in found}
+    return {name: (status.strip(), reason) for status, name, reason in CHECK_LINE.findall(report)}
 
 
-def test_the_cpu_rehearsal_passes_every_check_and_writes_the_report(tmp_path, capsys):
-    report = tmp_path / "check.txt"
-    code = bench.main(["--gpu-check", "--device", "cpu", "--report", str(report),
-                       "--gpu-check-k", ONE_TEST_EACH])
+def rows_of(report: str) -> list[str]:
+    """The speed rows of a report, each checked whole -> their kinds, in order."""
+    kinds = []
+    for line in re.findall(r"^ROW {3}(.*)$", report, re.M):
+        kind = line.split()[0]
+        assert re.fullmatch(ROW_LINE[kind], line), line
+        kinds.append(kind)
+    return kinds
+
+
+def switches():
+    m, c = torch.backends.cuda.matmul, torch.backends.cudnn
+    return m.allow_tf32, c.allow_tf32, c.benchmark, torch.get_num_threads()
+
+
+def test_the_speed_rows_are_written_in_order_each_whole(tmp_path, capsys):
+    report, before = tmp_path / "r.txt", switches()
+    code = gpu_check.main(["--gpu-check", "--device", "cpu", "--parts", "speed", "--budget",
+                           "600", "--report", str(report)])
     printed = capsys.readouterr().out
     assert code == 0, printed
     text = report.read_text()
     assert text == printed  # the report printed is the report written
-    assert text.startswith("ddpm.py GPU check: CPU REHEARSAL")
-    checks = lines_by_name(text)
+    assert switches() == before  # TF32 switches, cuDNN's autotuner and the thread count
+    assert rows_of(text) == ["matmul"] * 3 + ["train"] * 6 + ["loss"] + ["sample"] * 6
+    assert re.search(r"^ROW {3}train 16 fp32 \(TF32 off\) ", text, re.M)
+    assert lines_by_name(text)["speed rows, eager"] == ("PASS", "16 of 16 rows")
+    # The JSON lines: the plan, then a row each, as the report has them.
+    rows = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert rows[0]["row"] == "plan" and rows[0]["rows"] == [r["name"] for r in rows[1:]]
+    assert [r["row"] for r in rows[1:]] == rows_of(text)
+    train = [r for r in rows if r["row"] == "train"]
+    assert [(r["batch"], r["variant"]) for r in train] == [
+        (n, p) for n in (8, 16) for p in ("fp32", "tf32", "bf16")]
+    for r in train:  # img/s is the batch over the median window
+        assert r["img_s"] == pytest.approx(r["batch"] / sorted(r["windows_ms"])[1] * 1e3)
+
+
+def test_the_round_trip_passes_every_check_in_the_rehearsal(tmp_path):
+    report = tmp_path / "r.txt"
+    assert gpu_check.main(["--gpu-check", "--device", "cpu", "--parts", "round-trip",
+                           "--budget", "600", "--report", str(report)]) == 0
+    checks = lines_by_name(report.read_text())
     try:
         evaluate.inception_path()
         fid = "PASS"
     except evaluate.MissingNetwork:
         fid = "SKIP"  # the report says why instead of failing
-    expected = {
-        "tests: test_unet.py on cpu": "PASS", "tests: test_samplers.py": "PASS",
-        "train, memory": "PASS", "resume, memory": "PASS", "sample, ddpm": "PASS",
-        "sample, ddim": "PASS", "sample, dpm++": "PASS", "sample, heun": "PASS",
-        "eval-fid, 4 samples": fid, "train, disk": "PASS", "resume, disk": "PASS",
-        "train, --compile": "SKIP", "resume, --compile": "SKIP",
-        "sample, dpm++ --compile": "SKIP", "train, --super-res, disk": "PASS",
-        "resume, --super-res, memory": "PASS", "upsample, --super-res": "PASS",
-        "torchrun, gloo all-reduce": "PASS", "torchrun, ddpm.py": "PASS",
-        "benchmark, batch 8": "PASS", "benchmark, batch 16": "PASS"}
-    assert {name: status for name, (status, _) in checks.items()} == expected
+    assert {name: s for name, (s, _) in checks.items()} == {
+        "probe: nvidia-smi": "SKIP", "train, memory": "PASS", "resume, memory": "PASS",
+        "sample, ddpm": "PASS", "sample, ddim": "PASS", "sample, dpm++": "PASS",
+        "sample, heun": "PASS", "eval-fid, 4 samples": fid, "train, disk": "PASS",
+        "resume, disk": "PASS", "train, --super-res, disk": "PASS",
+        "resume, --super-res, memory": "PASS", "upsample, --super-res": "PASS"}
     assert checks["resume, disk"][1] == "ckpt-1.pth at step 4"
-    assert checks["sample, heun"][1] == "8 pictures ddpm-*.png"
     assert checks["upsample, --super-res"][1] == "16 pictures sr-*.png"
-    assert checks["tests: test_unet.py on cpu"][1].startswith("1 passed")
-    assert checks["torchrun, gloo all-reduce"][1] == "all-reduce over 1 process(es) on gloo: 1"
-    if fid == "PASS":
-        assert re.match(r"FID \d+\.\d+, KID", checks["eval-fid, 4 samples"][1])
-    # The benchmark table: a row per batch size and variant, with figures.
-    rows = re.findall(r"^ +(\d+)  (fp32|bf16) +(\d+\.\d) +(\d+\.\d) +n/a .* ([\d.]+) s +"
-                      r"([\d.]+) s$", text, re.M)
-    assert [(bs, v) for bs, v, *_ in rows] == [("8", "fp32"), ("8", "bf16"), ("16", "fp32"),
-                                               ("16", "bf16")]
-    assert all(float(x) > 0 for *_, a, b, c, d in rows for x in (a, b, c, d))
-    assert text.rstrip().splitlines()[-1].startswith("18 passed, 0 failed, 3 skipped"
-                                                     if fid == "PASS" else
-                                                     "17 passed, 0 failed, 4 skipped")
-    log = (tmp_path / "check.log").read_text()
+    log = (tmp_path / "r.log").read_text()
     assert all(f"=== {name}:" in log for name, (s, _) in checks.items() if s != "SKIP")
+
+
+def test_what_the_budget_leaves_no_time_for_is_listed_as_not_run(tmp_path):
+    report = tmp_path / "r.txt"
+    assert gpu_check.main(["--gpu-check", "--device", "cpu", "--budget", "0", "--report",
+                           str(report)]) == 0  # nothing failed: nothing ran
+    text = report.read_text()
+    checks = lines_by_name(text)
+    b, _ = bench.parse(["--check-rows", "eager", *gpu_check.SPEED_REHEARSAL])
+    rows = [gpu_check.label(name) for name in bench.check_plan(b)]
+    assert list(checks)[:len(rows) + 2] == ["probe: nvidia-smi", "speed rows, eager", *rows]
+    assert list(checks)[-5:] == ["tests: test_unet.py on cpu", "torchrun: gloo, ddpm.py",
+                                 "speed rows, compile", "train, --compile",
+                                 "sample, dpm++ --compile"]
+    not_run = {name for name, (s, reason) in checks.items() if s == "CUT"}
+    assert all(reason.startswith("not run: --budget 0 s") for name, (s, reason) in checks.items()
+               if s == "CUT")
+    assert {name for name, (s, _) in checks.items() if s != "SKIP"} == not_run
+    assert "ROW" not in text
+    assert f"{len(not_run)} not run or cut by --budget" in text.splitlines()[-1]
+
+
+def test_a_killed_check_keeps_every_row_it_measured(tmp_path):
+    report, jsonl = tmp_path / "r.txt", tmp_path / "r.jsonl"
+    proc = subprocess.Popen([sys.executable, BENCH, "--gpu-check", "--device", "cpu", "--parts",
+                             "speed", "--budget", "600", "--report", str(report)],
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline:  # until 2 rows are written
+            if report.exists() and report.read_text().count("\nROW ") >= 2:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the check ended before it could be killed"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    text = report.read_text()
+    assert text.endswith("\n")  # no row cut in half
+    kinds = rows_of(text)
+    assert len(kinds) >= 2
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert [r["row"] for r in rows[1:]] == kinds
+    assert not re.search(r"passed, \d+ failed", text)  # it was killed before its last line
+
+
+def test_a_step_ends_with_every_process_it_started(tmp_path):
+    # The step starts a grandchild in a session of its own that ignores SIGTERM and holds the
+    # step's output open, prints both pids, and waits; the step is interrupted there.
+    script = tmp_path / "step.py"
+    script.write_text(
+        "import os, subprocess, sys, time\n"
+        "g = subprocess.Popen([sys.executable, '-c', 'import signal, time; signal.signal("
+        "signal.SIGTERM, signal.SIG_IGN); print(\"ignoring\", flush=True); time.sleep(600)'], "
+        "start_new_session=True, stdout=subprocess.PIPE, text=True)\n"
+        "assert g.stdout.readline() == 'ignoring\\n'\n"
+        "print('pids', os.getpid(), g.pid, os.getpgid(0), os.getpgid(g.pid), flush=True)\n"
+        "time.sleep(600)\n")
+    pids, groups = [], []
+
+    class Stop(Exception):
+        pass
+
+    def on_line(line):
+        if line.startswith("pids"):
+            step, grandchild, *pgids = map(int, line.split()[1:])
+            pids.extend([step, grandchild])
+            groups.extend(pgids)
+            raise Stop  # as Ctrl-C would, or the limit: the step is ended either way
+
+    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    with pytest.raises(Stop):
+        gpu_check.run_bounded([sys.executable, str(script)], 300, on_line, str(tmp_path),
+                              dict(os.environ))
+    assert len(pids) == 2
+    assert groups[0] != groups[1]  # killing the step's process group alone would miss it
+    assert not [pid for pid in pids if gpu_check.alive(pid)]
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers
+
+
+def test_a_step_that_ends_leaves_no_process_behind(tmp_path):
+    # The step exits at once; the grandchild it leaves in its own session holds the output pipe
+    # open: the step still ends (it does not wait for the pipe) and takes the grandchild along.
+    lines = []
+    rc = gpu_check.run_bounded([sys.executable, "-c", (
+        "import subprocess, sys\n"
+        "g = subprocess.Popen([sys.executable, '-c', 'import signal, time; signal.signal("
+        "signal.SIGTERM, signal.SIG_IGN); time.sleep(600)'], start_new_session=True)\n"
+        "print('grandchild', g.pid)\nsys.exit(3)")], 300, lines.append, str(tmp_path),
+        dict(os.environ))
+    assert rc == 3
+    pid = int(lines[0].split()[1])
+    assert not gpu_check.alive(pid)
 
 
 def test_a_failing_or_hanging_step_fails_its_own_line_and_the_rest_still_run(tmp_path):
     b, _ = bench.parse(["--gpu-check", "--device", "cpu", "--report", str(tmp_path / "r.txt")])
     check = gpu_check.GpuCheck(b, str(tmp_path))
     python = [sys.executable, "-c"]
-    check.check("fails", python + ["print('error: no such thing'); raise SystemExit(3)"], 60)
-    check.check("hangs", python + ["import time; print('started', flush=True); time.sleep(600)"],
-                3)
-    check.check("passes", python + ["print('all well')"], 60, lambda out: out.strip())
-    check.check("wrong result", python + ["pass"], 60, gpu_check.wrote(str(tmp_path), "x-", 2))
-    check.b.budget = 0  # what is left after the budget is spent does not run
-    check.check("late", python + ["print('ran')"], 60)
-    assert check.finish() == 1
-    check.report.close()
-    check.log.close()
+    try:
+        check.check("fails", python + ["print('error: no such thing'); raise SystemExit(3)"], 60)
+        check.check("hangs", python + ["import time; print('started', flush=True); "
+                                       "time.sleep(600)"], 3)
+        check.check("passes", python + ["print('all well')"], 60, lambda out: out.strip())
+        check.check("wrong result", python + ["pass"], 60,
+                    gpu_check.wrote(str(tmp_path), "x-", 2))
+        check.check("not there", ["./no-such-program"], 60)
+        check.b.budget = 0  # what is left after the budget is spent does not run
+        check.check("late", python + ["print('ran')"], 60)
+        assert check.finish() == 1
+    finally:
+        check.close()
     checks = lines_by_name((tmp_path / "r.txt").read_text())
     assert checks == {
         "fails": ("FAIL", "exit code 3: error: no such thing"),
         "hangs": ("FAIL", "stopped at 3 s (its limit); last output: started"),
         "passes": ("PASS", "all well"),
         "wrong result": ("FAIL", "0 pictures x-*.png, not 2"),
-        "late": ("FAIL", "not run: the 0 s of --budget are spent")}
-    assert "1 passed, 4 failed, 0 skipped" in (tmp_path / "r.txt").read_text()
+        "not there": ("FAIL", "exit code 127: error: No such file or directory: ./no-such-program"),
+        "late": ("CUT", "not run: --budget 0 s: the time of part round-trip ends at 0 s")}
+    assert "1 passed, 4 failed, 0 skipped, 1 not run" in (tmp_path / "r.txt").read_text()
+
+
+def test_the_gpu_busy_time_is_the_union_of_the_kernels_spans():
+    # Overlapping and nested spans count once; gaps not at all.
+    assert bench.covered([(5, 6), (0, 2), (1, 3), (5.5, 5.7)]) == 4
+    assert bench.covered([]) == 0
+    assert bench.gpu_busy(torch.device("cpu"), lambda: None) is None
 
 
 def test_without_a_gpu_the_check_says_so_in_one_line(tmp_path):
