@@ -290,7 +290,7 @@ def row_line(r: dict) -> str:
                 f"{r['fwd_flops'] / 1e9:.3g} per sampling step; {peaks}")
     if kind == "matmul":
         sheet = r["datasheet"]
-        return (f"{name} {r['tflops']:9.1f} TFLOP/s measured" + (
+        return (f"{name} {r['tflops']:9.4g} TFLOP/s measured" + (
             f"; datasheet {sheet:g} ({r['tflops'] / sheet:.0%} of it)" if sheet else
             "; datasheet n/a"))
     if kind == "train":
