@@ -213,29 +213,28 @@ def run_bounded(cmd: list[str], limit: float, on_line, cwd: str, env: dict) -> i
             on_line(line.decode(errors="replace"))
 
     try:
-        while (left := deadline - time.monotonic()) > 0:
+        while (left := deadline - time.monotonic()) > 0 and proc.poll() is None:
             if sel.select(min(left, 0.25)):
                 chunk = os.read(fd, 1 << 16)
-                if chunk:
-                    feed(chunk)
-                    continue
-                with contextlib.suppress(subprocess.TimeoutExpired):  # EOF: did it end?
-                    proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-                break
-            if proc.poll() is not None:  # ended; a process it started may hold the pipe open
-                break
-        rc = proc.poll()
+                if not chunk:  # every writer closed the pipe: the step ends, or runs out of time
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+                    break
+                feed(chunk)
+        rc = proc.poll()  # ended (what it started may still hold the pipe open), or ran over
     finally:  # also on Ctrl-C, which reaches this process only: the step's session has its own
         end_step(proc, token)
-        while sel.select(2.0):  # what is left in the pipe (every writer is gone: EOF comes)
-            chunk = os.read(fd, 1 << 16)
-            if not chunk:
-                break
-            feed(chunk)
-        if pending[0]:
-            on_line(pending[0].decode(errors="replace"))
-        sel.close()
-        proc.stdout.close()
+        try:
+            while sel.select(2.0):  # what is left in the pipe; every writer is gone: EOF comes
+                chunk = os.read(fd, 1 << 16)
+                if not chunk:
+                    break
+                feed(chunk)
+            if pending[0]:
+                on_line(pending[0].decode(errors="replace"))
+        finally:
+            sel.close()
+            proc.stdout.close()
     return rc
 
 
