@@ -418,6 +418,8 @@ class GpuCheck:
                     status, reason = "PASS", verify(out) if verify else "done"
             except CheckFailed as e:
                 status, reason = "FAIL", str(e)
+            except Exception as e:  # noqa: BLE001 (what the step left cannot be read)
+                status, reason = "FAIL", f"{type(e).__name__}: {e}"[:240]
         self.statuses.append(status)
         self.say(f"{status:<4}  {name:<30} {time.perf_counter() - t0:6.1f} s  {reason}")
         return status
@@ -474,9 +476,12 @@ class GpuCheck:
         seen, plan, errors = [], bench.check_plan(bench.parse(flags)[0]), []
 
         def on_line(text: str) -> None:
-            if not text.startswith(bench.ROW):
+            try:
+                r = json.loads(text[len(bench.ROW):]) if text.startswith(bench.ROW) else None
+            except ValueError:  # a row cut off by a kill: not measured to the end
+                r = None
+            if r is None:
                 return
-            r = json.loads(text[len(bench.ROW):])
             self.jsonl.write(json.dumps(r) + "\n")
             self.jsonl.flush()
             if r["row"] == "plan":
@@ -492,12 +497,14 @@ class GpuCheck:
             return f"{len(seen)} of {len(plan)} rows"
 
         left = self.left(part)
-        self.check(f"speed rows, {kind}", ["bench", *flags, "--budget", f"{max(left - 1, 0):.0f}"],
-                   left, verify, part=part, on_line=on_line)
+        status = self.check(f"speed rows, {kind}", ["bench", *flags, "--budget",
+                                                    f"{max(left - 1, 0):.0f}"],
+                            left, verify, part=part, on_line=on_line)
+        why = "the step above failed before it" if status == "FAIL" else self.spent(part)
         for name in plan:
             if name not in seen:
                 self.statuses.append("CUT")
-                self.say(f"CUT   {label(name):<30}    0.0 s  not run: {self.spent(part)}")
+                self.say(f"CUT   {label(name):<30}    0.0 s  not run: {why}")
 
     def round_trip(self) -> None:
         """ddpm.py on a tiny model in bf16 (fp16 where the GPU has none): train a few steps ->
