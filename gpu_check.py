@@ -81,8 +81,9 @@ class CheckFailed(Exception):
 
 def failure_line(out: str) -> str:
     """The line of a failed step's output that says most: pytest's first FAILED line (with its
-    count), an `error:` line, else the last line."""
-    lines = [line.strip() for line in out.splitlines() if line.strip()] or ["(no output)"]
+    count), an `error:` line, else the last line (not a speed row: the report has those)."""
+    lines = [line.strip() for line in out.splitlines()
+             if line.strip() and not line.startswith(bench.ROW)] or ["(no output)"]
     for prefix in ("FAILED ", "ERROR ", "error: "):
         hit = next((line for line in lines if line.startswith(prefix)), None)
         if hit:
