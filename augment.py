@@ -139,9 +139,9 @@ def augment(x: Tensor, p: float, n: int, share: slice) -> tuple[Tensor, Tensor]:
 
 
 class Augmented:
-    """Any model kind (trainer.Plain's interface) trained on augmented images: the network is
-    also given the augmentation labels; samples are drawn with zero labels (the UNet's default),
-    that is from the un-augmented images."""
+    """Any model kind (trainer.ModelKind) trained on augmented images: the network is also given
+    the augmentation labels; samples are drawn with zero labels (the UNet's default), that is
+    from the un-augmented images. Every other question is the inner kind's to answer."""
 
     def __init__(self, inner, p: float):
         self.inner, self.p = inner, p
@@ -160,3 +160,6 @@ class Augmented:
 
     def preview(self, n: int, device):
         return self.inner.preview(n, device)
+
+    def sample_inputs(self, up: Tensor):
+        return self.inner.sample_inputs(up)

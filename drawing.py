@@ -44,7 +44,7 @@ def save_png(picture: Tensor, path: str) -> None:
 
 class Drawer:
     """Draws from a run's networks (trainer.Trainer: its ema or model, its diffusion). args: the
-    flags; kind: the model kind (trainer.Plain's interface); vocab: a text model's vocabulary;
+    flags; kind: the model kind (trainer.ModelKind); vocab: a text model's vocabulary;
     quiet: no progress bars (processes other than the first)."""
 
     def __init__(self, args, kind, trainer, console: Console, vocab: Vocab | None = None,

@@ -18,7 +18,7 @@ from data import downsample, load_folders, make_lowres, to_model, to_uint8, upsa
 
 
 class SuperRes:
-    """A super-resolution model from LOW px (the kind interface: trainer.Plain). The network sees
+    """A super-resolution model from LOW px (the trainer.ModelKind interface). The network sees
     x_t beside the bicubic-upsampled low-res image with noise of std a added, and a itself;
     target "residual": it diffuses x_high - bicubic(x_low), and a sample becomes an image as
     bicubic + sample; "image": it diffuses x_high. preview: the images whose low-res versions

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from config import UserError
 from data import walk
 
 PAD, EMPTY = 0, 1  # token ids: padding, and the empty caption (unconditional / dropped caption)
@@ -197,7 +198,7 @@ class TextEncoder(nn.Module):
 
 
 class Captioned:
-    """A text-conditioned model (the kind interface: trainer.Plain). It trains on each image's
+    """A text-conditioned model (the trainer.ModelKind interface). It trains on each image's
     caption tokens, replaced by the empty caption with probability cond_drop (classifier-free
     guidance); unprompted samples are drawn from the empty caption."""
 
@@ -218,3 +219,6 @@ class Captioned:
 
     def preview(self, n: int, device) -> tuple[dict, None]:
         return self.unconditional(n, device), None
+
+    def sample_inputs(self, up: Tensor):
+        raise UserError(f"a {self.name} model draws from noise, not from low-res images")

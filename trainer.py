@@ -3,7 +3,8 @@ EMA copy, Adam, the loss scaler and the timestep sampler. `Trainer.step` is the 
 training loop (ddpm.py) and the benchmark (bench.py) both call.
 
 What a batch trains on (the image or a residual, captions, a low-res input, augmentation labels)
-is the model kind's answer (`Plain` here; text.Captioned, superres.SuperRes, augment.Augmented).
+is the model kind's answer (the `ModelKind` interface; `Plain` here, text.Captioned,
+superres.SuperRes, augment.Augmented).
 """
 import contextlib
 import copy
@@ -12,6 +13,7 @@ import functools
 import math
 import os
 import random
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -34,15 +36,37 @@ class NonFiniteLoss(Exception):
     """The loss was NaN or infinite MAX_BAD_STEPS steps in a row."""
 
 
+@runtime_checkable
+class ModelKind(Protocol):
+    """What differs between kinds of model (plain, text, super-resolution, augmented), as one
+    object per kind; a kind that wraps another (augment.Augmented) passes every member on.
+    A question a kind cannot answer raises UserError (validation refuses such runs first)."""
+
+    name: str  # in words, for the start-up summary
+
+    def unet_inputs(self) -> dict:
+        """The UNet's extra constructor arguments: what the network is given."""
+
+    def train_batch(self, x0: Tensor, tokens: Tensor | None, n: int,
+                    share: slice) -> tuple[Tensor, dict]:
+        """A training batch x0 (B, C, H, W) -> (what to diffuse (B, C, H, W), the network's
+        conditioning dict). Random draws are for the global batch of n, this process's share
+        taken, so N processes train as one with the whole batch."""
+
+    def unconditional(self, n: int, device) -> dict | None:
+        """The conditioning of n unprompted samples (None: nothing)."""
+
+    def preview(self, n: int, device) -> tuple[dict | None, Tensor | None]:
+        """(conditioning, base) of the n pictures drawn while training: a sample becomes an
+        image as base + x0 (base None: x0 itself)."""
+
+    def sample_inputs(self, up: Tensor) -> tuple[dict, Tensor | None]:
+        """(conditioning, base) of samples drawn from the upsampled low-res images up
+        (B, C, H, W): what a super-resolution model samples from."""
+
+
 class Plain:
-    """An unconditional model. Every model kind answers the same four questions:
-    unet_inputs() -> the UNet's extra constructor arguments (what the network is given);
-    train_batch(x0, tokens, n, share) -> (what to diffuse (B, C, H, W), the network's
-        conditioning dict) for a training batch; random draws are for the global batch of n,
-        this process's share taken, so N processes train as one with the whole batch;
-    unconditional(n, device) -> the conditioning of n unprompted samples (None: nothing);
-    preview(n, device) -> (conditioning, base) of the n pictures drawn while training: a
-        sample becomes an image as base + x0 (base None: x0 itself)."""
+    """An unconditional model (the ModelKind interface)."""
 
     name = "unconditional"
 
@@ -57,6 +81,9 @@ class Plain:
 
     def preview(self, n: int, device) -> tuple[dict | None, Tensor | None]:
         return self.unconditional(n, device), None
+
+    def sample_inputs(self, up: Tensor):
+        raise UserError(f"an {self.name} model draws from noise, not from low-res images")
 
 
 def micro_batches(n: int, k: int) -> list[slice]:
@@ -184,7 +211,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def model_kind(a, vocab: Vocab | None, preview: Tensor | None):
+def model_kind(a, vocab: Vocab | None, preview: Tensor | None) -> ModelKind:
     """What kind of model the flags describe (the one place that decides): text-conditioned,
     super-resolution or plain, trained on augmented images with --augment. preview: training
     images a super-resolution model's pictures start from (None when only sampling)."""
