@@ -7,6 +7,10 @@ import math
 
 from config import UserError, hw, size_name
 
+# --eval-prompts' colour classifier (evaluate.TagClassifier) halves the image three times: it
+# takes images of this side and up.
+TAG_MIN_SIDE = 16
+
 
 def validate(a: argparse.Namespace, cascade: bool = False) -> None:
     """Reject flags that cannot work, with a message that says what to change. Run after a
@@ -116,6 +120,10 @@ def _check_task(a: argparse.Namespace, cascade: bool) -> None:
                             "--data-folders to train on (or --demo)")
         if a.captions != "off" and a.demo:
             raise UserError("--captions reads captions beside images: give --data-folders DIR")
+        if a.super_res and a.eval_every:  # its samples start from low-res images, not noise
+            raise UserError("--eval-every measures samples drawn from noise; a super-resolution "
+                            "model is measured against held-back images: train without it, "
+                            "then --loadckpt PATH --eval-sr N")
         return
     if a.start_over:
         raise UserError("--start-over begins a training run into --ckpt-save-dir: give --train")
@@ -137,6 +145,9 @@ def _check_task(a: argparse.Namespace, cascade: bool) -> None:
     if (a.prompt or a.eval_prompts) and a.captions == "off":
         raise UserError(f"{name} is not text-conditioned (trained without --captions): drop "
                         f"--prompt / --eval-prompts")
+    if a.eval_prompts and min(hw(a.img_size)) < TAG_MIN_SIDE:
+        raise UserError(f"{name} draws {size_name(a.img_size)} px images; the colour classifier "
+                        f"of --eval-prompts needs {TAG_MIN_SIDE} px and up")
 
 
 def _check_edit(a: argparse.Namespace, name: str) -> None:
