@@ -226,7 +226,8 @@ SAMPLERS = next(f for f in GROUPS["sampling"] if f.dest == "sampler").choices
 ACTIONS = {
     "train": (lambda p: p.train(), saved("ckpt-0.pth")),
     "resume": (lambda p: ["--resume", "--data-folders", p.m.data, "--ckpt-save-dir",
-                          p.m.copy(p.kind, p.ckpt), "--save-dir", p.out, *RUN],
+                          p.m.copy(p.kind, p.ckpt), "--save-dir", p.out, "--cache-dir",
+                          str(p.m.root / "cache"), *RUN],
                saved("ckpt-1.pth")),
     **{f"sample-{s}": (lambda p, s=s: p.load("--sampler", s), wrote("ddpm-all.png"))
        for s in SAMPLERS},
