@@ -102,14 +102,19 @@ def ema_decay(step: int, max_decay: float) -> float:
 
 @torch.no_grad()
 def update_ema(ema: nn.Module, model: nn.Module, decay: float, ok: Tensor | None = None) -> None:
-    """ema <- decay * ema + (1 - decay) * model, for every parameter; where ok (a 0-dim bool
-    tensor on the device) is False, ema stays as it is (a skipped step), without a host read."""
+    """ema <- ema + w (model - ema) = decay * ema + (1 - decay) * model, w = 1 - decay, for every
+    parameter; where ok (a 0-dim bool tensor on the device) is False, w = 0 and ema stays as it
+    is (a skipped step), without a host read. With ok, the weight is one tensor w on the device
+    and three multi-tensor ops apply it (difference, scale, add): a few kernel launches on CUDA
+    for all parameters (a list of weights would make lerp launch one kernel per parameter)."""
     ema_params, params = list(ema.parameters()), list(model.parameters())
     if ok is None:
         torch._foreach_lerp_(ema_params, params, 1.0 - decay)
-    else:  # a weight tensor per parameter: lerp then reads none of them on the host
-        weight = ok.float() * (1.0 - decay)
-        torch._foreach_lerp_(ema_params, params, [weight] * len(params))
+        return
+    w = ok.to(params[0].dtype) * (1.0 - decay)  # () on the device, the parameters' dtype
+    delta = torch._foreach_sub(params, ema_params)  # model - ema
+    torch._foreach_mul_(delta, w)
+    torch._foreach_add_(ema_params, delta)
 
 
 def lr_at(step: int, lr: float, warmup: int, schedule: str, total: int) -> float:
