@@ -234,6 +234,13 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-steps", type=int, default=0, metavar="N",
                    help="stop when the model has taken N optimizer steps in all (0 = no limit); "
                         "with --epochs, whichever comes first")
+    g.add_argument("--max-minutes", type=float, default=None, metavar="M",
+                   help="stop once this run has trained for M minutes (a resume gets M more), "
+                        "saving a checkpoint as at --max-steps; with --epochs and --max-steps, "
+                        "whichever comes first. The clock starts at the first step and is read "
+                        "every 10 steps and at each epoch's end, where the loop waits for the "
+                        "device anyway; a cosine --lr-schedule still ends at --max-steps or the "
+                        "last epoch")
     g.add_argument("--lr-warmup", type=int, default=0, metavar="N",
                    help="raise the learning rate linearly from --lr / N to --lr over the first "
                         "N optimizer steps (stored: a resume goes on with it)")

@@ -37,7 +37,7 @@ from drawing import Drawer
 from text import CaptionError, Vocab, caption_tokens
 from trainer import (MAX_BAD_STEPS, NonFiniteLoss, Trainer, ema_decay, init_distributed, lr_at,
                      model_kind, pick_device, resolve_lr, seed_everything, shared_seed)
-from ui import RunClock, long_run_warning, make_console
+from ui import RunLength, long_run_warning, make_console
 from validation import validate
 
 
@@ -84,6 +84,8 @@ class Program:
             self.restore(ckpt, typed)
         self.make_folders()
         self.grids = None  # monitor.ProgressGrids, made at the first progress grid
+        self.clock = time.monotonic  # what --max-minutes is measured with (seconds)
+        self.deadline, self.out_of_time = math.inf, False  # --max-minutes: set as training starts
         self.tensorboard = (monitor.TensorBoard(a.save_dir)
                             if a.train and a.tensorboard and self.is_main else None)
         if not parent:
@@ -173,32 +175,48 @@ class Program:
     def train_loop(self) -> None:
         """Algorithm 1, epoch after epoch: a step per batch, the figures on the progress bars
         every 10 steps, a progress grid every --sample-every steps, a checkpoint (and FID) at
-        each epoch's end; --epochs or --max-steps ends it."""
+        each epoch's end; --epochs, --max-steps or --max-minutes ends it."""
         a, s = self.args, self.state
+        start = self.clock()
+        self.deadline = start + 60 * a.max_minutes if a.max_minutes else math.inf
         per_epoch = self.data.num_batches(a.batch_size * a.grad_accum, self.world, a.compile)
         s.schedule_steps = s.schedule_steps or a.max_steps or s.step + a.epochs * per_epoch
         planned = min(a.epochs * per_epoch, a.max_steps - s.step if a.max_steps else math.inf)
         self.planned = max(planned, 0)
-        self.clock = RunClock(self.planned)
+        self.run_length = RunLength(self.planned, clock=self.clock)
         with self.drawer.progress("info") as progress:
             run_bar = progress.add_task("this run", total=max(planned, 0), info="")
             for e in range(s.epoch, s.epoch + a.epochs):
+                self.read_clock()  # the last epoch's end waited for the device
                 if self.done():
                     break
                 self.train_epoch(e, progress, run_bar, per_epoch)
+        if self.out_of_time:
+            self.console.print(f"--max-minutes {a.max_minutes:g} spent: stopped at step {s.step} "
+                               f"after {(self.clock() - start) / 60:.1f} minutes of training")
 
     def note_long_run(self, seconds_per_step: float, total: float) -> None:
         """On a CPU, one line with the whole run's expected time when it is long (ui)."""
         a = self.args
         default_64 = (a.img_size, a.num_channels, list(a.channel_multiples)) == (64, 64, [1, 2, 4, 8])
-        line = long_run_warning(seconds_per_step, total, self.planned, self.device.type,
-                                default_64, LONG_RUN_S)
+        steps = self.planned
+        if a.max_minutes:  # at most what --max-minutes leaves room for
+            steps = min(steps, math.ceil(60 * a.max_minutes / seconds_per_step))
+            total = min(total, 60 * a.max_minutes)
+        line = long_run_warning(seconds_per_step, total, steps, self.device.type, default_64,
+                                LONG_RUN_S)
         if line:
             self.console.print(line)
 
     def done(self) -> bool:
-        """--max-steps reached."""
-        return bool(self.args.max_steps) and self.state.step >= self.args.max_steps
+        """--max-steps reached, or --max-minutes spent (as last read)."""
+        a = self.args
+        return bool(a.max_steps) and self.state.step >= a.max_steps or self.out_of_time
+
+    def read_clock(self) -> None:
+        """Whether --max-minutes are spent, read where the loop waits for the device anyway: the
+        host queues steps ahead of the device, so its clock between those points runs early."""
+        self.out_of_time = self.clock() >= self.deadline
 
     def train_epoch(self, e: int, progress, run_bar, per_epoch: int) -> None:
         """Epoch e: its steps with their bar, the figures every 10 steps, a progress grid every
@@ -214,13 +232,14 @@ class Program:
             steps, seen = steps + 1, seen + len(x0) * self.world
             loss_sum, counted = loss_sum + torch.where(ok, loss, 0.0), counted + ok
             progress.advance(bar)
-            if speed := self.clock.tick():  # known after the warm-up: say if the run is long
+            if speed := self.run_length.tick():  # known after the warm-up: is the run long?
                 self.note_long_run(*speed)
             if steps % 10 == 1:  # the host reads the device here only: the figures, the guard
                 self.check_steps()
                 monitor.log_step(progress, (bar, run_bar), self.tensorboard, s.step, loss.item(),
                                  self.trainer.optimizer.param_groups[0]["lr"],
                                  seen / (time.time() - t0))
+                self.read_clock()
             if self.is_main and every and s.step % every == 0:
                 self.progress_grid()
             progress.advance(run_bar)

@@ -61,6 +61,7 @@ def summary(drawer, params: int, n_images: int, amp_dtype, world: int, write: bo
     if a.train:
         accum = f" x {a.grad_accum} accumulated" if a.grad_accum > 1 else ""
         until = f" or {a.max_steps} steps in all" if a.max_steps else ""
+        until += f" or {a.max_minutes:g} minutes" if a.max_minutes else ""
         augmented = f" (augmented, p {a.augment})" if a.augment else ""
         what = (f"training on {n_images} images{augmented}, batch {a.batch_size}{accum}, "
                 f"{a.epochs} epoch(s){until}, lr {a.lr} ({a.lr_schedule}, warm-up {a.lr_warmup}); "

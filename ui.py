@@ -48,7 +48,7 @@ def duration(seconds: float) -> str:
     return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
 
 
-class RunClock:
+class RunLength:
     """The expected length of a training run, from the speed of its steps after the warm-up.
 
     A run's first steps are slow (memory allocations, lazy start-up, caches and cuDNN's search
@@ -81,7 +81,7 @@ class RunClock:
 
 def long_run_warning(seconds_per_step: float, total: float, steps_planned: int, device_type: str,
                      is_default_64px: bool, at_least: float = 600.0) -> str | None:
-    """On a CPU: one line with the time the whole run will take (`total` seconds, RunClock),
+    """On a CPU: one line with the time the whole run will take (`total` seconds, RunLength),
     when that is at least `at_least` seconds, and for the default 64-px model a pointer to the
     small models. None on other devices and for shorter runs."""
     if device_type != "cpu" or total < at_least:

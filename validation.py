@@ -57,6 +57,8 @@ def _check_values(a: argparse.Namespace) -> None:
     _check_numbers(a)
     if min(a.max_steps, a.lr_warmup) < 0 or (a.sample_every is not None and a.sample_every < 0):
         raise UserError("--max-steps, --lr-warmup and --sample-every must be >= 0")
+    if a.max_minutes is not None and not (math.isfinite(a.max_minutes) and a.max_minutes > 0):
+        raise UserError(f"--max-minutes must be a positive number of minutes, got {a.max_minutes}")
     if not 0 <= a.cond_drop <= 1 or not a.sr_noise >= 0 or not a.sr_noise_max >= 0 \
             or a.eval_sr < 0:  # "not x >= 0" also refuses NaN
         raise UserError("need 0 <= --cond-drop <= 1, and --sr-noise, --sr-noise-max, --eval-sr >= 0")

@@ -249,9 +249,9 @@ class FakeClock:
 
 
 def expected_by_clock(step_times, planned, **kw):
-    """Runs a RunClock over the steps -> (the step it spoke after, what it said)."""
+    """Runs a RunLength over the steps -> (the step it spoke after, what it said)."""
     clock = FakeClock(step_times)
-    run = ui.RunClock(planned, clock=clock, **kw)
+    run = ui.RunLength(planned, clock=clock, **kw)
     said = []
     for i in range(planned):
         clock.step()
@@ -281,7 +281,7 @@ def test_slow_steps_give_the_estimate_after_enough_seconds():
     step, (per_step, total) = expected_by_clock([60, 60] + [40] * 98, 100)
     assert step == 4 and per_step == 40 and total == 60 + 60 + 40 * 98
     clock = FakeClock([1.0, 1.0])  # a run no longer than its warm-up never says anything
-    run = ui.RunClock(2, clock=clock)
+    run = ui.RunLength(2, clock=clock)
     assert [clock.step() or run.tick() for _ in range(2)] == [None, None]
 
 
