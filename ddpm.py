@@ -215,8 +215,14 @@ class Program:
 
     def read_clock(self) -> None:
         """Whether --max-minutes are spent, read where the loop waits for the device anyway: the
-        host queues steps ahead of the device, so its clock between those points runs early."""
-        self.out_of_time = self.clock() >= self.deadline
+        host queues steps ahead of the device, so its clock between those points runs early.
+        Under torchrun the processes agree (any one's clock), so that all stop at one step."""
+        out = self.clock() >= self.deadline
+        if self.world > 1 and self.args.max_minutes:
+            flag = torch.tensor(float(out), device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            out = bool(flag.item())
+        self.out_of_time = out
 
     def train_epoch(self, e: int, progress, run_bar, per_epoch: int) -> None:
         """Epoch e: its steps with their bar, the figures every 10 steps, a progress grid every

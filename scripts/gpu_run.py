@@ -43,25 +43,27 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(
         description="Train the default model for --minutes on a zip of faces, then draw "
                     "--samples samples into .npz files (uint8 (N, H, W, C) as arr_0) in --out. "
-                    "Any other flag goes to `ddpm.py --train`.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "Any other flag goes to `ddpm.py --train`.")
     p.add_argument("--make-zip", metavar="DIR",
                    help="instead: write --count images of DIR (a choice seeded by --seed, stored "
                         "as they are) into the --data zip")
-    p.add_argument("--count", type=int, default=12000, help="images in the zip of --make-zip")
-    p.add_argument("--data", default=DATA, help="the zip of training images")
+    p.add_argument("--count", type=int, default=12000,
+                   help="images in the zip of --make-zip (12000)")
+    p.add_argument("--data", default=DATA, help=f"the zip of training images ({DATA})")
     p.add_argument("--out", default=os.environ.get("OUT"),
                    help="folder for the samples, metrics.jsonl, loss.png, progress.png and "
                         f"{LOG} (default: $OUT)")
     p.add_argument("--work", help="folder for the checkpoints and the run's other pictures "
                                   "(default: a temporary one, removed at the end)")
-    p.add_argument("--minutes", type=float, default=6.0, help="training time (--max-minutes)")
-    p.add_argument("--samples", type=int, default=5000, help="samples to draw")
-    p.add_argument("--sample-batch", type=int, default=500, help="samples drawn at a time")
+    p.add_argument("--minutes", type=float, default=6.0,
+                   help="training time, ddpm.py's --max-minutes (6)")
+    p.add_argument("--samples", type=int, default=5000, help="samples to draw (5000)")
+    p.add_argument("--sample-batch", type=int, default=500, help="samples drawn at a time (500)")
     p.add_argument("--file-mib", type=float, default=16.0,
-                   help="the most raw image data (uint8) per .npz file, in MiB")
-    p.add_argument("--seed", type=int, default=0, help="seed of training, sampling and the zip")
-    p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (auto: cuda if any)")
+                   help="the most raw image data (uint8) per .npz file, in MiB (16)")
+    p.add_argument("--seed", type=int, default=0, help="seed of training, sampling and the zip (0)")
+    p.add_argument("--device", default="auto",
+                   help="cpu, cuda or cuda:N (auto, the default: cuda if there is one)")
     return p.parse_known_args(argv)
 
 
@@ -123,7 +125,6 @@ def draw_samples(a, work: str, say) -> tuple[float, float, float]:
         "--loadckpt", "latest", "--ckpt-save-dir", os.path.join(work, "ckpt"),
         "--save-dir", os.path.join(work, "samples"), "--batch-size", str(a.sample_batch),
         "--seed", str(a.seed), "--device", a.device])
-    os.makedirs(args.save_dir, exist_ok=True)
     drawer = ddpm.Program(args, typed).drawer
     (h, w), c = hw(args.img_size), args.img_channels
     sizes = file_sizes(a.samples, c * h * w, a.file_mib)
@@ -163,8 +164,13 @@ def main(argv: list[str] | None = None) -> int:
     a, extra = parse(argv)
     try:
         if a.make_zip:
+            if a.count < 1:
+                raise DataError(f"--count must be >= 1, got {a.count}")
             make_zip(a.make_zip, a.count, a.data, a.seed)
             return 0
+        if min(a.samples, a.sample_batch) < 1 or not (a.file_mib > 0 and a.minutes > 0):
+            raise DataError("--samples and --sample-batch must be >= 1, --file-mib and "
+                            "--minutes > 0")
         if not a.out:
             raise DataError("give --out DIR (or set OUT)")
         if not os.path.isfile(a.data):

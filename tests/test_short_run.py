@@ -162,3 +162,19 @@ def test_the_short_run_rehearsal_writes_npz_samples_that_evaluate_scores(
                                 "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"],
                                capsys)
     assert code == 0 and line.startswith("5 vs 24 images: FID")
+
+
+def test_two_gloo_processes_stop_together_at_max_minutes(tmp_path, unused_port):
+    flags = ["--train", "--demo", "--demo-images", "32", "--img-size", "8", "--num-channels", "8",
+             "--channel-multiples", "1", "--has-attn", "f", "--num-blocks", "1", "--timesteps",
+             "10", "--beta-max", "0.5", "--batch-size", "8", "--epochs", "100000", "--seed", "2",
+             "--device", "cpu", "--sample-every", "0", "--max-minutes", "0.005",
+             "--ckpt-save-dir", str(tmp_path), "--save-dir", str(tmp_path)]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                        "--master_addr=127.0.0.1", f"--master_port={unused_port}",
+                        os.path.join(ROOT, "ddpm.py"), *flags], capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]  # neither waits for the other's next step
+    assert r.stdout.count("--max-minutes 0.005 spent") == 1  # only rank 0 prints
+    saved = torch.load(checkpoint.latest(str(tmp_path)), weights_only=True)
+    assert f"stopped at step {saved['step']} " in r.stdout
