@@ -104,14 +104,22 @@ def ema_decay(step: int, max_decay: float) -> float:
 def update_ema(ema: nn.Module, model: nn.Module, decay: float, ok: Tensor | None = None) -> None:
     """ema <- ema + w (model - ema) = decay * ema + (1 - decay) * model, w = 1 - decay, for every
     parameter; where ok (a 0-dim bool tensor on the device) is False, w = 0 and ema stays as it
-    is (a skipped step), without a host read. With ok, the weight is one tensor w on the device
-    and three multi-tensor ops apply it (difference, scale, add): a few kernel launches on CUDA
-    for all parameters (a list of weights would make lerp launch one kernel per parameter)."""
+    is (a skipped step), without a host read."""
     ema_params, params = list(ema.parameters()), list(model.parameters())
     if ok is None:
         torch._foreach_lerp_(ema_params, params, 1.0 - decay)
         return
     w = ok.to(params[0].dtype) * (1.0 - decay)  # () on the device, the parameters' dtype
+    if w.device.type == "cpu":  # foreach ops loop over the tensors here: lerp, one pass each
+        torch._foreach_lerp_(ema_params, params, [w] * len(params))
+    else:
+        ema_step(ema_params, params, w)
+
+
+def ema_step(ema_params: list[Tensor], params: list[Tensor], w: Tensor) -> None:
+    """ema += w (model - ema) with one 0-dim weight tensor w on the device, in three multi-tensor
+    ops (difference, scale, add): a few kernel launches for all parameters on a GPU, where lerp
+    with a list of 0-dim weights launches one kernel per parameter."""
     delta = torch._foreach_sub(params, ema_params)  # model - ema
     torch._foreach_mul_(delta, w)
     torch._foreach_add_(ema_params, delta)

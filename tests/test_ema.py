@@ -1,5 +1,6 @@
-"""The EMA of the weights: trainer.update_ema against its plain form, per tensor, and in a real
-optimizer step (a step skipped for a non-finite loss leaves the average as it was)."""
+"""The EMA of the weights: trainer.update_ema (and its GPU path, ema_step) against its plain form,
+per tensor and in a real optimizer step (a step skipped for a non-finite loss leaves the average
+as it was); on a GPU, that it launches a few kernels, not one per parameter."""
 import copy
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 
 from config import parse_args
 from ddpm import Program
-from trainer import update_ema
+from trainer import ema_step, update_ema
 from unet import UNet
 
 
@@ -22,12 +23,20 @@ def nets(dtype=torch.float64, device="cpu"):
     return model, ema
 
 
-@pytest.mark.parametrize("ok", [None, True, False])
-def test_ema_update_is_its_plain_form_and_a_skipped_step_leaves_the_average(ok):
+def multi_tensor(ema, model, decay, ok):
+    """update_ema's GPU path, ema_step, here on the CPU."""
+    w = ok.to(torch.float64) * (1 - decay)
+    ema_step(list(ema.parameters()), list(model.parameters()), w)
+
+
+@pytest.mark.parametrize("update,ok", [(update_ema, None), (update_ema, True),
+                                       (update_ema, False), (multi_tensor, True),
+                                       (multi_tensor, False)])
+def test_ema_update_is_its_plain_form_and_a_skipped_step_leaves_the_average(update, ok):
     model, ema = nets()
     before = [e.clone() for e in ema.parameters()]
     decay = 0.9
-    update_ema(ema, model, decay, None if ok is None else torch.tensor(ok))
+    update(ema, model, decay, None if ok is None else torch.tensor(ok))
     for e, e0, p in zip(ema.parameters(), before, model.parameters()):
         if ok is False:
             assert torch.equal(e, e0)
@@ -64,6 +73,7 @@ def test_ema_update_on_cuda_launches_fewer_kernels_than_there_are_parameters():
     model, ema = nets(torch.float32, "cuda")
     ok = torch.ones((), dtype=torch.bool, device="cuda")
     update_ema(ema, model, 0.999, ok)  # warm: allocations and any lazy set-up
+    before = [e.clone() for e in ema.parameters()]
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         update_ema(ema, model, 0.999, ok)
@@ -71,3 +81,5 @@ def test_ema_update_on_cuda_launches_fewer_kernels_than_there_are_parameters():
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     tensors = len(list(model.parameters()))
     assert 0 < len(kernels) < tensors / 4, (len(kernels), tensors)
+    for e, e0, p in zip(ema.parameters(), before, model.parameters()):
+        torch.testing.assert_close(e, 0.999 * e0 + 0.001 * p)
