@@ -116,6 +116,7 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float, ok: Tensor | None
         ema_step(ema_params, params, w)
 
 
+@torch.no_grad()
 def ema_step(ema_params: list[Tensor], params: list[Tensor], w: Tensor) -> None:
     """ema += w (model - ema) with one 0-dim weight tensor w on the device, in three multi-tensor
     ops (difference, scale, add): a few kernel launches for all parameters on a GPU, where lerp
