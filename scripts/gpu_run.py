@@ -153,10 +153,10 @@ def run(a, extra: list[str], work: str, say) -> None:
             shutil.copy(src, os.path.join(a.out, name))
         else:
             say(f"note: the run wrote no {name}")
-    say(f"times: training process {train_s / 60:.1f} min (--max-minutes {a.minutes:g}, start-up "
-        f"and the last save included); sampling: start-up {load_s:.0f} s, {a.samples:,} samples "
-        f"{draw_s:.0f} s ({a.samples / max(draw_s, 1e-9):.0f} img/s), writing {write_s:.0f} s; "
-        f"all {(time.monotonic() - t0) / 60:.1f} min")
+    say(f"times: training process {train_s:.0f} s (--max-minutes {a.minutes:g}, start-up and "
+        f"the last save included); sampling: start-up {load_s:.0f} s, {a.samples:,} samples "
+        f"{draw_s:.0f} s ({a.samples / max(draw_s, 1e-9):.0f} img/s), writing {write_s:.1f} s; "
+        f"all {time.monotonic() - t0:.0f} s")
     say(f"score them: python evaluate.py {a.out} FACES_FOLDER")
 
 
