@@ -19,14 +19,14 @@ DERIVED = ("vocab_size", "text_len", "lowres_channels")  # in three-dict checkpo
 # super-resolution model that diffuses the image itself.
 ADDED_LATER = {"augment": 0.0, "sr_target": "image"}
 # `--train --demo`: a 1.1 M-parameter 32-px model that trains on the built-in faces in about
-# 8 minutes on 2 CPU cores. T = 200 with beta_T = 0.1 keeps alpha_bar_T near 3e-5, as T = 1000
+# 9 minutes on 2 CPU cores. T = 200 with beta_T = 0.1 keeps alpha_bar_T near 3e-5, as T = 1000
 # with 0.02 gives 4e-5. Each flag typed on the command line wins over its preset value.
 DEMO_PRESET = {"img_size": 32, "num_channels": 32, "channel_multiples": [1, 2, 2],
                "has_attn": [False, True, False], "num_blocks": 1, "timesteps": 200,
                "beta_min": 5e-4, "beta_max": 0.1, "lr": 1e-3, "epochs": 10, "seed": 0}
 COMMON_COMMANDS = """\
 The five most common commands:
-  python ddpm.py --train --demo                 train a small model on built-in faces (CPU: ~8 min)
+  python ddpm.py --train --demo                 train a small model on built-in faces (CPU: ~9 min)
   python ddpm.py --loadckpt latest              draw 64 samples from the newest checkpoint
   python ddpm.py --train --data-folders DIR     train the 64-px model on your images (a GPU job)
   python ddpm.py --resume --data-folders DIR    go on training from the newest checkpoint
@@ -86,7 +86,7 @@ def _data_flags(p: argparse.ArgumentParser) -> None:
                    help="image folders (searched recursively), merged into one training set")
     g.add_argument("--demo", action="store_true",
                    help="train on built-in procedurally drawn cartoon faces instead of folders; "
-                        "with --train it also sets a small model that trains in about 8 minutes "
+                        "with --train it also sets a small model that trains in about 9 minutes "
                         "on 2 CPU cores: " + preset_flags(DEMO_PRESET) + " (each flag you type "
                         "wins)")
     g.add_argument("--demo-images", type=int, default=4096, help="how many demo faces to draw")

@@ -90,7 +90,7 @@ def long_run_warning(seconds_per_step: float, total: float, steps_planned: int, 
             f"{duration(total)} for this run")
     if is_default_64px:
         line += ("; the default 64-px model (63 M parameters) is meant for a GPU: for a first try "
-                 "use --demo (a 1.1 M-parameter model, about 8 minutes on 2 cores) or smaller "
+                 "use --demo (a 1.1 M-parameter model, about 9 minutes on 2 cores) or smaller "
                  "flags (--img-size 32 --num-channels 32 --channel-multiples 1 2 2 --has-attn "
                  "f t f --num-blocks 1)")
     return line

