@@ -33,7 +33,11 @@ SETTINGS = {
     "torch.are_deterministic_algorithms_enabled": (torch.are_deterministic_algorithms_enabled,
                                                    torch.use_deterministic_algorithms),
     "torch.get_default_dtype": (torch.get_default_dtype, torch.set_default_dtype),
-    "torch.get_default_device": (torch.get_default_device, torch.set_default_device),
+    # None: no default device set, no DeviceContext mode left on torch's function-mode stack
+    "torch.get_default_device": (torch.get_default_device,
+                                 lambda d: torch.set_default_device(None if d.type == "cpu" else d)),
+    # a mode left on the stack (a default device set to "cpu" included) changes every later op
+    "torch function modes": (lambda: len(_function_modes()), None),
     "torch.get_num_threads": (torch.get_num_threads, torch.set_num_threads),
     # set once per process by torch; compared, never set back
     "torch.get_num_interop_threads": (torch.get_num_interop_threads, None),
@@ -47,6 +51,12 @@ SETTINGS = {
 # Environment variables torch sets once per process when a part of it first starts (the
 # compiler's cache folder): their appearing is torch's start-up, not a test's leak.
 SET_BY_TORCH = {"TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"}
+
+def _function_modes() -> list:
+    """The torch-function modes in force (torch.set_default_device pushes one)."""
+    from torch.overrides import _get_current_function_mode_stack
+    return _get_current_function_mode_stack()
+
 
 # Signals whose handlers can be read and set (SIGKILL and SIGSTOP cannot).
 SIGNALS = sorted(s for s in signal.valid_signals() if s not in (signal.SIGKILL, signal.SIGSTOP))
@@ -100,6 +110,10 @@ def restore(before: dict) -> None:
     for name, module, attr in FLAGS:
         if name in before and getattr(module, attr) != before[name]:
             setattr(module, attr, before[name])
+    while len(_function_modes()) > before["torch function modes"]:
+        torch.set_default_device(None)  # pops the default device's mode
+        if len(_function_modes()) > before["torch function modes"]:
+            break  # a mode of another kind: reported, not removed
     for name, (get, put) in SETTINGS.items():
         if put is not None and get() != before[name]:
             put(before[name])

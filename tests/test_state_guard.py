@@ -36,6 +36,10 @@ LEAKS = {
                      "torch.backends.cuda.matmul.allow_tf32:"),
     "the default dtype": (lambda: torch.set_default_dtype(torch.float64),
                           "torch.get_default_dtype: torch.float32 -> torch.float64"),
+    "the default device": (lambda: torch.set_default_device("meta"),
+                           "torch function modes: 0 -> 1"),
+    "the default device set to the CPU": (lambda: torch.set_default_device("cpu"),
+                                          "torch function modes: 0 -> 1"),
     "the thread count": (lambda: torch.set_num_threads(torch.get_num_threads() + 1),
                          "torch.get_num_threads:"),
     "a signal handler": (lambda: signal.signal(signal.SIGUSR2, lambda *a: None),
@@ -57,9 +61,12 @@ def test_each_kind_of_leak_is_named_and_put_back(leak):
         changed = state_guard.differences(before, state_guard.snapshot())
     finally:
         state_guard.restore(before)
-    # the one change planted (TF32 matmuls also move the float32 matmul precision they set)
+    # the change planted comes first; TF32 matmuls also move the float32 matmul precision they
+    # set, and a default device other than the CPU is a second line
     assert [c for c in changed if c.startswith(line)] == changed[:1], changed
-    assert len(changed) == 1 or leak == "TF32 matmuls" and len(changed) == 2, changed
+    paired = ("TF32 matmuls", "the default device")
+    assert len(changed) == (2 if leak in paired else 1), changed
+    assert state_guard._function_modes() == []  # put back: no mode left on torch's stack
     assert state_guard.differences(before, state_guard.snapshot()) == []
 
 
