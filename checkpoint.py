@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 
 import augment
-from config import UserError, config_of, size_name, sr_target_name, stored_config, stored_keys
+import spec
+from config import UserError, config_of, size_name, sr_target_name, stored_config
 from data import atomic_write
 from text import SPECIALS
 from validation import validate
@@ -29,7 +30,7 @@ except ImportError:  # Windows: the checkpoint folder is not locked
     fcntl = None
 
 FORMAT = 2  # 1: three dicts (model_config, diffusion_config, cond_config); still read
-READABLE = (1, 2)
+READABLE = (1, 2)  # the model's part of either: spec.py, by its schema
 ROTATION = 5  # ckpt-0.pth .. ckpt-4.pth, by epoch
 
 
@@ -77,12 +78,9 @@ def check(ckpt: dict, path: str) -> None:
     weights are those of the config's UNet: check_fit, or loading them.)"""
     what = f"{path} is damaged or was not written by ddpm.py"
     try:
-        c = stored_config(ckpt)
-    except (KeyError, TypeError):
-        raise UserError(f"{what}: it has no model config") from None
-    lacking = [k for k in stored_keys() if k not in c]
-    if lacking:
-        raise UserError(f"{what}: its config lacks {', '.join(map(repr, lacking))}")
+        stored_config(ckpt)
+    except spec.SpecError as e:
+        raise UserError(f"{what}: {e}") from None
     for k in ("epoch", "step"):
         if not isinstance(ckpt.get(k), int):
             raise UserError(f"{what}: no {k} count")
@@ -160,7 +158,8 @@ def state(a, run_id: str, run: RunState, weights: dict, vocab, data_gen: torch.G
              "schedule_steps": run.schedule_steps, "ema_decay": a.ema_decay,
              "min_snr_gamma": a.min_snr_gamma, "t_sampling": a.t_sampling,
              "images_seen": run.images_seen}  # the recipe and length (--info, resume)
-    return {"format": FORMAT, "run_id": run_id, "config": config_of(a), "train": train,
+    return {"format": FORMAT, "schema": spec.SCHEMA, "run_id": run_id, "config": config_of(a),
+            "train": train,
             "text": vocab.state() if vocab else None, **weights, "epoch": run.epoch,
             "step": run.step, "best_fid": run.best_fid, "data_rng": data_gen.get_state(),
             "torch_rng": torch.get_rng_state(),
@@ -222,7 +221,8 @@ def export(ckpt: dict, path: str) -> None:
     format the ecosystem shares weights in. No optimizer state, so it cannot resume training."""
     from safetensors.torch import save
     weights = {k: v.contiguous() for k, v in ckpt.get("ema", ckpt["model"]).items()}
-    meta = {"format": "ddpm.py", "config": json.dumps(stored_config(ckpt)),
+    meta = {"format": "ddpm.py", "schema": str(spec.SCHEMA),
+            "config": json.dumps(stored_config(ckpt)),
             "text": json.dumps(ckpt.get("text")), "epoch": str(ckpt["epoch"]),
             "step": str(ckpt["step"])}
     blob = save(weights, metadata=meta)  # bytes
@@ -244,7 +244,8 @@ def read_export(path: str) -> dict:
     if meta.get("format") != "ddpm.py":
         raise UserError(f"{path} was not exported by ddpm.py (no model config in its metadata)")
     try:
-        ckpt = {"format": FORMAT, "config": json.loads(meta["config"]),
+        ckpt = {"format": FORMAT, "schema": int(meta.get("schema", 2)),
+                "config": json.loads(meta["config"]),
                 "text": json.loads(meta.get("text", "null")), "model": weights, "ema": weights,
                 "epoch": int(meta["epoch"]), "step": int(meta["step"]), "exported": True}
     except (KeyError, ValueError) as e:  # json.JSONDecodeError is a ValueError

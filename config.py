@@ -1,23 +1,19 @@
 """Every ddpm.py flag, declared once with its default and help, grouped; the --demo preset; and how
 a checkpoint's stored config and the typed flags are reconciled (their checks: validation.py).
 
-The groups marked "stored" describe the model: they are saved in every checkpoint as one dict
-(`config`), and loading a checkpoint sets them, so `--loadckpt ckpt-4.pth` alone rebuilds the model.
+The flags of the model, diffusion and conditioning groups are the fields of spec.ModelSpec, and
+take their defaults from it: they are saved in every checkpoint as one dict (`config`), and
+loading a checkpoint sets them, so `--loadckpt ckpt-4.pth` alone rebuilds the model.
 Nothing here imports torch, so that `--help` and flag errors answer at once.
 """
 import argparse
 import sys
 
-STORED_GROUPS = ("model", "diffusion", "conditioning")  # the groups saved in a checkpoint
+import spec
+
+STORED_GROUPS = ("model", "diffusion", "conditioning")  # the groups of spec.ModelSpec's flags
 DEFAULT_STEPS = {"ddpm": 0, "ddim": 50, "dpm++": 20, "heun": 18}  # sampler steps; 0: all T
-# Checkpoints of the three-dict layout (model_config, diffusion_config, cond_config) lack the
-# flags below; these are the values they were trained with.
-OLD_DEFAULTS = {"schedule": "linear", "prediction": "eps", "learn_sigma": False, "captions": "off",
-                "super_res": 0}
-DERIVED = ("vocab_size", "text_len", "lowres_channels")  # in three-dict checkpoints; computed now
-# Stored flags that some checkpoints lack, and what their absence means: no augmentation, and a
-# super-resolution model that diffuses the image itself.
-ADDED_LATER = {"augment": 0.0, "sr_target": "image"}
+MODEL = spec.DEFAULTS  # the stored flags' defaults
 # `--train --demo`: a 1.1 M-parameter 32-px model that trains on the built-in faces in about
 # 9 minutes on 2 CPU cores. T = 200 with beta_T = 0.1 keeps alpha_bar_T near 3e-5, as T = 1000
 # with 0.02 gives 4e-5. Each flag typed on the command line wins over its preset value.
@@ -110,34 +106,40 @@ def _data_flags(p: argparse.ArgumentParser) -> None:
 
 def _model_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model", "the UNet (stored in the checkpoint)")
-    g.add_argument("--img-size", type=int, nargs="+", default=64, metavar="PX",
+    g.add_argument("--img-size", type=int, nargs="+", default=MODEL.img_size, metavar="PX",
                    help="S: images are resized (shorter side) and centre-cropped to S x S; "
                         "H W: resized to cover H x W and centre-cropped (non-square)")
-    g.add_argument("--img-channels", type=int, default=3, choices=[1, 3],
+    g.add_argument("--img-channels", type=int, default=MODEL.img_channels, choices=[1, 3],
                    help="3 = RGB, 1 = grayscale")
-    g.add_argument("--num-channels", type=int, default=64, help="UNet base width")
-    g.add_argument("--channel-multiples", type=int, nargs="+", default=[1, 2, 4, 8],
+    g.add_argument("--num-channels", type=int, default=MODEL.num_channels, help="UNet base width")
+    g.add_argument("--channel-multiples", type=int, nargs="+",
+                   default=list(MODEL.channel_multiples),
                    help="width multiple per resolution level")
-    g.add_argument("--has-attn", type=str2bool, nargs="+", default=[False, False, True, True],
+    g.add_argument("--has-attn", type=str2bool, nargs="+", default=list(MODEL.has_attn),
                    metavar="t|f", help="self-attention per resolution level, one per multiple")
-    g.add_argument("--num-blocks", type=int, default=2, help="residual blocks per resolution")
-    g.add_argument("--dropout", type=float, default=0.0, help="dropout inside residual blocks")
-    g.add_argument("--learn-sigma", action="store_true",
+    g.add_argument("--num-blocks", type=int, default=MODEL.num_blocks,
+                   help="residual blocks per resolution")
+    g.add_argument("--dropout", type=float, default=MODEL.dropout,
+                   help="dropout inside residual blocks")
+    g.add_argument("--learn-sigma", action="store_true", default=MODEL.learn_sigma,
                    help="learn the reverse variance (2C outputs, hybrid loss L_simple + 1e-3 L_vlb; "
                         "Nichol & Dhariwal 2021); the ancestral sampler and --eval-bpd use it")
 
 
 def _diffusion_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("diffusion", "the noise process (stored in the checkpoint)")
-    g.add_argument("--timesteps", type=int, default=1000, help="diffusion steps T")
-    g.add_argument("--beta-min", type=float, default=1e-4, help="beta_1 of the linear schedule")
-    g.add_argument("--beta-max", type=float, default=0.02, help="beta_T of the linear schedule")
-    g.add_argument("--schedule", default="linear", choices=["linear", "cosine", "cosine-shifted"],
+    g.add_argument("--timesteps", type=int, default=MODEL.timesteps, help="diffusion steps T")
+    g.add_argument("--beta-min", type=float, default=MODEL.beta_min,
+                   help="beta_1 of the linear schedule")
+    g.add_argument("--beta-max", type=float, default=MODEL.beta_max,
+                   help="beta_T of the linear schedule")
+    g.add_argument("--schedule", default=MODEL.schedule,
+                   choices=["linear", "cosine", "cosine-shifted"],
                    help="noise schedule: linear betas (Ho et al.), cosine alpha_bar (Nichol & "
                         "Dhariwal), or cosine with its SNR times (64 / image side)^2 (Hoogeboom et "
                         "al. 2023: less noise for small images); the cosine ones ignore "
                         "--beta-min/--beta-max")
-    g.add_argument("--prediction", default="v", choices=["eps", "v", "x0"],
+    g.add_argument("--prediction", default=MODEL.prediction, choices=["eps", "v", "x0"],
                    help="what the network predicts: v = sqrt(ab) eps - sqrt(1 - ab) x0 (Salimans & "
                         "Ho 2022; the default), the noise eps (Ho et al. 2020), or x0 itself (the "
                         "default of a super-resolution model of the residual: untrained, its "
@@ -151,23 +153,23 @@ def _diffusion_flags(p: argparse.ArgumentParser) -> None:
 def _conditioning_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("conditioning", "what the model is conditioned on (stored in the "
                                              "checkpoint)")
-    g.add_argument("--captions", default="off", choices=["off", "files", "folders"],
+    g.add_argument("--captions", default=MODEL.captions, choices=["off", "files", "folders"],
                    help="train a text-conditioned model (classifier-free guidance, Ho & Salimans "
                         "2022). files: a .txt beside each image, else its row in a captions.csv "
                         "(file,caption) in the data folder; folders: each image's sub-folder name "
                         "(class-conditional). Images without a caption train unconditionally")
-    g.add_argument("--super-res", type=int, default=0, metavar="LOW",
+    g.add_argument("--super-res", type=int, default=MODEL.super_res, metavar="LOW",
                    help="train a super-resolution model (SR3, Saharia et al. 2021) from LOW x LOW "
                         "to --img-size; each (low, high) pair is made on the fly from the "
                         "training images")
-    g.add_argument("--augment", type=float, default=0.0, metavar="P",
+    g.add_argument("--augment", type=float, default=MODEL.augment, metavar="P",
                    help="non-leaking augmentation for small data sets (EDM, Karras et al. 2022): "
                         "with probability P each, flip, quarter-turn, shift, scale and stretch "
                         "each training image and change its brightness, contrast, saturation and "
                         "hue; the network is told what was done (a label embedding) and samples "
                         "with zero labels come out un-augmented. 0 = off; EDM used 0.12-0.15 "
                         "(a positive P may be changed on resume)")
-    g.add_argument("--sr-target", default="residual", choices=["residual", "image"],
+    g.add_argument("--sr-target", default=MODEL.sr_target, choices=["residual", "image"],
                    help=RARE + "super-resolution: diffuse the residual x_high - bicubic(x_low) (SRDiff, "
                         "Li et al. 2022), so that a model that has learned little returns bicubic, "
                         "or the high-res image itself (SR3; what SR checkpoints without an "
@@ -371,10 +373,9 @@ def _output_flags(p: argparse.ArgumentParser) -> None:
                         "resume training)")
 
 
-def stored_keys(parser: argparse.ArgumentParser | None = None) -> list[str]:
-    """The flags of the stored groups (model, diffusion, conditioning), in declaration order."""
-    groups = (parser or build_parser())._action_groups
-    return [a.dest for g in groups if g.title in STORED_GROUPS for a in g._group_actions]
+def stored_keys() -> list[str]:
+    """The stored flags: spec.ModelSpec's fields, in declaration order."""
+    return list(spec.FIELDS)
 
 
 _UNSET = object()
@@ -466,13 +467,9 @@ def _img_size(v):
 
 
 def stored_config(ckpt: dict) -> dict:
-    """A checkpoint's config: one dict of the stored flags. Checkpoints of the three-dict layout
-    keep model_config, diffusion_config and cond_config (and derived sizes) instead."""
-    if "config" in ckpt:
-        return {**ADDED_LATER, **ckpt["config"]}
-    merged = {**ADDED_LATER, **OLD_DEFAULTS, **ckpt["model_config"],
-              **ckpt["diffusion_config"], **ckpt.get("cond_config", {})}
-    return {k: v for k, v in merged.items() if k not in DERIVED}
+    """A checkpoint's config: one dict of the stored flags, read from whichever schema it was
+    written in (spec.stored_dict; spec.SpecError where it lacks one)."""
+    return spec.stored_dict(ckpt)
 
 
 def _as_list(v):

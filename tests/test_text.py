@@ -187,6 +187,7 @@ def test_checkpoints_without_conditioning_still_load(run_ddpm, tiny_flags, text_
     cfg = ckpt.pop("config")  # as written before conditioning existed: two dicts, format 1
     del ckpt["text"]
     ckpt["format"] = 1
+    del ckpt["schema"]
     ckpt["model_config"] = {k: cfg[k] for k in ("img_channels", "num_channels", "channel_multiples",
                                                 "has_attn", "num_blocks", "dropout")}
     ckpt["diffusion_config"] = {k: cfg[k] for k in ("img_size", "timesteps", "beta_min", "beta_max")}
