@@ -73,6 +73,8 @@ sys.exit(code)
 # Every process a step starts carries this in its environment (the step's own token), whatever
 # session it moves to: torchrun starts its workers in sessions of their own.
 TAG = "DDPM_GPU_CHECK_STEP"
+# Once a step is killed, its output pipe is read for at most this many seconds more, then closed.
+DRAIN = 5.0
 
 
 class CheckFailed(Exception):
@@ -225,8 +227,9 @@ def run_bounded(cmd: list[str], limit: float, on_line, cwd: str, env: dict) -> i
         rc = proc.poll()  # ended (what it started may still hold the pipe open), or ran over
     finally:  # also on Ctrl-C, which reaches this process only: the step's session has its own
         end_step(proc, token)
-        try:
-            while sel.select(2.0):  # what is left in the pipe; every writer is gone: EOF comes
+        try:  # what is left in the pipe, until EOF or DRAIN seconds: a process the kill missed
+            drain_end = time.monotonic() + DRAIN  # (one that dropped its tag) may still write
+            while (left := drain_end - time.monotonic()) > 0 and sel.select(left):
                 chunk = os.read(fd, 1 << 16)
                 if not chunk:
                     break

@@ -191,6 +191,30 @@ def test_a_step_that_ends_leaves_no_process_behind(tmp_path):
     assert not gpu_check.alive(pid)
 
 
+def test_a_process_the_kill_misses_does_not_keep_the_step_reading(tmp_path):
+    # The step exits at once and leaves a grandchild in its own session, without the step's tag
+    # in its environment (out of end_step's reach), writing to the step's output for 60 s: the
+    # step's output is read for gpu_check.DRAIN seconds more at most, not until that writer ends.
+    lines = []
+    try:
+        t0 = time.monotonic()
+        rc = gpu_check.run_bounded([sys.executable, "-c", (
+            "import os, subprocess, sys\n"
+            f"env = {{k: v for k, v in os.environ.items() if k != {gpu_check.TAG!r}}}\n"
+            "g = subprocess.Popen([sys.executable, '-c', 'import time\\nfor _ in range(600): "
+            "print(\"still here\", flush=True); time.sleep(0.1)'], start_new_session=True, "
+            "env=env)\n"
+            "print('grandchild', g.pid, flush=True)")], 300, lines.append, str(tmp_path),
+            dict(os.environ))
+        took = time.monotonic() - t0
+        assert rc == 0
+        assert took < 45  # well under the writer's 60 s
+    finally:
+        for line in lines:
+            if line.startswith("grandchild") and gpu_check.alive(int(line.split()[1])):
+                os.kill(int(line.split()[1]), signal.SIGKILL)
+
+
 def test_a_failing_or_hanging_step_fails_its_own_line_and_the_rest_still_run(tmp_path):
     b, _ = bench.parse(["--gpu-check", "--device", "cpu", "--report", str(tmp_path / "r.txt")])
     check = gpu_check.GpuCheck(b, str(tmp_path))
