@@ -110,6 +110,9 @@ def parse(argv=None) -> tuple[argparse.Namespace, list[str]]:
                         f"(default: all, {','.join(CHECK_PARTS)})")
     p.add_argument("--gpu-check-k", help=argparse.SUPPRESS)  # pytest -k of the check's tests
     p.add_argument("--check-rows", choices=("eager", "compile"), help=argparse.SUPPRESS)
+    # --check-rows: when its last row must have ended, in seconds since the epoch (time.time()),
+    # set by gpu_check.py before it starts this process (import, CUDA start and build count).
+    p.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
     b, rest = p.parse_known_args(argv)
     b.device_typed, b.device = b.device is not None, b.device or (
         "cuda" if torch.cuda.is_available() else "cpu")
@@ -430,16 +433,19 @@ def check_plan(b) -> list[str]:
 def check_rows(b, rest: list[str], emit) -> None:
     """--gpu-check's speed rows (--check-rows eager or compile), each handed to emit (a dict, a
     row: its "row" kind and "name") as soon as it is measured, after a plan that names them all;
-    none starts once --budget seconds are spent, and one that fails is a row of its error.
+    none starts when the time left until --deadline (else --budget seconds from the call) is less
+    than the longest row so far took, and one that fails is a row of its error.
     eager: the matmul peaks in fp32, TF32 and bf16; training at half of --batch-size and at
     --batch-size in each (train_row); fp32 against bf16 losses (loss_row); sampling
     --sample-batch and 8 times as many images in each. compile: bf16 + compile at --batch-size."""
-    dev, t0 = torch.device(b.device), time.perf_counter()
+    dev = torch.device(b.device)
+    end = b.deadline if b.deadline is not None else time.time() + b.budget
     sizes, draws = (b.batch_size // 2, b.batch_size), (b.sample_batch, 8 * b.sample_batch)
-    plan = check_plan(b)
+    plan, longest = check_plan(b), [0.0]  # longest: the most seconds a row took so far
 
     def row(kind: str, name: str, fn, *args) -> None:
-        if time.perf_counter() - t0 >= b.budget:
+        t0 = time.time()
+        if end - t0 <= longest[0]:  # it would likely be killed part-way: left as not run
             return
         try:
             emit({"row": kind, "name": name, **fn(*args)})
@@ -448,6 +454,7 @@ def check_rows(b, rest: list[str], emit) -> None:
         gc.collect()
         if dev.type == "cuda":
             torch.cuda.empty_cache()
+        longest[0] = max(longest[0], time.time() - t0)
 
     with tempfile.TemporaryDirectory() as tmp:
         prog = build(b, rest, tmp)
@@ -479,6 +486,8 @@ def check_rows(b, rest: list[str], emit) -> None:
                     measured, sheet)
         row("loss", "loss fp32-bf16", loss_row, b, rest, tmp)
         for p in CHECK_PRECISIONS:
+            if end - time.time() <= longest[0]:  # no row would start: no model to build either
+                break
             with tf32_restored():
                 prog = build(with_batch(b, draws[0]), rest, tmp)
                 prog.trainer.amp_dtype = torch.bfloat16 if p == "bf16" else None
