@@ -178,6 +178,36 @@ def test_a_step_ends_with_every_process_it_started(tmp_path):
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers
 
 
+def test_a_step_past_its_limit_ends_with_a_grandchild_that_ignores_sigterm(tmp_path):
+    # The step starts a grandchild in a session of its own that ignores SIGTERM, prints both pids
+    # and sleeps past its limit: the limit ends it, and the grandchild with it.
+    pids, handlers = [], (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT))
+
+    def on_line(line):
+        if line.startswith("pids"):
+            pids.extend(map(int, line.split()[1:]))
+    try:
+        t0 = time.monotonic()
+        rc = gpu_check.run_bounded([sys.executable, "-c", (
+            "import os, subprocess, sys, time\n"
+            "g = subprocess.Popen([sys.executable, '-c', 'import signal, time; signal.signal("
+            "signal.SIGTERM, signal.SIG_IGN); print(\"ignoring\", flush=True); "
+            "time.sleep(600)'], start_new_session=True, stdout=subprocess.PIPE, text=True)\n"
+            "assert g.stdout.readline() == 'ignoring\\n'\n"
+            "print('pids', os.getpid(), g.pid, flush=True)\n"
+            "time.sleep(600)")], 5, on_line, str(tmp_path), dict(os.environ))
+        took = time.monotonic() - t0
+        assert rc is None  # stopped at its limit, not ended by itself
+        assert len(pids) == 2, "the step did not start its grandchild within its limit"
+        assert took < 120  # the limit, end_step's grace and the drain, not the 600 s sleeps
+        assert not [pid for pid in pids if gpu_check.alive(pid)]
+        assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers
+    finally:  # whatever failed above, nothing it started is left running
+        for pid in pids:
+            if gpu_check.alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
 def test_a_step_that_ends_leaves_no_process_behind(tmp_path):
     # The step exits at once; the grandchild it leaves in its own session holds the output pipe
     # open: the step still ends (it does not wait for the pipe) and takes the grandchild along.
