@@ -1,8 +1,9 @@
 """`python bench.py --gpu-check`: its CPU rehearsal (a tiny model) writes each speed row as it is
 measured and keeps them when killed; the round trip passes; what --budget leaves no time for is
-listed as not run; a step ends with every process it started, even one in a session of its own
-that ignores SIGTERM; a failing or hanging step fails its own line only; without a GPU it says so
-in one line. And the benchmark takes as many training steps as it divides its time by."""
+listed as not run, and no speed row starts after the deadline; a step ends, at its limit too, with
+every process it started, even one in a session of its own that ignores SIGTERM, and a process
+out of reach does not keep it reading; a failing or hanging step fails its own line only; without
+a GPU it says so in one line. And the benchmark takes as many training steps as it divides its time by."""
 import json
 import os
 import re
@@ -115,6 +116,18 @@ def test_what_the_budget_leaves_no_time_for_is_listed_as_not_run(tmp_path):
     assert {name for name, (s, _) in checks.items() if s != "SKIP"} == not_run
     assert "ROW" not in text
     assert f"{len(not_run)} not run or cut by --budget" in text.splitlines()[-1]
+
+
+def test_no_speed_row_starts_after_the_deadline_however_much_budget_is_left():
+    # --deadline is a clock time, so the model's build before the first row counts against it:
+    # one already past leaves the plan alone, though --budget (300 s by default) is untouched.
+    b, rest = bench.parse(["--check-rows", "eager", "--device", "cpu",
+                           *gpu_check.SPEED_REHEARSAL, "--deadline", f"{time.time():.3f}"])
+    rows, before = [], switches()
+    bench.check_rows(b, rest, rows.append)
+    assert b.budget > 0 and [r["row"] for r in rows] == ["plan"]
+    assert len(rows[0]["rows"]) == len(bench.check_plan(b)) > 0
+    assert switches() == before
 
 
 def test_a_killed_check_keeps_every_row_it_measured(tmp_path):
