@@ -3,7 +3,8 @@ measured and keeps them when killed; the round trip passes; what --budget leaves
 listed as not run, and no speed row starts after the deadline; a step ends, at its limit too, with
 every process it started, even one in a session of its own that ignores SIGTERM, and a process
 out of reach does not keep it reading; a failing or hanging step fails its own line only; without
-a GPU it says so in one line. And the benchmark takes as many training steps as it divides its time by."""
+a GPU it says so in one line. And the benchmark takes as many training steps as it divides its
+time by."""
 import json
 import os
 import re
