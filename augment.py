@@ -36,7 +36,7 @@ def quarter_turn(k: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     return ((k == 0).to(dtype) - (k == 2).to(dtype), (k == 1).to(dtype) - (k == 3).to(dtype))
 
 
-def warp(x: Tensor, flip: Tensor, rot: Tensor, tx: Tensor, ty: Tensor, sx: Tensor,
+def warp(x: Tensor, *, flip: Tensor, rot: Tensor, tx: Tensor, ty: Tensor, sx: Tensor,
          sy: Tensor) -> Tensor:
     """The geometric transforms, composed and applied in one bilinear resampling with
     reflection at the borders. x: (B, C, H, W); per image: flip (B,) bool (mirror left-right),
@@ -132,7 +132,7 @@ def augment(x: Tensor, p: float, n: int, share: slice) -> tuple[Tensor, Tensor]:
     d = {k: v[share] if isinstance(v, Tensor) else v for k, v in d.items()}
     s = torch.exp2(d["w_scale"] * SCALE_STD)
     aniso = torch.exp2(d["w_aniso"] * ANISO_STD)
-    x = warp(x, d["flip"], d["rot"], d["tx"], d["ty"], s * aniso, s / aniso)
+    x = warp(x, flip=d["flip"], rot=d["rot"], tx=d["tx"], ty=d["ty"], sx=s * aniso, sy=s / aniso)
     x = recolour(x, d["w_bright"] * BRIGHTNESS_STD, torch.exp2(d["w_contrast"] * CONTRAST_STD),
                  torch.exp2(d["w_sat"] * SATURATION_STD), d["hue"])
     return x, labels

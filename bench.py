@@ -219,13 +219,13 @@ def set_tf32(on: bool) -> None:
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = on
 
 
-def run_variant(b, rest, tmp, data, toks: set[str], sample: bool, flops: float) -> dict:
+def run_variant(b, rest, tmp, data, toks: set[str], *, sample: bool, flops: float) -> dict:
     """Train (warm-up, then timed steps), then optionally sample, with one variant."""
     with tf32_restored():
-        return _run_variant(b, rest, tmp, data, toks, sample, flops)
+        return _run_variant(b, rest, tmp, data, toks, sample=sample, flops=flops)
 
 
-def _run_variant(b, rest, tmp, data, toks: set[str], sample: bool, flops: float) -> dict:
+def _run_variant(b, rest, tmp, data, toks: set[str], *, sample: bool, flops: float) -> dict:
     cuda = b.device.startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats(b.device)
@@ -346,7 +346,7 @@ def with_batch(b, n: int) -> argparse.Namespace:
     return argparse.Namespace(**{**vars(b), "batch_size": n})
 
 
-def train_row(b, rest, tmp, n: int, variant: str, flops: float, measured: dict,
+def train_row(b, rest, tmp, n: int, variant: str, *, flops: float, measured: dict,
               sheet: dict | None) -> dict:
     """Training at batch n in one variant (fp32, tf32 or bf16, + compile): the first step alone
     (with compile: the compilation), --warmup steps, 3 windows of --steps (median and spread),
@@ -443,12 +443,12 @@ def check_rows(b, rest: list[str], emit) -> None:
     sizes, draws = (b.batch_size // 2, b.batch_size), (b.sample_batch, 8 * b.sample_batch)
     plan, longest = check_plan(b), [0.0]  # longest: the most seconds a row took so far
 
-    def row(kind: str, name: str, fn, *args) -> None:
+    def row(kind: str, name: str, fn, *args, **kwargs) -> None:
         t0 = time.time()
         if end - t0 <= longest[0]:  # it would likely be killed part-way: left as not run
             return
         try:
-            emit({"row": kind, "name": name, **fn(*args)})
+            emit({"row": kind, "name": name, **fn(*args, **kwargs)})
         except Exception as e:  # noqa: BLE001 (an out-of-memory, say: the other rows still run)
             emit({"row": "error", "name": name, "error": f"{type(e).__name__}: {e}"[:300]})
         gc.collect()
@@ -477,13 +477,13 @@ def check_rows(b, rest: list[str], emit) -> None:
         if b.check_rows == "compile":
             measured["bf16"] = matmul_tflops(dev, "bf16")
             return row("train", plan[0], train_row, b, rest, tmp, b.batch_size, "bf16+compile",
-                       train_flops, measured, sheet)
+                       flops=train_flops, measured=measured, sheet=sheet)
         for p in CHECK_PRECISIONS:
             row("matmul", f"matmul {p}", matmul, p)
         for n in sizes:
             for p in CHECK_PRECISIONS:
-                row("train", f"train {n} {p}", train_row, b, rest, tmp, n, p, train_flops,
-                    measured, sheet)
+                row("train", f"train {n} {p}", train_row, b, rest, tmp, n, p, flops=train_flops,
+                    measured=measured, sheet=sheet)
         row("loss", "loss fp32-bf16", loss_row, b, rest, tmp)
         for p in CHECK_PRECISIONS:
             if end - time.time() <= longest[0]:  # no row would start: no model to build either
@@ -522,12 +522,14 @@ def measure(b, rest, variants: dict[str, set[str]], console: Console) -> dict:
             for key in ("folder_first_s", "folder_cached_s"):  # decode on all cores, then cache
                 t0 = time.perf_counter()
                 out["folder_images"] = len(load_folders([b.data_folder], a.img_size,
-                                                        a.img_channels, console.print, tmp))
+                                                        a.img_channels, warn=console.print,
+                                                        cache_dir=tmp))
                 out[key] = time.perf_counter() - t0
         out["rows"], out["sample_batch"], out["sample_steps"] = {}, b.sample_batch, b.sample_steps
         for v, toks in variants.items():  # sampling once per precision and layout
             sample = "plain" not in toks or toks - {"plain"} not in variants.values()
-            out["rows"][v] = run_variant(b, rest, tmp, data, toks, sample, out["train_flops"])
+            out["rows"][v] = run_variant(b, rest, tmp, data, toks, sample=sample,
+                                         flops=out["train_flops"])
     return out
 
 

@@ -148,7 +148,7 @@ class RunState:
     schedule_steps: int = 0  # the learning-rate schedule's length in steps (0: not yet set)
 
 
-def state(a, run_id: str, run: RunState, weights: dict, vocab, data_gen: torch.Generator,
+def state(a, run_id: str, run: RunState, weights: dict, *, vocab, data_gen: torch.Generator,
           device: torch.device) -> dict:
     """Everything a training checkpoint holds: the run's id, the stored config, the recipe and
     length, the vocabulary, weights (Trainer.state_dict: model, EMA, optimizer, timestep

@@ -249,7 +249,7 @@ class MappedImages:
             self.mm.madvise(mmap.MADV_DONTNEED)
 
 
-def load_folders(folders: list[str], size, channels: int, warn=print,
+def load_folders(folders: list[str], size, channels: int, *, warn=print,
                  cache_dir: str | None = None, keep_small: bool = False, with_paths: bool = False,
                  mapped: bool = False):
     """Decode every image under the folders (all cores, progress bar) -> uint8 (N, C, H, W).
@@ -266,8 +266,8 @@ def load_folders(folders: list[str], size, channels: int, warn=print,
     key, paths = folder_key(folders, size, channels, salt)
     if not paths:
         raise DataError(f"no image files (.jpg, .png, ...) in {', '.join(folders)}")
-    cache = cache_dir and decode_cache(cache_dir, folders, size, channels, salt, key, paths,
-                                       keep_small, warn)
+    cache = cache_dir and decode_cache(cache_dir, folders, size, channels, salt=salt, key=key,
+                                       paths=paths, keep_small=keep_small, warn=warn)
     if cache:
         cache, count, bad = cache
     else:
@@ -294,7 +294,7 @@ CACHE_NAME = re.compile(r"images-([0-9a-f]{16})-([0-9a-f]{32})\.(npy|json)")
 OLD_CACHE_NAME = re.compile(r"images-[0-9a-f]{32}\.(npy|json)")  # earlier versions' names
 
 
-def decode_cache(cache_dir: str, folders: list[str], size, channels: int, salt: str, key: str,
+def decode_cache(cache_dir: str, folders: list[str], size, channels: int, *, salt: str, key: str,
                  paths: list[str], keep_small: bool, warn) -> tuple[str, int, list] | None:
     """The decode cache of these folders: images-<source>-<key>.npy, uint8 (len(paths), C, H, W)
     whose first `count` rows are used, and beside it a .json of the count and the skipped files,

@@ -172,8 +172,8 @@ class ImageDataset:
         if self.host_images is None:
             self.host_images = self.images.cpu()
         images = self.host_images
-        for idx, flip in batch_plan(len(self), batch_size, generator, rank, world, self.hflip,
-                                    drop_last):
+        for idx, flip in batch_plan(len(self), batch_size, generator, rank=rank, world=world,
+                                    hflip=self.hflip, drop_last=drop_last):
             items = [to_model(images[i]).flip(-1) if f else to_model(images[i])
                      for i, f in zip(idx.tolist(), flip.tolist())]
             yield (torch.stack(items).to(self.device),
@@ -197,7 +197,7 @@ def batch_shares(n: int, batch_size: int, rank: int = 0, world: int = 1,
             if not (world > 1 or drop_last) or i + batch_size <= n]
 
 
-def batch_plan(n: int, batch_size: int, generator: torch.Generator, rank: int = 0,
+def batch_plan(n: int, batch_size: int, generator: torch.Generator, *, rank: int = 0,
                world: int = 1, hflip: bool = True, drop_last: bool = False):
     """An epoch's batches as (indices (B,), flip (B,) bool) on the CPU: epoch_plan cut into
     batch_shares."""

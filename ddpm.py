@@ -242,9 +242,10 @@ class Program:
                 self.note_long_run(*speed)
             if steps % 10 == 1:  # the host reads the device here only: the figures, the guard
                 self.check_steps()
-                monitor.log_step(progress, (bar, run_bar), self.tensorboard, s.step, loss.item(),
-                                 self.trainer.optimizer.param_groups[0]["lr"],
-                                 seen / (time.time() - t0))
+                monitor.log_step(progress, (bar, run_bar), self.tensorboard, step=s.step,
+                                 loss=loss.item(),
+                                 lr=self.trainer.optimizer.param_groups[0]["lr"],
+                                 img_s=seen / (time.time() - t0))
                 self.read_clock()
             if self.is_main and every and s.step % every == 0:
                 self.progress_grid()
@@ -325,7 +326,7 @@ class Program:
             return None
         a = self.args
         ckpt = checkpoint.state(a, self.run_id, self.state, self.trainer.state_dict(),
-                                self.vocab, self.data_gen, self.device)
+                                vocab=self.vocab, data_gen=self.data_gen, device=self.device)
         path = os.path.join(a.ckpt_save_dir, name or checkpoint.rotation_name(epoch_index))
         with checkpoint.signals_held(deliver=not last):
             path = checkpoint.save(path, ckpt, self.console.print)

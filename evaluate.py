@@ -257,7 +257,7 @@ def score(sample_feats: np.ndarray, ref_feats: np.ndarray) -> dict:
 
 
 def nearest_report(path: str, samples_uint8: Tensor, sample_feats, ref_feats, ref_paths: list[str],
-                   img_size: int, channels: int, k: int = 3) -> dict:
+                   *, img_size: int, channels: int, k: int = 3) -> dict:
     """Save the picture of the first len(samples_uint8) samples, each beside its k nearest training
     images (only those are decoded again), and return copy_score's figures over all sample_feats."""
     idx, _ = nearest(sample_feats[:len(samples_uint8)], ref_feats, k)
@@ -384,7 +384,7 @@ def classify(clf: TagClassifier, images: Tensor, batch_size: int = 256) -> dict[
     return {a: [clf.classes[a][j] for j in p] for a, p in picks.items()}
 
 
-def fit_tag_classifier(images: Tensor, captions: list[str], epochs: int = 15, seed: int = 0,
+def fit_tag_classifier(images: Tensor, captions: list[str], *, epochs: int = 15, seed: int = 0,
                        val_fraction: float = 0.2, batch_size: int = 128, device="cpu",
                        progress=None) -> tuple[TagClassifier, dict]:
     """Train a TagClassifier on uint8 (N, C, H, W) images and their captions (one each).
@@ -482,7 +482,7 @@ def sample_quality(drawer, n: int, rank: int = 0, world: int = 1) -> dict:
     ref = feats_of(a.eval_folders)[0] if a.eval_folders else train
     result = score(feats, ref)
     copy = nearest_report(os.path.join(a.save_dir, "nearest.png"), samples[:8], feats, train,
-                          train_paths, a.img_size, a.img_channels)
+                          train_paths, img_size=a.img_size, channels=a.img_channels)
     result.update(copy_rate=copy["share"], copy_alarm=copy_alarm(n, copy["train_count"]))
     which = "held-out" if a.eval_folders else "training"
     drawer.console.print(

@@ -387,7 +387,7 @@ class GpuCheck:
                            {**os.environ, **threads})
 
     def check(self, name: str, cmd: list[str] | None, limit: float, verify=None,
-              skip: str | None = None, part: str = "round-trip", on_line=None) -> str:
+              skip: str | None = None, part: str = "round-trip", *, on_line=None) -> str:
         """One report line: cmd run (see launch) unless `skip` says why not or its part's time
         is spent; then verify(output) -> the reason to print, or CheckFailed -> the status."""
         t0, left, lines = time.perf_counter(), self.left(part), []

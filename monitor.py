@@ -143,7 +143,7 @@ class TensorBoard:
         self.writer.close()
 
 
-def log_step(progress, tasks, tensorboard, step: int, loss: float, lr: float,
+def log_step(progress, tasks, tensorboard, *, step: int, loss: float, lr: float,
              img_s: float) -> None:
     """The figures of a training step on the progress bars (and to TensorBoard)."""
     info = f"loss {loss:.4f}  lr {lr:.2g}  {img_s:.0f} img/s"

@@ -177,7 +177,7 @@ class UNet(nn.Module):
 
     def __init__(self, img_channels: int = 3, num_channels: int = 64,
                  channel_multiples: tuple = (1, 2, 4, 8), has_attn: tuple = (False, False, True, True),
-                 num_blocks: int = 2, dropout: float = 0.0, learn_sigma: bool = False,
+                 num_blocks: int = 2, dropout: float = 0.0, *, learn_sigma: bool = False,
                  vocab_size: int = 0, text_len: int = 0, lowres_channels: int = 0,
                  augment_dim: int = 0):
         super().__init__()
