@@ -311,25 +311,32 @@ def covered(spans: list[tuple[float, float]]) -> float:
 
 def gpu_busy(device: torch.device, fn) -> float | None:
     """The fraction of fn's wall time (synchronised) in which the GPU runs a kernel or a copy
-    (the union of the spans torch.profiler's CUDA activity records): near 1 the GPU sets the
-    pace; well below 1 it waits for the host's launches. None on a CPU, or when the profiler
-    records no GPU work (no CUPTI)."""
+    (the union of the spans of the profiler's CUDA-device events): near 1 the GPU sets the
+    pace; well below 1 it waits for the host's launches. fn runs under the CUDA activity alone
+    (the host as unhindered as it can be); where that trace holds no device events, as some
+    set-ups give, fn runs again with the CPU activity beside it (its per-op records slow the
+    host a little: the figure is then a lower bound). None on a CPU, or when neither trace
+    holds GPU work (no CUPTI)."""
     if device.type != "cuda":
         return None
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
-    torch.cuda.synchronize(device)
-    try:
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            t0 = time.perf_counter()
-            fn()
-            torch.cuda.synchronize(device)
-            wall_us = (time.perf_counter() - t0) * 1e6
-        spans = [(e.time_range.start, e.time_range.end) for e in prof.events()
-                 if e.device_type == torch.autograd.DeviceType.CUDA]
-    except Exception as e:  # noqa: BLE001 (the profiler, not the step: the row keeps the rest)
-        print(f"GPU-busy fraction not measured: {type(e).__name__}: {e}", flush=True)
-        return None
-    return min(1.0, covered(spans) / wall_us) if spans else None
+    for activities in ([ProfilerActivity.CUDA], [ProfilerActivity.CPU, ProfilerActivity.CUDA]):
+        torch.cuda.synchronize(device)
+        try:
+            with profile(activities=activities) as prof:
+                t0 = time.perf_counter()
+                fn()
+                torch.cuda.synchronize(device)
+                wall_us = (time.perf_counter() - t0) * 1e6
+            spans = [(e.time_range.start, e.time_range.end) for e in prof.events()
+                     if e.device_type == DeviceType.CUDA]  # kernels and copies, not host ops
+        except Exception as e:  # noqa: BLE001 (the profiler, not the step: the row keeps the rest)
+            print(f"GPU-busy fraction not measured: {type(e).__name__}: {e}", flush=True)
+            return None
+        if spans:
+            return min(1.0, covered(spans) / wall_us)
+    return None
 
 
 def reset_peak(device: torch.device) -> None:

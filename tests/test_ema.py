@@ -67,19 +67,37 @@ def test_a_training_step_moves_the_ema_as_the_plain_form_and_a_skipped_one_does_
         assert any(not torch.equal(e, e0) for e, e0 in zip(t.ema.parameters(), ema0))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="counts CUDA kernel launches")
-def test_ema_update_on_cuda_launches_fewer_kernels_than_there_are_parameters():
+def profiled_ema(device: str) -> tuple[list, int]:
+    """One update_ema of nets() on device, profiled with the CPU and (on a GPU) the CUDA activity
+    -> the events on the device (kernels and copies, not the host's op records), the number of
+    parameter tensors. The CPU activity beside the CUDA one: a CUDA-only trace has been seen to
+    come back empty of kernels."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
-    model, ema = nets(torch.float32, "cuda")
-    ok = torch.ones((), dtype=torch.bool, device="cuda")
+    model, ema = nets(torch.float32, device)
+    ok = torch.ones((), dtype=torch.bool, device=device)
     update_ema(ema, model, 0.999, ok)  # warm: allocations and any lazy set-up
     before = [e.clone() for e in ema.parameters()]
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        update_ema(ema, model, 0.999, ok)
+    activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * (device == "cuda")
+    if device == "cuda":
         torch.cuda.synchronize()
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    tensors = len(list(model.parameters()))
-    assert 0 < len(kernels) < tensors / 4, (len(kernels), tensors)
+    with profile(activities=activities) as prof:
+        update_ema(ema, model, 0.999, ok)
+        if device == "cuda":
+            torch.cuda.synchronize()
     for e, e0, p in zip(ema.parameters(), before, model.parameters()):
         torch.testing.assert_close(e, 0.999 * e0 + 0.001 * p)
+    host = [e for e in prof.events() if e.device_type == DeviceType.CPU]
+    assert host  # the trace recorded the update
+    return [e for e in prof.events() if e.device_type == DeviceType.CUDA], len(before)
+
+
+def test_the_profiled_update_on_the_cpu_has_host_ops_and_no_device_events():
+    kernels, _ = profiled_ema("cpu")
+    assert kernels == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="counts CUDA kernel launches")
+def test_ema_update_on_cuda_launches_fewer_kernels_than_there_are_parameters():
+    kernels, tensors = profiled_ema("cuda")
+    assert 0 < len(kernels) < tensors / 4, (len(kernels), tensors)
