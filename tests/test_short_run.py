@@ -109,7 +109,7 @@ def test_npz_samples_score_as_the_same_images_in_a_folder(tmp_path, monkeypatch,
     for side in ("npz", os.path.join("npz", "samples-*.npz")):
         assert score_line([str(tmp_path / side), *flags], capsys)[:2] == (0, folder_line)
     one = score_line([str(tmp_path / "npz" / "samples-0.npz"), *flags], capsys)
-    assert one[:2] == (0, one[1]) and one[1].startswith("5 vs 10 images")
+    assert one[0] == 0 and one[1].startswith("5 vs 10 images: FID")
 
 
 def test_unusable_npz_sides_are_one_line_errors(tmp_path, monkeypatch, capsys):
