@@ -2,7 +2,6 @@
 with a tiny model on tiny generated images) and evaluate.py scoring its .npz samples."""
 import glob
 import importlib.util
-import itertools
 import json
 import math
 import os
@@ -40,26 +39,46 @@ class FakeNet:
         return torch.cat([x.mean((2, 3)), x.std((2, 3))], 1)
 
 
-def minutes_clock():
-    """A clock that is one minute later at each read (seconds)."""
-    ticks = itertools.count()
-    return lambda: 60.0 * next(ticks)
+class StepClock:
+    """A clock (seconds) that stands still but for one minute at the end of each training step:
+    the minutes spent are the steps taken, however often the program reads it."""
+
+    def __init__(self, program: Program):
+        self.minutes = 0
+        step = program.train_step
+
+        def step_then_tick(*args):
+            loss = step(*args)
+            self.minutes += 1
+            return loss
+
+        program.train_step = step_then_tick  # the instance's: Program stays as it was
+
+    def __call__(self) -> float:
+        return 60.0 * self.minutes
 
 
 def test_max_minutes_stops_the_run_with_a_checkpoint_and_a_resume_gets_as_long_again(
         tiny, tmp_path, capsys):
-    flags = tiny(tmp_path, "--epochs", "100", "--sample-every", "0", "--max-minutes", "2.5")
+    images, batch, minutes = 128, 8, 2.5
+    flags = tiny(tmp_path, "--demo-images", str(images), "--epochs", "100", "--sample-every", "0",
+                 "--max-minutes", str(minutes))
+    # ddpm.py reads the clock (read_clock) at each epoch's start and after steps 1, 11, 21, ...
+    # of an epoch: the deadline passes during step 3, the first read that sees it is after
+    # step 11, in the middle of the first epoch (16 steps).
+    read_after = [k for k in range(1, images // batch + 1) if k % 10 == 1]
+    expected = next(k for k in read_after if k >= minutes)
     p = Program(*parse_args(flags))
-    p.clock = minutes_clock()
+    p.clock = StepClock(p)
     p.run()
     first = p.state.step
-    assert 0 < first < 100 * 32 // 8  # the clock, not the 100 epochs of 32 images, ended it
+    assert first == expected
     assert "--max-minutes 2.5 spent" in capsys.readouterr().out
     saved = torch.load(checkpoint.latest(str(tmp_path / "ckpt")), weights_only=True)
     assert saved["step"] == first  # saved as at --max-steps
     q = Program(*parse_args(flags + ["--loadckpt", "latest"]))
-    q.clock = minutes_clock()
-    q.run()
+    q.clock = StepClock(q)
+    q.run()  # the resumed run starts a new epoch: the same reads
     assert q.state.step == 2 * first  # the same budget again: it is this run's
 
 
