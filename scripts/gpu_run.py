@@ -17,6 +17,7 @@ import argparse
 import math
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -36,6 +37,7 @@ DATA = os.path.join(".carry", "faces-64.zip")  # .carry/ is kept out of git (.gi
 KEPT = ("metrics.jsonl", "loss.png", "progress.png")  # what of the run's --save-dir comes back
 LOG = "gpu-run.log"
 SAMPLE_EVERY = 2000  # a progress-grid row every 2,000 steps: about 10 rows in 6 minutes
+EPOCH_LINE = re.compile(r"epoch \d+: mean loss \S+, ([\d.]+)s, .*, (saved \S|NOT saved)")  # end_epoch
 
 
 def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -97,9 +99,24 @@ def make_zip(folder: str, count: int, path: str, seed: int) -> None:
     print(f"wrote {path}: {count:,} images of {folder}, {os.path.getsize(path) / 2**20:.1f} MiB")
 
 
-def train(a, extra: list[str], work: str, say) -> float:
+def epoch_ends(lines: list[tuple[float, str]]) -> tuple[int, float, float, int]:
+    """The training output as (arrival time in seconds, line) -> the checkpoints saved at epoch
+    ends, the seconds of the epochs' steps (as each epoch line says), and the seconds between
+    epoch lines outside the steps with the number of such gaps. ddpm.py prints an epoch's line
+    after its save (and its metrics.jsonl line and loss.png), and times the steps alone: from one
+    epoch line to the next, what is not the next epoch's steps is mostly that save. The first
+    epoch's start is not in the output: n epoch lines give n - 1 gaps."""
+    matches = [(t, EPOCH_LINE.match(line)) for t, line in lines]
+    epochs = [(t, float(m.group(1)), m.group(2) != "NOT saved") for t, m in matches if m]
+    ends = sum(t1 - t0 - secs for (t0, _, _), (t1, secs, _) in zip(epochs, epochs[1:]))
+    return (sum(saved for *_, saved in epochs), sum(secs for _, secs, _ in epochs), ends,
+            max(len(epochs) - 1, 0))
+
+
+def train(a, extra: list[str], work: str, say) -> tuple[float, str]:
     """`ddpm.py --train` for a.minutes, its output streamed to the console and the log ->
-    its wall-clock seconds. SystemExit with its code if it fails."""
+    its wall-clock seconds and a line on its checkpoints (epoch_ends). SystemExit with its code
+    if it fails."""
     cmd = [sys.executable, os.path.join(ROOT, "ddpm.py"), "--train", "--data-folders", a.data,
            "--max-minutes", str(a.minutes), "--epochs", "1000000",
            "--sample-every", str(SAMPLE_EVERY), "--seed", str(a.seed), "--device", a.device,
@@ -109,12 +126,18 @@ def train(a, extra: list[str], work: str, say) -> float:
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines = []
     for line in proc.stdout:
-        say(line.rstrip("\n"))
+        lines.append((time.monotonic(), line.rstrip("\n")))
+        say(lines[-1][1])
     if proc.wait():
         say(f"error: training ended with exit code {proc.returncode}")
         raise SystemExit(proc.returncode)
-    return time.monotonic() - t0
+    saves, steps_s, ends_s, gaps = epoch_ends(lines)
+    return time.monotonic() - t0, (
+        f"checkpoints: {saves} saved, one at each epoch's end; the epochs' steps {steps_s:.0f} s; "
+        f"between the epoch lines outside the steps (the save, metrics.jsonl, loss.png) "
+        f"{ends_s:.1f} s at the {gaps} epoch ends after the first")
 
 
 def draw_samples(a, work: str, say) -> tuple[float, float, float]:
@@ -145,7 +168,7 @@ def draw_samples(a, work: str, say) -> tuple[float, float, float]:
 def run(a, extra: list[str], work: str, say) -> None:
     """Train, draw, keep the run's figures and pictures; say the time of each part."""
     t0 = time.monotonic()
-    train_s = train(a, extra, work, say)
+    train_s, saves = train(a, extra, work, say)
     load_s, draw_s, write_s = draw_samples(a, work, say)
     for name in KEPT:
         src = os.path.join(work, "run", name)
@@ -157,6 +180,7 @@ def run(a, extra: list[str], work: str, say) -> None:
         f"the last save included); sampling: start-up {load_s:.0f} s, {a.samples:,} samples "
         f"{draw_s:.0f} s ({a.samples / max(draw_s, 1e-9):.0f} img/s), writing {write_s:.1f} s; "
         f"all {time.monotonic() - t0:.0f} s")
+    say(saves)
     say(f"score them: python evaluate.py {a.out} FACES_FOLDER")
 
 

@@ -97,6 +97,21 @@ def test_sample_files_are_as_few_as_the_cap_allows_and_each_under_it(n, image_by
     assert max(sizes) * image_bytes <= mib * 2**20 and max(sizes) - min(sizes) <= 1
 
 
+def test_the_checkpoint_cost_is_read_from_the_gaps_between_epoch_lines():
+    steps = [4.0, 5.0, 6.0]  # each epoch's steps, as its line says
+    ends = [1.0, 2.0, 3.0]  # what follows them: the save (and metrics.jsonl, loss.png)
+    lines, now = [(0.0, "decoding 16 images")], 0.5
+    for e, (secs, end) in enumerate(zip(steps, ends)):
+        now += secs + end
+        saved = "NOT saved" if e == 1 else f"saved /tmp/a b/ckpt-{e}.pth"
+        lines.append((now, f"epoch {e}: mean loss 0.1234, {secs:.1f}s, 9 img/s, {saved}"))
+        lines.append((now, "a line between"))
+    saves, steps_s, ends_s, gaps = load_script().epoch_ends(lines)
+    assert (saves, steps_s, gaps) == (2, sum(steps), 2)
+    assert ends_s == pytest.approx(sum(ends[1:]))  # the first epoch's start is not in the output
+    assert load_script().epoch_ends(lines[:2]) == (1, steps[0], 0, 0)
+
+
 def write_pngs(folder, images):
     """uint8 (N, H, W, 3) -> folder/000.png, 001.png, ..."""
     folder.mkdir(parents=True)
@@ -174,7 +189,11 @@ def test_the_short_run_rehearsal_writes_npz_samples_that_evaluate_scores(
     for picture in ("loss.png", "progress.png"):
         with Image.open(out / picture) as im:
             assert im.width > 0
-    assert "--max-minutes 0.01 spent" in open(out / "gpu-run.log").read()
+    log = open(out / "gpu-run.log").read()
+    assert "--max-minutes 0.01 spent" in log
+    saves = len([line for line in log.splitlines() if line.startswith("epoch ")
+                 and ", saved " in line])
+    assert saves >= 1 and f"checkpoints: {saves} saved, one at each epoch's end" in log
     assert not os.path.exists(out / "ckpt")  # the checkpoints stay out of --out
     monkeypatch.setattr(evaluate, "InceptionFeatures", lambda device: FakeNet())
     code, line, _ = score_line([str(out), str(tmp_path / "faces"), "--img-size", "16",
