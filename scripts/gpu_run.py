@@ -37,7 +37,8 @@ DATA = os.path.join(".carry", "faces-64.zip")  # .carry/ is kept out of git (.gi
 KEPT = ("metrics.jsonl", "loss.png", "progress.png")  # what of the run's --save-dir comes back
 LOG = "gpu-run.log"
 SAMPLE_EVERY = 2000  # a progress-grid row every 2,000 steps: about 10 rows in 6 minutes
-EPOCH_LINE = re.compile(r"epoch \d+: mean loss \S+, ([\d.]+)s, .*, (saved \S|NOT saved)")  # end_epoch
+# The line ddpm.py's end_epoch prints: the epoch's seconds of steps, whether its save succeeded.
+EPOCH_LINE = re.compile(r"epoch \d+: mean loss \S+, ([\d.]+)s, .*, (saved \S|NOT saved)")
 
 
 def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
