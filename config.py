@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                     + RARE.strip() + " marks the flags for benchmarks, tests and older "
                     "checkpoints.",
         epilog="The usage guide by task is docs/usage.md; every flag, as a table, docs/flags.md.")
+    p.flag_groups = []  # FlagGroup, in --help's order
     for add_group in (_data_flags, _model_flags, _diffusion_flags, _conditioning_flags,
                       _training_flags, _run_flags, _sampling_flags, _editing_flags,
                       _evaluation_flags, _output_flags):
@@ -76,8 +77,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class FlagGroup:
+    """An argument group of the parser that keeps its flags (`actions`) and is listed in the
+    parser's `flag_groups`: the flag reference and the tests read them there."""
+
+    def __init__(self, p: argparse.ArgumentParser, title: str, description: str | None = None):
+        self.title, self.description, self.actions = title, description, []
+        self.group = p.add_argument_group(title, description)
+        p.flag_groups.append(self)
+
+    def add_argument(self, *names, **kwargs) -> argparse.Action:
+        action = self.group.add_argument(*names, **kwargs)
+        self.actions.append(action)
+        return action
+
+
+def flags_of(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    """Every flag of a parser made by build_parser, group by group."""
+    return [a for g in parser.flag_groups for a in g.actions]
+
+
 def _data_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("data")
+    g = FlagGroup(p, "data")
     g.add_argument("--data-folders", nargs="+", metavar="DIR",
                    help="image folders (searched recursively), merged into one training set")
     g.add_argument("--demo", action="store_true",
@@ -105,7 +126,7 @@ def _data_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _model_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model", "the UNet (stored in the checkpoint)")
+    g = FlagGroup(p, "model", "the UNet (stored in the checkpoint)")
     g.add_argument("--img-size", type=int, nargs="+", default=MODEL.img_size, metavar="PX",
                    help="S: images are resized (shorter side) and centre-cropped to S x S; "
                         "H W: resized to cover H x W and centre-cropped (non-square)")
@@ -127,7 +148,7 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _diffusion_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("diffusion", "the noise process (stored in the checkpoint)")
+    g = FlagGroup(p, "diffusion", "the noise process (stored in the checkpoint)")
     g.add_argument("--timesteps", type=int, default=MODEL.timesteps, help="diffusion steps T")
     g.add_argument("--beta-min", type=float, default=MODEL.beta_min,
                    help="beta_1 of the linear schedule")
@@ -151,8 +172,8 @@ def _diffusion_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _conditioning_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("conditioning", "what the model is conditioned on (stored in the "
-                                             "checkpoint)")
+    g = FlagGroup(p, "conditioning", "what the model is conditioned on (stored in the "
+                                     "checkpoint)")
     g.add_argument("--captions", default=MODEL.captions, choices=["off", "files", "folders"],
                    help="train a text-conditioned model (classifier-free guidance, Ho & Salimans "
                         "2022). files: a .txt beside each image, else its row in a captions.csv "
@@ -177,7 +198,7 @@ def _conditioning_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _training_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("training")
+    g = FlagGroup(p, "training")
     g.add_argument("--train", action="store_true", help="train (otherwise: sample from --loadckpt)")
     g.add_argument("--resume", action="store_true",
                    help="short for --train --loadckpt latest: go on with the newest checkpoint")
@@ -231,7 +252,7 @@ def _training_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _run_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("run length, schedule and monitoring")
+    g = FlagGroup(p, "run length, schedule and monitoring")
     g.add_argument("--epochs", type=int, default=5, help="epochs to train in this run")
     g.add_argument("--max-steps", type=int, default=0, metavar="N",
                    help="stop when the model has taken N optimizer steps in all (0 = no limit); "
@@ -264,7 +285,7 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _sampling_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("sampling")
+    g = FlagGroup(p, "sampling")
     g.add_argument("--loadckpt", metavar="PATH",
                    help="checkpoint (.pth, or an exported .safetensors) to sample from, or a .pth "
                         "to resume training from; a bare name is also looked up in "
@@ -306,7 +327,7 @@ def _sampling_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _editing_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("editing", "with --loadckpt: change pictures with the model")
+    g = FlagGroup(p, "editing", "with --loadckpt: change pictures with the model")
     g.add_argument("--init-folder", metavar="DIR",
                    help="image-to-image (SDEdit): noise each image in DIR to --strength, then "
                         "denoise it with the sampler; with --mask-folder or --mask-box: fill in")
@@ -331,7 +352,7 @@ def _editing_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _evaluation_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("evaluation", "quality against real images (FID / KID, bits/dim)")
+    g = FlagGroup(p, "evaluation", "quality against real images (FID / KID, bits/dim)")
     g.add_argument("--eval-fid", type=int, default=0, metavar="N",
                    help="with --loadckpt: draw N samples and print FID and KID against the "
                         "training images, and write nearest.png (instead of the 64 samples)")
@@ -361,7 +382,7 @@ def _evaluation_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _output_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("output")
+    g = FlagGroup(p, "output")
     g.add_argument("--ckpt-save-dir", default="ckpt", help="checkpoint folder")
     g.add_argument("--save-dir", default="output", help="folder for samples and pictures")
     g.add_argument("--info", metavar="PATH",
@@ -502,8 +523,8 @@ def flag_reference() -> str:
              "groups *model*, *diffusion* and *conditioning* are stored in every checkpoint. "
              "`" + RARE.strip() + "` marks the flags for benchmarks, tests and older "
              "checkpoints. The usage guide by task is [usage.md](usage.md)."]
-    for g in parser._action_groups:
-        actions = [a for a in g._group_actions if a.option_strings and a.dest != "help"]
+    for g in parser.flag_groups:
+        actions = g.actions
         if not actions:
             continue
         lines += ["", f"## {g.title}", ""] + ([g.description + ".", ""] if g.description else [])

@@ -409,9 +409,10 @@ class GaussianDiffusion(nn.Module):
             eps_hat = (x - gather(self.sqrt_alpha_bars, t) * x0) / gather(self.sqrt_one_minus_alpha_bars, t)
         return eps_hat, x0, var_out
 
-    def timesteps(self, sampler: str, steps: int = 0, spacing: str = "uniform",
-                  start: int | None = None) -> list[int]:
-        """The timesteps a sampler visits, from `start` (default T-1) down: all of them for ddpm
+    def tau(self, sampler: str, steps: int = 0, spacing: str = "uniform",
+            start: int | None = None) -> list[int]:
+        """τ, the timesteps a sampler visits (DDIM's sub-sequence), from `start` (default T-1)
+        down: all of them for ddpm
         (or steps > start); else `steps` of them, evenly spaced ("uniform", trailing) or crowded
         towards low noise ("karras")."""
         n = self.T if start is None else start + 1  # the timesteps 0..n-1 are in play
@@ -434,7 +435,7 @@ class GaussianDiffusion(nn.Module):
         start: x_T is x_start instead, at that timestep (image-to-image).
         """
         model = self.model if model is None else model
-        ts = self.timesteps(sampler, steps, spacing, start)
+        ts = self.tau(sampler, steps, spacing, start)
         every = max(1, len(ts) // strips) if strips else 0
         x, frames, x0_prev, h_prev = x_T, [x_T], None, None
         for i, t in enumerate(track(ts)):
@@ -475,7 +476,7 @@ class GaussianDiffusion(nn.Module):
         (x_t = sqrt(ab_t / ab_s) x_s + sqrt(1 - ab_t / ab_s) z), so the two parts harmonise.
         known: (B, C, H, W) in [-1, 1]; keep: (B, 1, H, W) in {0, 1}; sampler ddpm or ddim."""
         model = self.model if model is None else model
-        ts = self.timesteps(sampler, steps)
+        ts = self.tau(sampler, steps)
         x = x_T
         for i, t in enumerate(track(ts)):
             tt = torch.full((len(x),), t, device=x.device, dtype=torch.long)
@@ -506,7 +507,7 @@ class GaussianDiffusion(nn.Module):
         x_u = sqrt(ab_u) x0_hat + sqrt(1 - ab_u) eps_hat with eps_hat, x0_hat of the network at (x_t, t)
         (at the clean start, at the first timestep). DDIM with eta = 0 maps x_T back."""
         model = self.model if model is None else model
-        ts = self.timesteps("ddim", steps)[::-1]  # increasing
+        ts = self.tau("ddim", steps)[::-1]  # increasing
         x, t_eval = x0, ts[0]
         for t in track(ts):
             tt = torch.full((len(x),), t_eval, device=x.device, dtype=torch.long)

@@ -76,7 +76,7 @@ class Drawer:
         a = self.args
         if a.sampler == "ddpm":
             return "ddpm, all T steps"
-        n = len(self.diffusion.timesteps(a.sampler, config.sample_steps(a), a.spacing))
+        n = len(self.diffusion.tau(a.sampler, config.sample_steps(a), a.spacing))
         calls = f" ({2 * n - 1} network calls)" if a.sampler == "heun" else ""
         eta = f", eta {a.eta}" if a.sampler == "ddim" else ""
         return f"{a.sampler}, {n} {a.spacing}-spaced steps{calls}{eta}"

@@ -21,19 +21,20 @@ class SuperRes:
     """A super-resolution model from LOW px (the trainer.ModelKind interface). The network sees
     x_t beside the bicubic-upsampled low-res image with noise of std a added, and a itself;
     target "residual": it diffuses x_high - bicubic(x_low), and a sample becomes an image as
-    bicubic + sample; "image": it diffuses x_high. preview: the images whose low-res versions
+    bicubic + sample; "image": it diffuses x_high. preview_images: the images whose low-res versions
     the pictures drawn during training start from, uint8 (n, C, H, W) (on any device)."""
 
     name = "super-resolution"
 
     def __init__(self, low: int, channels: int, target: str, noise_max: float, noise: float,
-                 preview: Tensor | None = None):
+                 preview_images: Tensor | None = None):
         self.low, self.channels, self.target = low, channels, target
-        self.noise_max, self.noise, self.preview_images = noise_max, noise, preview
+        self.noise_max, self.noise, self.preview_images = noise_max, noise, preview_images
 
     @classmethod
-    def from_args(cls, a, preview: Tensor | None = None) -> "SuperRes":
-        return cls(a.super_res, a.img_channels, a.sr_target, a.sr_noise_max, a.sr_noise, preview)
+    def from_args(cls, a, preview_images: Tensor | None = None) -> "SuperRes":
+        return cls(a.super_res, a.img_channels, a.sr_target, a.sr_noise_max, a.sr_noise,
+                   preview_images)
 
     def unet_inputs(self) -> dict:
         return {"lowres_channels": self.channels}

@@ -225,12 +225,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def model_kind(a, vocab: Vocab | None, preview: Tensor | None) -> ModelKind:
+def model_kind(a, vocab: Vocab | None, preview_images: Tensor | None) -> ModelKind:
     """What kind of model the flags describe (the one place that decides): text-conditioned,
-    super-resolution or plain, trained on augmented images with --augment. preview: training
-    images a super-resolution model's pictures start from (None when only sampling)."""
+    super-resolution or plain, trained on augmented images with --augment. preview_images:
+    training images a super-resolution model's pictures start from (None when only sampling)."""
     kind = (Captioned(vocab, a.cond_drop) if vocab else
-            superres.SuperRes.from_args(a, preview) if a.super_res else Plain())
+            superres.SuperRes.from_args(a, preview_images) if a.super_res else Plain())
     return Augmented(kind, a.augment) if a.augment else kind
 
 

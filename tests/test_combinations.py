@@ -43,7 +43,7 @@ TINY = ["--img-size", str(SIZE), "--num-channels", "8", "--channel-multiples", "
 ON = {"super_res": str(SIZE // 2), "augment": "0.5"}
 COLOURS = ("red", "blue")  # captions "<c> hair, <c> eyes": --prompt and --eval-prompts use them
 PARSER = config.build_parser()
-GROUPS = {g.title: g._group_actions for g in PARSER._action_groups}
+GROUPS = {g.title: g.actions for g in PARSER.flag_groups}
 
 
 def kind_flags() -> list[argparse.Action]:
@@ -298,7 +298,7 @@ def test_every_action_flag_is_crossed(tmp_path):
     used = set()
     for kind, (argv_of, _) in itertools.product(KINDS, ACTIONS.values()):
         words = set(argv_of(Pair(Paths(), kind, "a")))
-        used |= {f.dest for f in PARSER._actions if words & set(f.option_strings)}
+        used |= {f.dest for f in config.flags_of(PARSER) if words & set(f.option_strings)}
     flags = {f.dest for g in ("sampling", "editing", "evaluation", "output") for f in GROUPS[g]}
     assert flags - used - MODIFIERS == set(), "add an action for these flags (or a modifier)"
 
@@ -310,12 +310,12 @@ def test_every_kind_class_has_the_whole_interface_and_wrappers_pass_it_on():
     protocol = trainer.ModelKind
     methods = {k for k, v in vars(protocol).items() if callable(v) and not k.startswith("_")}
     vocab = Vocab.build([f"{c} hair" for c in COLOURS])
-    preview = torch.zeros(2, 3, SIZE, SIZE, dtype=torch.uint8)
+    preview_images = torch.zeros(2, 3, SIZE, SIZE, dtype=torch.uint8)
     up = torch.linspace(-1, 1, 2 * 3 * SIZE * SIZE).view(2, 3, SIZE, SIZE)
     wrappers = 0
     for name, flags in KINDS.items():
         a, _ = config.parse_args(["--img-size", str(SIZE), *flags])
-        kind = trainer.model_kind(a, vocab if a.captions != "off" else None, preview)
+        kind = trainer.model_kind(a, vocab if a.captions != "off" else None, preview_images)
         for k in [kind] + ([kind.inner] if hasattr(kind, "inner") else []):
             cls = type(k)
             assert isinstance(k, protocol) and methods <= set(vars(cls)), \
