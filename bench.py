@@ -161,7 +161,7 @@ def flops_per_image(prog: ddpm.Program, x0: torch.Tensor) -> tuple[float, float]
     Attention runs on the math backend here, so no fused kernel's recomputation is counted."""
     nets = prog.trainer
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as train:
-        nets.diffusion(x0).backward()
+        nets.diffusion(nets.net, x0).backward()
     nets.model.zero_grad(set_to_none=True)
     t = torch.zeros(len(x0), dtype=torch.long, device=x0.device)
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fwd:
@@ -239,7 +239,7 @@ def _run_variant(b, rest, tmp, data, toks: set[str], *, sample: bool, flops: flo
     if "channels_last" in toks:
         for m in (nets.model, nets.ema):
             m.to(memory_format=torch.channels_last)  # in place: the optimizer keeps its params
-    if "compile" in toks:  # in place (nn.Module.compile): diffusion.model is nets.model
+    if "compile" in toks:  # in place (nn.Module.compile): nets.net is nets.model
         nets.model.compile()
         nets.ema.compile()
     loop = lambda steps: train_steps(prog, data, steps, b.batch_size, "plain" in toks)  # noqa
@@ -366,7 +366,7 @@ def train_row(b, rest, tmp, n: int, variant: str, *, flops: float, measured: dic
         nets = prog.trainer
         nets.amp_dtype = torch.bfloat16 if precision == "bf16" else None
         set_tf32(precision != "fp32")
-        if "compile" in toks:  # in place: diffusion.model is nets.model (the EMA only samples)
+        if "compile" in toks:  # in place: nets.net is nets.model (the EMA only samples)
             nets.model.compile()
         reset_peak(dev)
         loop = lambda steps: train_steps(prog, prog.data, steps, n)  # noqa: E731
@@ -407,9 +407,9 @@ def loss_row(b, rest, tmp) -> dict:
         set_tf32(False)
         nets.model.eval()
         with torch.no_grad():
-            fp32 = nets.diffusion.losses(x0, t, eps).double()  # (n,)
+            fp32 = nets.diffusion.losses(nets.net, x0, t, eps).double()  # (n,)
             with torch.autocast(dev.type, dtype=torch.bfloat16):
-                bf16 = nets.diffusion.losses(x0, t, eps).double()
+                bf16 = nets.diffusion.losses(nets.net, x0, t, eps).double()
     return {"batch": n, "fp32": fp32.mean().item(), "bf16": bf16.mean().item(),
             "rel_diff": abs(bf16.mean() / fp32.mean() - 1).item(),
             "max_rel_diff_image": ((bf16 - fp32).abs() / fp32).max().item()}

@@ -221,10 +221,13 @@ SCHEDULES = ("linear", "cosine", "cosine-shifted")
 
 
 class GaussianDiffusion(nn.Module):
-    """The DDPM forward process q and the learned reverse process p_theta around a network that
-    predicts eps (Ho et al. 2020), v = sqrt(ab) eps - sqrt(1 - ab) x0 (Salimans & Ho 2022) or x0."""
+    """The DDPM forward process q and the learned reverse process p_theta of a network that
+    predicts eps (Ho et al. 2020), v = sqrt(ab) eps - sqrt(1 - ab) x0 (Salimans & Ho 2022) or x0.
+    It holds the schedule, not the network: the losses and samplers are given the network `net`
+    (the model being trained, its DDP or compiled wrapper, or the EMA copy) as their first
+    argument, as improved-diffusion's training_losses(model, x_start, t)."""
 
-    def __init__(self, model: nn.Module, timesteps: int = 1000, beta_min: float = 1e-4,
+    def __init__(self, timesteps: int = 1000, beta_min: float = 1e-4,
                  beta_max: float = 0.02, *, prediction: str, schedule: str = "linear",
                  min_snr_gamma: float = 0.0, learn_sigma: bool = False, image_side: int = 64):
         """schedule: linear (beta_min .. beta_max), cosine, or cosine-shifted for image_side-pixel
@@ -232,7 +235,7 @@ class GaussianDiffusion(nn.Module):
         super().__init__()
         assert 0 < beta_min < beta_max < 1, "need 0 < beta_min < beta_max < 1"
         assert schedule in SCHEDULES and prediction in ("eps", "v", "x0")
-        self.model, self.T = model, timesteps
+        self.T = timesteps
         self.prediction, self.min_snr_gamma, self.learn_sigma = prediction, min_snr_gamma, learn_sigma
         betas = (linear_betas(timesteps, beta_min, beta_max) if schedule == "linear"
                  else cosine_betas(timesteps) if schedule == "cosine"
@@ -305,13 +308,13 @@ class GaussianDiffusion(nn.Module):
 
     # -- losses and the bound ------------------------------------------------------------------
 
-    def forward(self, x0: Tensor, t: Tensor | None = None, eps: Tensor | None = None,
-                cond: dict | None = None) -> Tensor:
+    def forward(self, net: nn.Module, x0: Tensor, t: Tensor | None = None,
+                eps: Tensor | None = None, cond: dict | None = None) -> Tensor:
         """Algorithm 1's loss, averaged over the batch (see losses)."""
-        return self.losses(x0, t, eps, cond).mean()
+        return self.losses(net, x0, t, eps, cond).mean()
 
-    def losses(self, x0: Tensor, t: Tensor | None = None, eps: Tensor | None = None,
-               cond: dict | None = None) -> Tensor:
+    def losses(self, net: nn.Module, x0: Tensor, t: Tensor | None = None,
+               eps: Tensor | None = None, cond: dict | None = None) -> Tensor:
         """Per image: ||target - net(sqrt(ab_t) x0 + sqrt(1 - ab_t) eps, t)||^2 -> (B,), t uniform
         (B,) and eps ~ N(0, I) unless given; target eps, v or x0, weighted by min(SNR, gamma) / SNR
         (/ (SNR + 1) for v, / 1 for x0) if gamma > 0 (min-SNR-gamma, Hang et al. 2023).
@@ -321,7 +324,7 @@ class GaussianDiffusion(nn.Module):
         if eps is None:
             eps = torch.randn_like(x0)
         xt = self.q_sample(x0, t, eps)
-        out, var_out = self.split(self.model(xt, t, **(cond or {})))
+        out, var_out = self.split(net(xt, t, **(cond or {})))
         target = (eps if self.prediction == "eps" else x0 if self.prediction == "x0"
                   else self.v_target(x0, t, eps))
         mse = (out - target).pow(2).mean(dim=(1, 2, 3))  # (B,)
@@ -350,7 +353,7 @@ class GaussianDiffusion(nn.Module):
         return nats.flatten(1).mean(1) / math.log(2.0)
 
     @torch.no_grad()
-    def bits_per_dim(self, x0: Tensor, model: nn.Module | None = None, track=iter,
+    def bits_per_dim(self, net: nn.Module, x0: Tensor, track=iter,
                      cond: dict | None = None) -> dict:
         """The variational bound -log p(x0) <= L_T + sum_{t>1} L_{t-1} + L_0 (Ho et al. 2020, Eq. 5)
         with sigma_t^2 = beta~_t or the learned variance, in bits per dimension, per term.
@@ -358,7 +361,6 @@ class GaussianDiffusion(nn.Module):
         L_T = KL(q(x_T|x0) || N(0, I)); L_{t-1} = KL(q(x_{t-1}|x_t, x0) || p(x_{t-1}|x_t));
         L_0 = -log p(x0|x1), a discretised Gaussian. x0: (B, C, H, W) on the 256-level grid.
         """
-        model = self.model if model is None else model
         nats_per_bit = math.log(2.0) * x0[0].numel()  # nats of a whole image -> bits/dim
         ab_T = self.alpha_bars[-1]
         prior = normal_kl(ab_T.sqrt() * x0, (1 - ab_T).log(), torch.zeros_like(x0),
@@ -368,7 +370,7 @@ class GaussianDiffusion(nn.Module):
             tt = torch.full((len(x0),), t, device=x0.device, dtype=torch.long)
             eps = torch.randn_like(x0)
             xt = self.q_sample(x0, tt, eps)
-            out, var_out = self.split(model(xt, tt, **(cond or {})))
+            out, var_out = self.split(net(xt, tt, **(cond or {})))
             eps_hat, _ = self.eps_and_x0(xt, tt, out)
             terms[:, t] = self.vb_terms(x0, xt, tt, eps_hat, var_out, eps)
         return {"total": (prior + terms.sum(1)).mean().item(), "prior": prior.mean().item(),
@@ -376,7 +378,7 @@ class GaussianDiffusion(nn.Module):
 
     # -- sampling ------------------------------------------------------------------------------
 
-    def guided(self, model: nn.Module, x: Tensor, t: Tensor, cond: dict | None,
+    def guided(self, net: nn.Module, x: Tensor, t: Tensor, cond: dict | None,
                w: float = 1.0) -> Tensor:
         """The network output at x_t, with classifier-free guidance (Ho & Salimans 2022, Eq. 6)
         when a caption is given and w != 1: out = out(empty) + w (out(caption) - out(empty)).
@@ -386,23 +388,23 @@ class GaussianDiffusion(nn.Module):
         comes from the conditional output (as GLIDE). Both halves run as one batch of 2B."""
         cond = cond or {}
         if w == 1.0 or "tokens" not in cond:
-            return model(x, t, **cond)
+            return net(x, t, **cond)
         tokens = cond["tokens"]  # (B, L)
-        both = model(torch.cat([x, x]), torch.cat([t, t]),
-                     tokens=torch.cat([tokens, empty_like(tokens)]))  # (2B, C or 2C, H, W)
+        both = net(torch.cat([x, x]), torch.cat([t, t]),
+                   tokens=torch.cat([tokens, empty_like(tokens)]))  # (2B, C or 2C, H, W)
         c, u = both.float().chunk(2)
         if not self.learn_sigma:
             return u + w * (c - u)
         (c, var_out), (u, _) = c.chunk(2, dim=1), u.chunk(2, dim=1)
         return torch.cat([u + w * (c - u), var_out], dim=1)
 
-    def denoise(self, model: nn.Module, x: Tensor, t: Tensor, cond: dict | None, guidance: float,
+    def denoise(self, net: nn.Module, x: Tensor, t: Tensor, cond: dict | None, guidance: float,
                 clip_x0: bool) -> tuple[Tensor, Tensor, Tensor | None]:
         """The network's view of x_t: (eps_hat, x0_hat, var_out or None), each (B, C, H, W).
 
         clip_x0 clips x0_hat to the data range [-1, 1] and re-derives eps_hat from it
         (eps_hat = (x_t - sqrt(ab) x0_hat) / sqrt(1 - ab)), as Ho et al.'s and Nichol & Dhariwal's code do."""
-        out, var_out = self.split(self.guided(model, x, t, cond, guidance))
+        out, var_out = self.split(self.guided(net, x, t, cond, guidance))
         eps_hat, x0 = self.eps_and_x0(x, t, out)
         if clip_x0:
             x0 = x0.clamp(-1.0, 1.0)
@@ -423,25 +425,24 @@ class GaussianDiffusion(nn.Module):
         return spaced_timesteps(n, steps)
 
     @torch.no_grad()
-    def sample(self, x_T: Tensor, sampler: str = "ddpm", steps: int = 0, *, eta: float = 0.0,
-               spacing: str = "uniform", start: int | None = None, model: nn.Module | None = None,
+    def sample(self, net: nn.Module, x_T: Tensor, sampler: str = "ddpm", steps: int = 0, *,
+               eta: float = 0.0, spacing: str = "uniform", start: int | None = None,
                clip_x0: bool = True, cond: dict | None = None, guidance: float = 1.0,
                strips: int = 0, track=iter) -> tuple[Tensor, list[Tensor]]:
         """x_T: (B, C, H, W) noise -> x_0 with the ancestral sampler (all T steps, Algorithm 2),
-        DDIM, DPM-Solver++(2M) or EDM's Heun on `steps` timesteps (see timesteps), using `model`
-        (default: self.model), conditioned on cond (a caption, guided with scale `guidance`, or a
+        DDIM, DPM-Solver++(2M) or EDM's Heun on `steps` timesteps (see tau), using the network
+        `net`, conditioned on cond (a caption, guided with scale `guidance`, or a
         low-res image). Heun evaluates the network twice a step but the last (2 steps - 1).
         Also returns the frames [x_T, ..., x_0]: about `strips` evenly spaced states of the chain.
         start: x_T is x_start instead, at that timestep (image-to-image).
         """
-        model = self.model if model is None else model
         ts = self.tau(sampler, steps, spacing, start)
         every = max(1, len(ts) // strips) if strips else 0
         x, frames, x0_prev, h_prev = x_T, [x_T], None, None
         for i, t in enumerate(track(ts)):
             # The network's eps_hat and x0 at x_t; ab_s of the next timestep (1 after the last).
             tt = torch.full((len(x),), t, device=x.device, dtype=torch.long)
-            eps_hat, x0, var_out = self.denoise(model, x, tt, cond, guidance, clip_x0)
+            eps_hat, x0, var_out = self.denoise(net, x, tt, cond, guidance, clip_x0)
             ab_t = self.ab64[t].item()
             ab_s = self.ab64[ts[i + 1]].item() if i + 1 < len(ts) else 1.0
             # One step of the chosen sampler.
@@ -454,7 +455,7 @@ class GaussianDiffusion(nn.Module):
                 x_s = ddim_step(eps_hat, x0, ab_t, ab_s, 0.0, torch.zeros_like(x))
                 if ab_s < 1.0:
                     t_s = torch.full_like(tt, ts[i + 1])
-                    eps_s, _, _ = self.denoise(model, x_s, t_s, cond, guidance, clip_x0)
+                    eps_s, _, _ = self.denoise(net, x_s, t_s, cond, guidance, clip_x0)
                     x_s = heun_step(x, eps_hat, eps_s, ab_t, ab_s)
                 x = x_s
             else:
@@ -465,9 +466,9 @@ class GaussianDiffusion(nn.Module):
         return x, frames
 
     @torch.no_grad()
-    def inpaint(self, x_T: Tensor, known: Tensor, keep: Tensor, sampler: str = "ddpm",
-                steps: int = 0, *, resample: int = 1, eta: float = 0.0,
-                model: nn.Module | None = None, clip_x0: bool = True, cond: dict | None = None,
+    def inpaint(self, net: nn.Module, x_T: Tensor, known: Tensor, keep: Tensor,
+                sampler: str = "ddpm", steps: int = 0, *, resample: int = 1, eta: float = 0.0,
+                clip_x0: bool = True, cond: dict | None = None,
                 guidance: float = 1.0, track=iter) -> Tensor:
         """RePaint (Lugmayr et al. 2022, Algorithm 1): x_T -> x_0 where keep = 1, the region
         stays `known`. At each reverse step t -> s the known part of x_s is the forward-noised
@@ -475,7 +476,6 @@ class GaussianDiffusion(nn.Module):
         resample = R the step is redone R times, each after a jump back x_t ~ q(x_t | x_s)
         (x_t = sqrt(ab_t / ab_s) x_s + sqrt(1 - ab_t / ab_s) z), so the two parts harmonise.
         known: (B, C, H, W) in [-1, 1]; keep: (B, 1, H, W) in {0, 1}; sampler ddpm or ddim."""
-        model = self.model if model is None else model
         ts = self.tau(sampler, steps)
         x = x_T
         for i, t in enumerate(track(ts)):
@@ -484,7 +484,7 @@ class GaussianDiffusion(nn.Module):
             ab_s = self.ab64[ts[i + 1]].item() if i + 1 < len(ts) else 1.0
             for r in range(resample):
                 # The sampler's step for the unknown region.
-                eps_hat, x0, var_out = self.denoise(model, x, tt, cond, guidance, clip_x0)
+                eps_hat, x0, var_out = self.denoise(net, x, tt, cond, guidance, clip_x0)
                 if sampler == "ddpm":
                     logvar = None if var_out is None else self.model_logvar(tt, var_out)
                     x_s = self.p_sample(x, tt, eps_hat, logvar=logvar)
@@ -500,18 +500,17 @@ class GaussianDiffusion(nn.Module):
         return x
 
     @torch.no_grad()
-    def invert(self, x0: Tensor, steps: int, *, model: nn.Module | None = None,
-               cond: dict | None = None, track=iter) -> Tensor:
+    def invert(self, net: nn.Module, x0: Tensor, steps: int, *, cond: dict | None = None,
+               track=iter) -> Tensor:
         """DDIM inversion (Song et al. 2021, Sec. 4.3): the deterministic DDIM ODE run from the
         data up to x_T on `steps` uniform timesteps, each step x_t -> x_u (u > t) as
         x_u = sqrt(ab_u) x0_hat + sqrt(1 - ab_u) eps_hat with eps_hat, x0_hat of the network at (x_t, t)
         (at the clean start, at the first timestep). DDIM with eta = 0 maps x_T back."""
-        model = self.model if model is None else model
         ts = self.tau("ddim", steps)[::-1]  # increasing
         x, t_eval = x0, ts[0]
         for t in track(ts):
             tt = torch.full((len(x),), t_eval, device=x.device, dtype=torch.long)
-            eps_hat, x0_hat, _ = self.denoise(model, x, tt, cond, 1.0, clip_x0=False)
+            eps_hat, x0_hat, _ = self.denoise(net, x, tt, cond, 1.0, clip_x0=False)
             ab_u = self.ab64[t].item()
             x = math.sqrt(ab_u) * x0_hat + math.sqrt(1 - ab_u) * eps_hat
             t_eval = t

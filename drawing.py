@@ -111,7 +111,7 @@ class Drawer:
         with self.progress() as progress, self.autocast():
             track = lambda ts: progress.track(ts, description=f"{desc} ({name})")
             x0, frames = self.diffusion.sample(
-                x_T, name, steps, eta=eta, spacing=spacing, start=start, model=model,
+                model, x_T, name, steps, eta=eta, spacing=spacing, start=start,
                 clip_x0=a.clip_x0, cond=cond, guidance=guidance, strips=10, track=track)
         model.train()
         if base is None:

@@ -104,8 +104,8 @@ def inpaint(drawer) -> Tensor:
         with drawer.progress() as progress, drawer.autocast():
             track = lambda ts: progress.track(ts, description=f"inpainting {i}.. ({a.sampler})")
             out.append(drawer.diffusion.inpaint(
-                torch.randn_like(known), known, keep[i:i + a.batch_size].to(drawer.device),
-                a.sampler, sample_steps(drawer.args), resample=a.resample, eta=a.eta, model=model,
+                model, torch.randn_like(known), known, keep[i:i + a.batch_size].to(drawer.device),
+                a.sampler, sample_steps(drawer.args), resample=a.resample, eta=a.eta,
                 clip_x0=a.clip_x0, cond=cond, guidance=w, track=track))
     out = torch.cat(out)
     for img, name in zip(out, names):
@@ -139,7 +139,7 @@ def interpolate(drawer) -> Tensor:
                 raise DataError(f"--interpolate {path}: {e}") from None
         x0 = to_model(torch.from_numpy(np.stack(images))).to(drawer.device)  # (2, C, S, S)
         model.eval()
-        ends = drawer.diffusion.invert(x0, steps, model=model,
+        ends = drawer.diffusion.invert(model, x0, steps,
                                        cond=drawer.kind.unconditional(2, drawer.device))
     else:
         ends = torch.stack([torch.randn(c, s, s, generator=torch.Generator().manual_seed(seed))

@@ -529,7 +529,7 @@ def likelihood(drawer, images: Tensor, n: int) -> dict:
             track = lambda ts: progress.track(ts, total=drawer.diffusion.T, description=desc)
             batch = data.to_model(x[i:i + a.batch_size].to(drawer.device))
             cond = drawer.kind.unconditional(len(batch), drawer.device)
-            parts = drawer.diffusion.bits_per_dim(batch, model, track, cond)
+            parts = drawer.diffusion.bits_per_dim(model, batch, track, cond)
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v * len(batch)
     r = {k: v / len(x) for k, v in sums.items()}

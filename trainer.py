@@ -235,10 +235,10 @@ def model_kind(a, vocab: Vocab | None, preview_images: Tensor | None) -> ModelKi
 
 
 class Trainer:
-    """The networks of a run and its optimizer step. model: the UNet being trained (wrapped in
-    DDP inside `diffusion` when world > 1); ema: its EMA copy, the weights we sample with;
-    diffusion: the forward process and losses around model; amp_dtype: autocast dtype or None
-    (fp32)."""
+    """The networks of a run and its optimizer step. model: the UNet being trained; net: what
+    the loss calls, the model itself or its DDP wrapper when world > 1 (compiled with
+    --compile); ema: the model's EMA copy, the weights we sample with; diffusion: the forward
+    process and the losses, given net; amp_dtype: autocast dtype or None (fp32)."""
 
     def __init__(self, a, kind, device: torch.device, amp_dtype: torch.dtype | None,
                  rank: int = 0, world: int = 1):
@@ -246,7 +246,7 @@ class Trainer:
         self.rank, self.world = rank, world
         self.model = make_unet(a, kind).to(device)
         self.diffusion = GaussianDiffusion(
-            self.model, a.timesteps, a.beta_min, a.beta_max, schedule=a.schedule,
+            a.timesteps, a.beta_min, a.beta_max, schedule=a.schedule,
             prediction=a.prediction, min_snr_gamma=a.min_snr_gamma, learn_sigma=a.learn_sigma,
             image_side=max(hw(a.img_size))).to(device)
         self.model.grad_checkpoint = a.grad_checkpoint
@@ -255,13 +255,14 @@ class Trainer:
         # --t-sampling lognormal: t = the first index whose cumulative probability passes u ~ U(0, 1)
         self.t_cdf = (lognormal_t_probs(self.diffusion.ab64).cumsum(0).float().to(device)
                       if a.t_sampling == "lognormal" else None)  # (T,)
+        self.net = self.model
         if world > 1:  # training goes through DDP (gradients averaged); sampling does not
-            self.diffusion.model = nn.parallel.DistributedDataParallel(
+            self.net = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None)
         if a.compile:  # in place: state_dict keys and the objects other code holds stay the
             # same; the DDP wrapper is compiled (not wrapped around a compiled module), so that
             # the compiler can overlap its gradient buckets with the backward pass
-            self.diffusion.model.compile()
+            self.net.compile()
             self.ema.compile()
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
         # Skipped steps, counted on the device and read by the host in `check` (no sync a step).
@@ -352,9 +353,9 @@ class Trainer:
         per_image, loss = [], torch.zeros((), device=self.device)
         for k, part in enumerate(parts):
             sync = k == len(parts) - 1 or self.world == 1
-            with contextlib.nullcontext() if sync else self.diffusion.model.no_sync(), \
+            with contextlib.nullcontext() if sync else self.net.no_sync(), \
                     self.autocast():
-                losses = self.diffusion.losses(x0[part], t[part], eps[part],
+                losses = self.diffusion.losses(self.net, x0[part], t[part], eps[part],
                                                {c: v[part] for c, v in cond.items()})
                 part_loss = (losses * w[part]).sum() / len(x0)  # -> the batch mean
             self.scaler.scale(part_loss).backward()

@@ -114,17 +114,13 @@ def write_images():
 
 @pytest.fixture(scope="session")
 def make_diffusion():
-    """make_diffusion(T=1000, model=None, schedule="linear", prediction="eps", beta_max=None):
-    a GaussianDiffusion around model (default: a tiny 1-channel UNet), beta_T = 0.02 scaled
-    to T (at most 0.5) unless given."""
+    """make_diffusion(T=1000, schedule="linear", prediction="eps", beta_max=None): a
+    GaussianDiffusion, beta_T = 0.02 scaled to T (at most 0.5) unless given (its losses and
+    samplers are given the network)."""
     from diffusion import GaussianDiffusion
-    from unet import UNet
-
-    def make(T=1000, model=None, schedule="linear", prediction="eps", beta_max=None):
-        model = model or UNet(1, 8, (1, 2), (False, False), 1)
+    def make(T=1000, schedule="linear", prediction="eps", beta_max=None):
         beta_max = min(0.02 * 1000 / T, 0.5) if beta_max is None else beta_max
-        return GaussianDiffusion(model, T, 1e-4, beta_max, schedule=schedule,
-                                 prediction=prediction)
+        return GaussianDiffusion(T, 1e-4, beta_max, schedule=schedule, prediction=prediction)
     return make
 
 

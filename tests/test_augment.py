@@ -129,7 +129,8 @@ def test_augment_zero_trains_on_exactly_the_batches_of_the_data_and_has_no_embed
     for P in ("0", "0.5"):
         p = Program(*parse_args(tiny(tmp_path / P, "--epochs", "2", "--augment", P)))
         seen, losses = [], p.trainer.diffusion.losses
-        p.trainer.diffusion.losses = lambda x0, *rest: seen.append(x0.clone()) or losses(x0, *rest)
+        p.trainer.diffusion.losses = lambda net, x0, *rest: (seen.append(x0.clone())
+                                                             or losses(net, x0, *rest))
         p.run()
         batches[P] = torch.cat(seen)
         assert hasattr(p.trainer.model, "augment_embed") == (P != "0")

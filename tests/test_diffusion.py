@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from diffusion import GaussianDiffusion, linear_betas
+from unet import UNet
 
 
 def test_linear_betas_run_evenly_from_beta_1_to_beta_T():
@@ -23,7 +24,7 @@ def test_alpha_bars_strictly_decrease_inside_the_unit_interval(make_diffusion, T
 
 def test_betas_outside_0_1_are_refused():
     with pytest.raises(AssertionError, match="0 < beta_min < beta_max < 1"):
-        GaussianDiffusion(torch.nn.Identity(), 10, 1e-4, 2.0, prediction="eps")
+        GaussianDiffusion(10, 1e-4, 2.0, prediction="eps")
 
 
 def test_alpha_bar_T_is_near_zero_for_the_standard_schedule(make_diffusion):
@@ -100,7 +101,7 @@ def test_loss_of_the_freshly_initialised_model_is_E_eps_squared(make_diffusion):
     # The zero-initialised output conv predicts eps = 0, so the loss is E[eps^2] = 1.
     torch.manual_seed(0)
     d = make_diffusion()
-    loss = d(torch.rand(64, 1, 8, 8) * 2 - 1)
+    loss = d(UNet(1, 8, (1, 2), (False, False), 1), torch.rand(64, 1, 8, 8) * 2 - 1)
     assert loss.item() == pytest.approx(1.0, abs=0.05)
 
 
@@ -112,9 +113,9 @@ def test_training_draws_t_from_every_index_0_to_T_minus_1():
             seen.append(t)
             return torch.zeros_like(x)
 
-    d = GaussianDiffusion(Spy(), timesteps=5, beta_min=0.1, beta_max=0.5, prediction="eps")
+    d, spy = GaussianDiffusion(timesteps=5, beta_min=0.1, beta_max=0.5, prediction="eps"), Spy()
     for _ in range(50):
-        d(torch.zeros(16, 1, 4, 4))
+        d(spy, torch.zeros(16, 1, 4, 4))
     assert set(torch.cat(seen).tolist()) == {0, 1, 2, 3, 4}
 
 
@@ -122,7 +123,7 @@ def test_sample_runs_T_steps_and_records_the_strip(make_diffusion):
     torch.manual_seed(0)
     d = make_diffusion(20)
     x_T = torch.randn(2, 1, 8, 8)
-    x0, frames = d.sample(x_T, "ddpm", strips=10)
+    x0, frames = d.sample(UNet(1, 8, (1, 2), (False, False), 1), x_T, "ddpm", strips=10)
     assert len(frames) == 11  # x_T, then x_t for t = 18, 16, ..., 2 (paper), then x_0
     assert frames[0] is x_T and torch.equal(frames[-1], x0)
     assert torch.isfinite(x0).all()

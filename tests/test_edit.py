@@ -97,16 +97,16 @@ def gaussian_exact(d, c=0.5):
 
 
 def test_ddim_inversion_then_decoding_reconstructs_the_image_better_with_more_steps():
-    d = GaussianDiffusion(torch.nn.Identity(), 1000, prediction="eps")
+    d = GaussianDiffusion(1000, prediction="eps")
     model = gaussian_exact(d)
     x0 = torch.tensor([0.3, -0.2, 0.45, -0.5]).reshape(4, 1, 1, 1)
     err = {}
     for n in (10, 20, 50, 100):
-        x_T = d.invert(x0, n, model=model)
-        back, _ = d.sample(x_T, "ddim", n, model=model, clip_x0=False)
+        x_T = d.invert(model, x0, n)
+        back, _ = d.sample(model, x_T, "ddim", n, clip_x0=False)
         err[n] = (back - x0).abs().max().item()
     assert err[100] < err[50] < err[20] < err[10] and err[100] < 0.05
-    x_T = d.invert(x0, 100, model=model)  # the exact ODE maps x0 to x0 sqrt(ab_T + (1 - ab_T) / c^2)
+    x_T = d.invert(model, x0, 100)  # the exact ODE maps x0 to x0 sqrt(ab_T + (1 - ab_T) / c^2)
     assert torch.allclose(x_T, x0 * math.sqrt(d.ab64[-1] + (1 - d.ab64[-1]) / 0.25), rtol=0.05)
 
 

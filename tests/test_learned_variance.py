@@ -18,7 +18,7 @@ def test_the_unet_outputs_2C_channels_when_it_learns_sigma():
 
 
 def test_the_learned_variance_interpolates_log_beta_tilde_and_log_beta():
-    d = GaussianDiffusion(torch.nn.Identity(), 100, learn_sigma=True, prediction="eps")
+    d = GaussianDiffusion(100, learn_sigma=True, prediction="eps")
     t = torch.tensor([1, 50, 99])
     ones = torch.ones(3, 1, 1, 1)
     lo, hi = d.model_logvar(t, -ones).flatten(), d.model_logvar(t, ones).flatten()
@@ -30,7 +30,7 @@ def test_the_learned_variance_interpolates_log_beta_tilde_and_log_beta():
 
 def test_the_ancestral_step_draws_noise_with_the_learned_variance():
     torch.manual_seed(0)
-    d = GaussianDiffusion(torch.nn.Identity(), 100, learn_sigma=True, prediction="eps")
+    d = GaussianDiffusion(100, learn_sigma=True, prediction="eps")
     xt = torch.zeros(20000, 1, 1, 1)
     logvar = torch.full_like(xt, -3.0)
     out = d.p_sample(xt, torch.full((20000,), 40), torch.zeros_like(xt), logvar=logvar)
@@ -55,8 +55,8 @@ def test_the_hybrid_loss_trains_the_mean_only_through_L_simple():
     x0 = torch.rand(8, 2, 4, 4) * 2 - 1
     t, eps = torch.randint(0, 50, (8,)), torch.randn(8, 2, 4, 4)
     model = Fixed()
-    d = GaussianDiffusion(model, 50, 1e-3, 0.2, learn_sigma=True, prediction="eps")
-    d(x0, t, eps).backward()
+    d = GaussianDiffusion(50, 1e-3, 0.2, learn_sigma=True, prediction="eps")
+    d(model, x0, t, eps).backward()
     simple = (model.pred.expand(8, -1, -1, -1) - eps).pow(2).mean()
     (grad_simple,) = torch.autograd.grad(simple, model.pred)
     assert torch.allclose(model.pred.grad, grad_simple, atol=1e-6)  # L_vlb adds nothing here

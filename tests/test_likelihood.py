@@ -32,9 +32,9 @@ def test_the_prior_term_is_near_zero_for_the_standard_schedules(schedule):
         def forward(self, x, t):
             return torch.zeros_like(x)
 
-    d = GaussianDiffusion(Zero(), 1000, schedule=schedule, prediction="eps")
+    d = GaussianDiffusion(1000, schedule=schedule, prediction="eps")
     x0 = to_model(torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8))
-    assert 0 <= d.bits_per_dim(x0)["prior"] < 1e-3
+    assert 0 <= d.bits_per_dim(Zero(), x0)["prior"] < 1e-3
 
 
 def test_the_bound_of_a_perfect_denoiser_beats_a_zero_model():
@@ -45,14 +45,14 @@ def test_the_bound_of_a_perfect_denoiser_beats_a_zero_model():
         def forward(self, x, t):
             return torch.zeros_like(x)
 
-    d = GaussianDiffusion(Zero(), 100, 1e-4, 0.2, prediction="eps")
+    d = GaussianDiffusion(100, 1e-4, 0.2, prediction="eps")
 
     class Perfect(torch.nn.Module):  # the true eps of x_t for this one image
         def forward(self, xt, t):
             a = d.sqrt_alpha_bars[t][:, None, None, None]
             return (xt - a * x0) / d.sqrt_one_minus_alpha_bars[t][:, None, None, None]
 
-    perfect, zero = d.bits_per_dim(x0, Perfect()), d.bits_per_dim(x0, Zero())
+    perfect, zero = d.bits_per_dim(Perfect(), x0), d.bits_per_dim(Zero(), x0)
     assert perfect["kl_terms"] < 1e-3 and perfect["total"] < zero["total"] - 1.0
     assert math.isclose(perfect["total"], perfect["prior"] + perfect["kl_terms"] + perfect["decoder"],
                         rel_tol=1e-6)

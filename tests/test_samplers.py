@@ -38,7 +38,7 @@ def test_spaced_timesteps_run_from_T_minus_1_to_0():
 
 def test_ddim_with_eta_1_on_the_full_sequence_is_the_ancestral_step(make_diffusion):
     torch.manual_seed(0)
-    d = make_diffusion(1000, torch.nn.Identity(), beta_max=0.02)
+    d = make_diffusion(1000, beta_max=0.02)
     xt, eps, z = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4)
     for t in (0, 1, 37, 500, 999):
         tt = torch.full((3,), t)
@@ -54,15 +54,15 @@ def test_ddim_with_eta_1_on_the_full_sequence_is_the_ancestral_step(make_diffusi
 def test_ddim_with_eta_0_is_deterministic_given_x_T():
     torch.manual_seed(0)
     model = UNet(1, 8, (1, 2), (False, True), 1).eval()
-    d = GaussianDiffusion(model, 100, prediction="eps")
+    d = GaussianDiffusion(100, prediction="eps")
     x_T = torch.randn(2, 1, 8, 8)
     torch.manual_seed(1)
-    a, _ = d.sample(x_T, "ddim", 10, eta=0.0)
+    a, _ = d.sample(model, x_T, "ddim", 10, eta=0.0)
     torch.manual_seed(2)
-    b, _ = d.sample(x_T, "ddim", 10, eta=0.0)
+    b, _ = d.sample(model, x_T, "ddim", 10, eta=0.0)
     assert torch.equal(a, b)
     torch.manual_seed(3)
-    c, _ = d.sample(x_T, "ddim", 10, eta=1.0)
+    c, _ = d.sample(model, x_T, "ddim", 10, eta=1.0)
     assert not torch.allclose(a, c)
 
 
@@ -75,10 +75,10 @@ def test_a_perfect_denoiser_recovers_x0(make_diffusion, sampler, steps, spacing,
                                         prediction):
     torch.manual_seed(0)
     x0 = torch.rand(2, 3, 4, 4) * 2 - 1
-    d = make_diffusion(100 if sampler == "ddpm" else 1000, torch.nn.Identity(), schedule,
+    d = make_diffusion(100 if sampler == "ddpm" else 1000, schedule,
                        prediction, beta_max=0.02)
-    out, frames = d.sample(torch.randn_like(x0), sampler, steps, spacing=spacing,
-                           model=Oracle(d, x0), strips=10)
+    out, frames = d.sample(Oracle(d, x0), torch.randn_like(x0), sampler, steps, spacing=spacing,
+                           strips=10)
     assert torch.allclose(out, x0, atol=1e-4)
     assert torch.equal(frames[-1], out)
 
@@ -86,7 +86,7 @@ def test_a_perfect_denoiser_recovers_x0(make_diffusion, sampler, steps, spacing,
 def gaussian_data_ode_error(sampler, steps, c=0.5, spacing="uniform"):
     """Data x0 ~ N(0, c^2): E[x0 | x_t] is linear and the probability-flow ODE is solvable in
     closed form (x0 = c x_T / sqrt(ab c^2 + 1 - ab)), so a sampler's error is measurable."""
-    d = GaussianDiffusion(torch.nn.Identity(), 1000, 1e-4, 0.02, prediction="eps")
+    d = GaussianDiffusion(1000, 1e-4, 0.02, prediction="eps")
 
     class Exact(torch.nn.Module):
         def forward(self, xt, t):
@@ -96,7 +96,7 @@ def gaussian_data_ode_error(sampler, steps, c=0.5, spacing="uniform"):
 
     ab_T = d.ab64[-1].item()
     x_T = torch.ones(1, 1, 1, 1)
-    out, _ = d.sample(x_T, sampler, steps, spacing=spacing, model=Exact())
+    out, _ = d.sample(Exact(), x_T, sampler, steps, spacing=spacing)
     return abs(out.item() - c / math.sqrt(ab_T * c**2 + 1 - ab_T))
 
 
@@ -108,7 +108,7 @@ def test_dpm_solver_pp_is_more_accurate_than_ddim_on_the_probability_flow_ode():
 
 
 def test_karras_timesteps_start_from_noise_and_crowd_towards_low_noise(make_diffusion):
-    d = make_diffusion(1000, torch.nn.Identity(), beta_max=0.02)
+    d = make_diffusion(1000, beta_max=0.02)
     for n in (5, 10, 18, 50):
         ts = karras_timesteps(d.ab64, n)
         assert len(ts) == n and ts[0] == 999 and ts[-1] == 0
@@ -126,7 +126,7 @@ def test_karras_timesteps_start_from_noise_and_crowd_towards_low_noise(make_diff
 def test_heun_step_is_the_trapezoid_rule_on_the_sigma_ode(make_diffusion):
     # With the same slope at both ends the Heun step is the Euler step, which is DDIM (eta 0).
     torch.manual_seed(0)
-    d = make_diffusion(1000, torch.nn.Identity(), beta_max=0.02)
+    d = make_diffusion(1000, beta_max=0.02)
     x, eps = torch.randn(3, 4), torch.randn(3, 4)
     ab_t, ab_s = d.ab64[700].item(), d.ab64[300].item()
     x0 = (x - math.sqrt(1 - ab_t) * eps) / math.sqrt(ab_t)
@@ -161,8 +161,8 @@ def test_heun_calls_the_network_twice_a_step_but_the_last(make_diffusion):
             calls.append(int(t[0]))
             return torch.zeros_like(xt)
 
-    d = make_diffusion(1000, torch.nn.Identity(), beta_max=0.02)
-    d.sample(torch.randn(1, 1, 2, 2), "heun", 6, model=Count())
+    d = make_diffusion(1000, beta_max=0.02)
+    d.sample(Count(), torch.randn(1, 1, 2, 2), "heun", 6)
     ts = spaced_timesteps(1000, 6)
     assert calls == [c for t, s in zip(ts, ts[1:]) for c in (t, s)] + [ts[-1]]  # 2 x 6 - 1
 
@@ -200,7 +200,7 @@ def test_cosine_alpha_bar_matches_its_closed_form():
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 def test_v_eps_and_x0_round_trip(make_diffusion, schedule):
     torch.manual_seed(0)
-    d = make_diffusion(1000, torch.nn.Identity(), schedule, beta_max=0.02, prediction="v")
+    d = make_diffusion(1000, schedule, beta_max=0.02, prediction="v")
     x0, eps = torch.rand(4, 3, 4, 4) * 2 - 1, torch.randn(4, 3, 4, 4)
     t = torch.tensor([0, 10, 500, 998])
     xt = d.q_sample(x0, t, eps)
@@ -220,10 +220,10 @@ def test_min_snr_gamma_weights_the_loss_by_min_snr_gamma_over_snr():
     losses = {}
     for gamma in (0.0, 1.0):
         torch.manual_seed(0)
-        d = GaussianDiffusion(Zero(), 1000, min_snr_gamma=gamma, prediction="eps")
-        losses[gamma] = d(x0).item()
+        d = GaussianDiffusion(1000, min_snr_gamma=gamma, prediction="eps")
+        losses[gamma] = d(Zero(), x0).item()
     torch.manual_seed(0)
-    d = GaussianDiffusion(Zero(), 1000, prediction="eps")
+    d = GaussianDiffusion(1000, prediction="eps")
     t = torch.randint(0, 1000, (512,))
     eps = torch.randn_like(x0)
     snr = d.alpha_bars[t] / (1 - d.alpha_bars[t])
@@ -264,11 +264,11 @@ def test_clipping_x0_keeps_a_bad_model_inside_the_data_range(sampler, steps):
             return torch.zeros_like(x)
 
     torch.manual_seed(0)
-    d = GaussianDiffusion(Zero(), 100, 1e-4, 0.2, prediction="eps")
+    d = GaussianDiffusion(100, 1e-4, 0.2, prediction="eps")
     x_T = torch.randn(4, 3, 4, 4)
-    clipped, _ = d.sample(x_T, sampler, steps, model=Zero(), clip_x0=True)
+    clipped, _ = d.sample(Zero(), x_T, sampler, steps, clip_x0=True)
     assert clipped.abs().max() <= 1.0 + 1e-5
-    raw, _ = d.sample(x_T, sampler, steps, model=Zero(), clip_x0=False)
+    raw, _ = d.sample(Zero(), x_T, sampler, steps, clip_x0=False)
     assert raw.abs().max() > 2.0
 
 
@@ -290,7 +290,7 @@ def test_a_small_network_error_stays_small_in_x0_at_every_t_with_v(make_diffusio
     x0, eps = torch.rand(4, 3, 8, 8) * 2 - 1, torch.randn(4, 3, 8, 8)
     worst = {}
     for prediction in ("v", "eps"):
-        d = make_diffusion(1000, torch.nn.Identity(), schedule, beta_max=0.02,
+        d = make_diffusion(1000, schedule, beta_max=0.02,
                            prediction=prediction)
         worst[prediction] = 0.0
         for t in (0, 100, 500, 900, 999):

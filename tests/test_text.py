@@ -70,7 +70,7 @@ def tokens_of(*captions):
 
 def test_guidance_scale_one_is_the_conditional_model_and_w_extrapolates_from_the_empty_caption():
     net = text_unet()
-    diffusion = GaussianDiffusion(net, timesteps=10, prediction="eps")
+    diffusion = GaussianDiffusion(timesteps=10, prediction="eps")
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 7])
     tok = tokens_of("red hair", "blue eyes, green hair")
     cond, uncond = net(x, t, tok), net(x, t, tokens_of("", ""))
@@ -90,7 +90,8 @@ def test_guided_prediction_with_a_learned_variance_guides_only_the_mean_half():
     with torch.no_grad():
         for p in net.parameters():
             p.add_(0.1 * torch.randn_like(p))
-    diffusion = GaussianDiffusion(net.eval(), timesteps=10, learn_sigma=True, prediction="eps")
+    diffusion = GaussianDiffusion(timesteps=10, learn_sigma=True, prediction="eps")
+    net.eval()
     x, t, tok = torch.randn(2, 3, 16, 16), torch.tensor([3, 7]), tokens_of("red hair", "green")
     c, u = net(x, t, tok), net(x, t, tokens_of("", ""))
     guided = diffusion.guided(net, x, t, {"tokens": tok}, 2.5)
@@ -121,13 +122,13 @@ def test_an_unconditional_unet_has_no_text_parameters():
 
 def test_guidance_works_with_every_sampler():
     net = text_unet()
-    diffusion = GaussianDiffusion(net, timesteps=10, prediction="eps")
+    diffusion = GaussianDiffusion(timesteps=10, prediction="eps")
     tok = tokens_of("red hair", "blue eyes")
     for sampler, steps in (("ddpm", 0), ("ddim", 4), ("dpm++", 4)):
         torch.manual_seed(0)
         x_T = torch.randn(2, 3, 16, 16)
-        a, _ = diffusion.sample(x_T, sampler, steps, cond={"tokens": tok}, guidance=3.0)
-        b, _ = diffusion.sample(x_T, sampler, steps, cond={"tokens": tok}, guidance=1.0)
+        a, _ = diffusion.sample(net, x_T, sampler, steps, cond={"tokens": tok}, guidance=3.0)
+        b, _ = diffusion.sample(net, x_T, sampler, steps, cond={"tokens": tok}, guidance=1.0)
         assert a.shape == (2, 3, 16, 16) and torch.isfinite(a).all()
         assert not torch.allclose(a, b)  # the scale changes the samples
 
