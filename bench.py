@@ -717,7 +717,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    if parse()[0].gpu_check:  # gpu_check.py runs the check: it imports this module, not the reverse
-        import gpu_check
-        sys.exit(gpu_check.main(sys.argv[1:]))
+    if parse()[0].gpu_check:  # gpu_check.py runs the check; it imports this module, not the reverse
+        gpu_check = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_check.py")
+        os.execv(sys.executable, [sys.executable, gpu_check, *sys.argv[1:]])
     sys.exit(main())

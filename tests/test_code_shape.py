@@ -1,5 +1,6 @@
 """Facts about the code's shape that a reader relies on: no function takes more than 6
-positional parameters (after self or cls); the rest are keyword-only, named at every call."""
+positional parameters (after self or cls), the rest being keyword-only and named at every call;
+no module imports itself round a circle of imports."""
 import ast
 import glob
 import os
@@ -33,3 +34,41 @@ def test_no_function_takes_more_than_six_positional_parameters():
             for line, name, n in positional_counts(open(path, encoding="utf-8").read())
             if n > MOST_POSITIONAL]
     assert wide == []
+
+
+def imports_of(source: str, modules: set[str]) -> set[str]:
+    """The project modules a module imports, anywhere in it (a function-level import counts)."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names} & modules
+        elif isinstance(node, ast.ImportFrom) and node.module in modules:
+            found.add(node.module)
+    return found
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The groups of modules that import each other, directly or round a circle."""
+    reach = {m: set(deps) for m, deps in graph.items()}
+    changed = True
+    while changed:  # the transitive closure: small graphs, a few rounds
+        changed = False
+        for m in reach:
+            more = set().union(*(reach[d] for d in reach[m])) - reach[m]
+            if more:
+                reach[m] |= more
+                changed = True
+    groups = {tuple(sorted(n for n in reach if m in reach[n] and n in reach[m])) for m in reach}
+    return sorted(list(g) for g in groups if g)
+
+
+def test_the_cycle_finder_finds_a_circle_of_three():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_no_module_of_the_project_imports_itself_round_a_circle():
+    paths = glob.glob(os.path.join(ROOT, "*.py"))
+    modules = {os.path.basename(p)[:-3] for p in paths}
+    graph = {os.path.basename(p)[:-3]: imports_of(open(p, encoding="utf-8").read(), modules)
+             for p in paths}
+    assert cycles(graph) == []
