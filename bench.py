@@ -684,8 +684,8 @@ def data_speed(b, console: Console) -> None:
 def main(argv=None) -> int:
     b, rest = parse(argv)
     console = make_console()
-    if b.gpu_check:  # the __main__ block below hands the check to gpu_check.main
-        print("error: --gpu-check runs through gpu_check.main (python bench.py --gpu-check)",
+    if b.gpu_check:  # the __main__ block below hands the check over to gpu_check.py
+        print("error: --gpu-check runs as python bench.py --gpu-check (or python gpu_check.py)",
               file=sys.stderr)
         return 2
     if b.threads:
