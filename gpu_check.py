@@ -1,9 +1,9 @@
 """gpu_check.py: `python bench.py --gpu-check`, does this setup work, and how fast?
 
-A probe (versions, nvidia-smi), bench.py's speed rows, a round trip through ddpm.py, the tests on
+A probe (versions, nvidia-smi), the speed rows (speed_rows.py), a round trip through ddpm.py, the tests on
 the GPU, torchrun and --compile, in that order, within --budget; every row and check line is
 written to the report the moment it ends, so a kill loses nothing measured. With --device cpu it
-rehearses every step on the CPU with a tiny model (ddpm.py and bench.py in this process).
+rehearses every step on the CPU with a tiny model (ddpm.py and speed_rows.py in this process).
 """
 import contextlib
 import importlib.metadata
@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 import bench
+import speed_rows
 import data
 import ddpm
 import evaluate
@@ -85,7 +86,7 @@ def failure_line(out: str) -> str:
     """The line of a failed step's output that says most: pytest's first FAILED line (with its
     count), an `error:` line, else the last line (not a speed row: the report has those)."""
     lines = [line.strip() for line in out.splitlines()
-             if line.strip() and not line.startswith(bench.ROW)] or ["(no output)"]
+             if line.strip() and not line.startswith(speed_rows.ROW)] or ["(no output)"]
     for prefix in ("FAILED ", "ERROR ", "error: "):
         hit = next((line for line in lines if line.startswith(prefix)), None)
         if hit:
@@ -280,7 +281,7 @@ def gib(x: float | None) -> str:
 
 
 def row_line(r: dict) -> str:
-    """One speed row (bench.check_rows) as one line of the report."""
+    """One speed row (speed_rows.check_rows) as one line of the report."""
     kind, name = r["row"], f"ROW   {label(r['name']):<30}"
     if kind == "plan":
         c, sheet = r["config"], r["datasheet"]
@@ -321,7 +322,7 @@ class GpuCheck:
     does not stop the others. Every step's output goes to the .log beside the report as it comes,
     the rows also to the .jsonl. Steps run as processes of their own, killed with every process
     they started at their limit; in a CPU rehearsal (which tests the check itself) ddpm.py and
-    bench.py run in this process instead: no start-up, and no kill (bench.py's rows stop at
+    speed_rows.py run in this process instead: no start-up, and no kill (the speed rows stop at
     the part's time themselves)."""
 
     def __init__(self, b, tmp: str, rest: list[str] = ()):
@@ -366,13 +367,13 @@ class GpuCheck:
                 f"{self.part_end(part):.0f} s")
 
     def launch(self, cmd: list[str], limit: float, on_line) -> int | None:
-        """cmd: ["ddpm", *flags], ["bench", *flags] or a command line; every line of its output
-        to on_line as it comes -> its exit code, None when it ran out of time."""
-        if self.rehearsal and cmd[0] in ("ddpm", "bench"):
+        """cmd: ["ddpm", *flags], ["rows", *flags] (speed_rows.py) or a command line; every line
+        of its output to on_line as it comes -> its exit code, None when it ran out of time."""
+        if self.rehearsal and cmd[0] in ("ddpm", "rows"):
             sink = LineSink(on_line)
             with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
                 try:
-                    rc = (ddpm.main if cmd[0] == "ddpm" else bench.main)(cmd[1:])
+                    rc = (ddpm.main if cmd[0] == "ddpm" else speed_rows.main)(cmd[1:])
                 except SystemExit as e:
                     rc = e.code if isinstance(e.code, int) else 1
                 except Exception:
@@ -381,7 +382,7 @@ class GpuCheck:
             sink.close()
             return rc
         script = {"ddpm": [sys.executable, os.path.join(HERE, "ddpm.py")],
-                  "bench": [sys.executable, os.path.join(HERE, "bench.py")]}
+                  "rows": [sys.executable, os.path.join(HERE, "speed_rows.py")]}
         threads = {"OMP_NUM_THREADS": str(self.b.threads)} if self.b.threads else {}
         return run_bounded(script.get(cmd[0], cmd[:1]) + cmd[1:], limit, on_line, self.tmp,
                            {**os.environ, **threads})
@@ -472,16 +473,16 @@ class GpuCheck:
                    "(no output)", skip, part=self.parts[0] if self.parts else "speed")
 
     def speed(self, kind: str = "eager") -> None:
-        """bench.py's speed rows (bench.check_rows) in one process, each row written as it comes;
+        """The speed rows (speed_rows.check_rows) in one process, each row written as it comes;
         the rows it did not reach listed as not run."""
         part = "speed" if kind == "eager" else "compile"
         flags = ["--check-rows", kind, "--device", self.dev,
                  *(SPEED_REHEARSAL if self.rehearsal else SPEED), *self.rest]
-        seen, plan, errors = [], bench.check_plan(bench.parse(flags)[0]), []
+        seen, plan, errors = [], speed_rows.check_plan(bench.parse(flags)[0]), []
 
         def on_line(text: str) -> None:
             try:
-                r = json.loads(text[len(bench.ROW):]) if text.startswith(bench.ROW) else None
+                r = json.loads(text[len(speed_rows.ROW):]) if text.startswith(speed_rows.ROW) else None
             except ValueError:  # a row cut off by a kill: not measured to the end
                 r = None
             if r is None:
@@ -501,9 +502,9 @@ class GpuCheck:
             return f"{len(seen)} of {len(plan)} rows"
 
         # The last row must end a second before the step is stopped: an absolute time, so that
-        # bench.py's start (import, CUDA, the model's build) counts against it too.
+        # speed_rows.py's start (import, CUDA, the model's build) counts against it too.
         left = self.left(part)
-        status = self.check(f"speed rows, {kind}", ["bench", *flags, "--deadline",
+        status = self.check(f"speed rows, {kind}", ["rows", *flags, "--deadline",
                                                     f"{time.time() + left - 1:.3f}"],
                             left, verify, part=part, on_line=on_line)
         why = "the step above failed before it" if status == "FAIL" else self.spent(part)

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import bench
+import speed_rows
 import evaluate
 import gpu_check
 
@@ -106,7 +107,7 @@ def test_what_the_budget_leaves_no_time_for_is_listed_as_not_run(tmp_path):
     text = report.read_text()
     checks = lines_by_name(text)
     b, _ = bench.parse(["--check-rows", "eager", *gpu_check.SPEED_REHEARSAL])
-    rows = [gpu_check.label(name) for name in bench.check_plan(b)]
+    rows = [gpu_check.label(name) for name in speed_rows.check_plan(b)]
     assert list(checks)[:len(rows) + 2] == ["probe: nvidia-smi", "speed rows, eager", *rows]
     assert list(checks)[-5:] == ["tests: test_unet.py on cpu", "torchrun: gloo, ddpm.py",
                                  "speed rows, compile", "train, --compile",
@@ -125,9 +126,9 @@ def test_no_speed_row_starts_after_the_deadline_however_much_budget_is_left():
     b, rest = bench.parse(["--check-rows", "eager", "--device", "cpu",
                            *gpu_check.SPEED_REHEARSAL, "--deadline", f"{time.time():.3f}"])
     rows, before = [], switches()
-    bench.check_rows(b, rest, rows.append)
+    speed_rows.check_rows(b, rest, rows.append)
     assert b.budget > 0 and [r["row"] for r in rows] == ["plan"]
-    assert len(rows[0]["rows"]) == len(bench.check_plan(b)) > 0
+    assert len(rows[0]["rows"]) == len(speed_rows.check_plan(b)) > 0
     assert switches() == before
 
 
@@ -293,9 +294,9 @@ def test_a_failing_or_hanging_step_fails_its_own_line_and_the_rest_still_run(tmp
 
 def test_the_gpu_busy_time_is_the_union_of_the_kernels_spans():
     # Overlapping and nested spans count once; gaps not at all.
-    assert bench.covered([(5, 6), (0, 2), (1, 3), (5.5, 5.7)]) == 4
-    assert bench.covered([]) == 0
-    assert bench.gpu_busy(torch.device("cpu"), lambda: None) is None
+    assert speed_rows.covered([(5, 6), (0, 2), (1, 3), (5.5, 5.7)]) == 4
+    assert speed_rows.covered([]) == 0
+    assert speed_rows.gpu_busy(torch.device("cpu"), lambda: None) is None
 
 
 def test_without_a_gpu_the_check_says_so_in_one_line(tmp_path):
