@@ -1,35 +1,32 @@
 """gpu_check.py: `python bench.py --gpu-check`, does this setup work, and how fast?
 
-A probe (versions, nvidia-smi), the speed rows (speed_rows.py), a round trip through ddpm.py, the tests on
-the GPU, torchrun and --compile, in that order, within --budget; every row and check line is
-written to the report the moment it ends, so a kill loses nothing measured. With --device cpu it
-rehearses every step on the CPU with a tiny model (ddpm.py and speed_rows.py in this process).
+A probe (versions, nvidia-smi), the speed rows (speed_rows.py), a round trip through ddpm.py,
+the tests on the GPU, torchrun and --compile, in that order, within --budget (each step a process
+bounded by steps.py); every row and check line is written to the report the moment it ends, so
+a kill loses nothing measured. With --device cpu it rehearses every step on the CPU with a tiny
+model (ddpm.py and speed_rows.py in this process).
 """
 import contextlib
 import importlib.metadata
 import importlib.util
-import io
 import json
 import math
 import os
 import re
-import selectors
-import signal
-import subprocess
 import sys
 import tempfile
 import time
 import traceback
-import uuid
 
 import torch
 from PIL import Image
 
 import bench
-import speed_rows
 import data
 import ddpm
 import evaluate
+import speed_rows
+from steps import LineSink, run_bounded
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # The round trip's model: 8 px, one level with attention, T = 10 (the tests' tiny model): the
@@ -71,11 +68,6 @@ if dev.startswith("cuda"):
     print(f"peak memory on {dev}: {torch.cuda.max_memory_allocated(dev) / 2**20:.1f} MiB")
 sys.exit(code)
 """
-# Every process a step starts carries this in its environment (the step's own token), whatever
-# session it moves to: torchrun starts its workers in sessions of their own.
-TAG = "DDPM_GPU_CHECK_STEP"
-# Once a step is killed, its output pipe is read for at most this many seconds more, then closed.
-DRAIN = 5.0
 
 
 class CheckFailed(Exception):
@@ -151,168 +143,6 @@ def write_faces(folder: str, n: int, size: int) -> None:
     os.makedirs(folder)
     for i, face in enumerate(data.demo_faces(n, size, 3, seed=1)):
         Image.fromarray(face.permute(1, 2, 0).numpy()).save(os.path.join(folder, f"{i:03d}.png"))
-
-
-# -- The processes of a step ---------------------------------------------------------------------
-
-def tagged(token: str) -> list[int]:
-    """The processes (other than this one) whose environment holds TAG=token: a step's process
-    and every process it started, whatever their session or parent now (read from /proc)."""
-    want, found = f"{TAG}={token}".encode(), []
-    with contextlib.suppress(OSError):
-        for name in os.listdir("/proc"):
-            if not name.isdigit() or int(name) == os.getpid():
-                continue
-            with contextlib.suppress(OSError), open(f"/proc/{name}/environ", "rb") as f:
-                if want in f.read().split(b"\0"):
-                    found.append(int(name))
-    return found
-
-
-def alive(pid: int) -> bool:
-    """Whether process pid still runs (a zombie has ended; only its exit status is left)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
-
-
-def end_step(proc: subprocess.Popen, token: str, grace: float = 10.0) -> list[int]:
-    """SIGKILL a step's process group and every process tagged with its token, again until none
-    is left (one may fork while the first kills land), for at most grace seconds; reap the step
-    -> the pids still alive then (none, unless the kernel holds one)."""
-    deadline = time.monotonic() + grace
-    while True:
-        pids = [pid for pid in tagged(token) if alive(pid)]
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
-        if not pids or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-    return [pid for pid in tagged(token) if alive(pid)]
-
-
-def run_bounded(cmd: list[str], limit: float, on_line, cwd: str, env: dict) -> int | None:
-    """Run cmd in a session of its own, every line of its output (stdout and stderr) to
-    on_line as it comes, until it ends or limit seconds pass; then end_step kills whatever of
-    it is left (its workers too) -> its exit code, or None if it ran out of time."""
-    token = uuid.uuid4().hex
-    proc = subprocess.Popen(cmd, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, env={**env, TAG: token},
-                            start_new_session=True)
-    fd, pending, deadline = proc.stdout.fileno(), [b""], time.monotonic() + limit
-    sel = selectors.DefaultSelector()
-    sel.register(fd, selectors.EVENT_READ)
-
-    def feed(chunk: bytes) -> None:
-        *lines, pending[0] = (pending[0] + chunk).split(b"\n")
-        for line in lines:
-            on_line(line.decode(errors="replace"))
-
-    try:
-        while (left := deadline - time.monotonic()) > 0 and proc.poll() is None:
-            if sel.select(min(left, 0.25)):
-                chunk = os.read(fd, 1 << 16)
-                if not chunk:  # every writer closed the pipe: the step ends, or runs out of time
-                    with contextlib.suppress(subprocess.TimeoutExpired):
-                        proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-                    break
-                feed(chunk)
-        rc = proc.poll()  # ended (what it started may still hold the pipe open), or ran over
-    finally:  # also on Ctrl-C, which reaches this process only: the step's session has its own
-        end_step(proc, token)
-        try:  # what is left in the pipe, until EOF or DRAIN seconds: a process the kill missed
-            drain_end = time.monotonic() + DRAIN  # (one that dropped its tag) may still write
-            while (left := drain_end - time.monotonic()) > 0 and sel.select(left):
-                chunk = os.read(fd, 1 << 16)
-                if not chunk:
-                    break
-                feed(chunk)
-            if pending[0]:
-                on_line(pending[0].decode(errors="replace"))
-        finally:
-            sel.close()
-            proc.stdout.close()
-    return rc
-
-
-class LineSink(io.TextIOBase):
-    """A text stream that hands each complete line to on_line (the rest at close)."""
-
-    def __init__(self, on_line):
-        self.on_line, self.pending = on_line, ""
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, s: str) -> int:
-        *lines, self.pending = (self.pending + s).split("\n")
-        for line in lines:
-            self.on_line(line)
-        return len(s)
-
-    def close(self) -> None:
-        if self.pending:
-            self.on_line(self.pending)
-            self.pending = ""
-        super().close()
-
-
-# -- The report's rows -----------------------------------------------------------------------------
-
-def label(name: str) -> str:
-    """A row's name as the report shows it: fp32 says that TF32 is off."""
-    return re.sub(r"\bfp32\b(?!-)", "fp32 (TF32 off)", name)
-
-
-def pct(x: float | None, digits: int = 1) -> str:
-    return "n/a" if x is None else f"{100 * x:.{digits}f}%"
-
-
-def gib(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.2f} GiB"
-
-
-def row_line(r: dict) -> str:
-    """One speed row (speed_rows.check_rows) as one line of the report."""
-    kind, name = r["row"], f"ROW   {label(r['name']):<30}"
-    if kind == "plan":
-        c, sheet = r["config"], r["datasheet"]
-        peaks = (f"datasheet: {r['datasheet_of']} dense " + ", ".join(
-            f"{p} {v:g}" for p, v in sheet.items()) + " TFLOP/s" if sheet else
-            f"no datasheet peak known for {r['datasheet_of']}: MFU against the measured only")
-        return (f"speed rows ({r['name']}) on {r['device']}, torch {r['torch']}: "
-                f"{r['params'] / 1e6:.2f} M-parameter UNet, {c['img_size']} px, "
-                f"{r['train_flops'] / 1e9:.3g} GFLOP per training image (forward + backward), "
-                f"{r['fwd_flops'] / 1e9:.3g} per sampling step; {peaks}")
-    if kind == "matmul":
-        sheet = r["datasheet"]
-        return (f"{name} {r['tflops']:9.4g} TFLOP/s measured" + (
-            f"; datasheet {sheet:g} ({r['tflops'] / sheet:.0%} of it)" if sheet else
-            "; datasheet n/a"))
-    if kind == "train":
-        first = (f"first step (compilation) {r['first_step_s']:.1f} s" if "compile" in
-                 r["variant"] else f"first step {r['first_step_s']:.2f} s")
-        return (f"{name} {r['img_s']:9.1f} img/s  {r['ms_step']:.1f} ms/step (median of 3 x "
-                f"{r['steps']}, spread {pct(r['spread'])})  MFU {pct(r['mfu_measured'])} of "
-                f"measured, {pct(r['mfu_datasheet'])} of datasheet  GPU busy "
-                f"{pct(r['busy'], 0)}  peak {gib(r['mem_gib'])}  {first}")
-    if kind == "loss":
-        verdict = "agree" if r["rel_diff"] < 0.01 else "DIFFER"
-        return (f"{name} fp32 {r['fp32']:.5f}, bf16 {r['bf16']:.5f} (mean of {r['batch']}, "
-                f"same t and noise): {verdict}, {pct(r['rel_diff'], 3)} apart, at most "
-                f"{pct(r['max_rel_diff_image'], 2)} per image")
-    if kind == "sample":
-        return (f"{name} {r['img_s']:9.1f} img/s  ({r['steps']} DPM-Solver++ steps in "
-                f"{r['seconds']:.2f} s, EMA weights)  peak {gib(r['mem_gib'])}")
-    return f"{name} error: {r['error']}"
 
 
 class GpuCheck:
@@ -482,7 +312,8 @@ class GpuCheck:
 
         def on_line(text: str) -> None:
             try:
-                r = json.loads(text[len(speed_rows.ROW):]) if text.startswith(speed_rows.ROW) else None
+                row = speed_rows.ROW
+                r = json.loads(text[len(row):]) if text.startswith(row) else None
             except ValueError:  # a row cut off by a kill: not measured to the end
                 r = None
             if r is None:
@@ -494,7 +325,7 @@ class GpuCheck:
             else:
                 seen.append(r["name"])
                 errors.extend([r["name"]] * (r["row"] == "error"))
-            self.say(row_line(r))
+            self.say(speed_rows.row_line(r))
 
         def verify(out: str) -> str:
             if errors:
@@ -511,7 +342,7 @@ class GpuCheck:
         for name in plan:
             if name not in seen:
                 self.statuses.append("CUT")
-                self.say(f"CUT   {label(name):<30}    0.0 s  not run: {why}")
+                self.say(f"CUT   {speed_rows.label(name):<30}    0.0 s  not run: {why}")
 
     def round_trip(self) -> None:
         """ddpm.py on a tiny model in bf16 (fp16 where the GPU has none): train a few steps ->

@@ -11,6 +11,7 @@ import gc
 import json
 import math
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -255,6 +256,56 @@ def check_rows(b, rest: list[str], emit) -> None:
                     row("sample", f"sample {n} {p}", lambda n: {"precision": p, **sample_row(
                         prog, n, b.sample_steps)}, n)
                 del prog
+
+
+# -- Each row as a line of the GPU check's report ------------------------------------------
+
+def label(name: str) -> str:
+    """A row's name as the report shows it: fp32 says that TF32 is off."""
+    return re.sub(r"\bfp32\b(?!-)", "fp32 (TF32 off)", name)
+
+
+def pct(x: float | None, digits: int = 1) -> str:
+    return "n/a" if x is None else f"{100 * x:.{digits}f}%"
+
+
+def gib(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f} GiB"
+
+
+def row_line(r: dict) -> str:
+    """One speed row (check_rows) as one line of the GPU check's report."""
+    kind, name = r["row"], f"ROW   {label(r['name']):<30}"
+    if kind == "plan":
+        c, sheet = r["config"], r["datasheet"]
+        peaks = (f"datasheet: {r['datasheet_of']} dense " + ", ".join(
+            f"{p} {v:g}" for p, v in sheet.items()) + " TFLOP/s" if sheet else
+            f"no datasheet peak known for {r['datasheet_of']}: MFU against the measured only")
+        return (f"speed rows ({r['name']}) on {r['device']}, torch {r['torch']}: "
+                f"{r['params'] / 1e6:.2f} M-parameter UNet, {c['img_size']} px, "
+                f"{r['train_flops'] / 1e9:.3g} GFLOP per training image (forward + backward), "
+                f"{r['fwd_flops'] / 1e9:.3g} per sampling step; {peaks}")
+    if kind == "matmul":
+        sheet = r["datasheet"]
+        return (f"{name} {r['tflops']:9.4g} TFLOP/s measured" + (
+            f"; datasheet {sheet:g} ({r['tflops'] / sheet:.0%} of it)" if sheet else
+            "; datasheet n/a"))
+    if kind == "train":
+        first = (f"first step (compilation) {r['first_step_s']:.1f} s" if "compile" in
+                 r["variant"] else f"first step {r['first_step_s']:.2f} s")
+        return (f"{name} {r['img_s']:9.1f} img/s  {r['ms_step']:.1f} ms/step (median of 3 x "
+                f"{r['steps']}, spread {pct(r['spread'])})  MFU {pct(r['mfu_measured'])} of "
+                f"measured, {pct(r['mfu_datasheet'])} of datasheet  GPU busy "
+                f"{pct(r['busy'], 0)}  peak {gib(r['mem_gib'])}  {first}")
+    if kind == "loss":
+        verdict = "agree" if r["rel_diff"] < 0.01 else "DIFFER"
+        return (f"{name} fp32 {r['fp32']:.5f}, bf16 {r['bf16']:.5f} (mean of {r['batch']}, "
+                f"same t and noise): {verdict}, {pct(r['rel_diff'], 3)} apart, at most "
+                f"{pct(r['max_rel_diff_image'], 2)} per image")
+    if kind == "sample":
+        return (f"{name} {r['img_s']:9.1f} img/s  ({r['steps']} DPM-Solver++ steps in "
+                f"{r['seconds']:.2f} s, EMA weights)  peak {gib(r['mem_gib'])}")
+    return f"{name} error: {r['error']}"
 
 
 def main(argv=None) -> int:

@@ -17,9 +17,10 @@ import pytest
 import torch
 
 import bench
-import speed_rows
 import evaluate
 import gpu_check
+import speed_rows
+import steps
 
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench.py")
 CHECK_LINE = re.compile(r"^(PASS|FAIL|SKIP|CUT ) {2}(.+?) +\d+\.\d s  (.*)$", re.M)
@@ -107,7 +108,7 @@ def test_what_the_budget_leaves_no_time_for_is_listed_as_not_run(tmp_path):
     text = report.read_text()
     checks = lines_by_name(text)
     b, _ = bench.parse(["--check-rows", "eager", *gpu_check.SPEED_REHEARSAL])
-    rows = [gpu_check.label(name) for name in speed_rows.check_plan(b)]
+    rows = [speed_rows.label(name) for name in speed_rows.check_plan(b)]
     assert list(checks)[:len(rows) + 2] == ["probe: nvidia-smi", "speed rows, eager", *rows]
     assert list(checks)[-5:] == ["tests: test_unet.py on cpu", "torchrun: gloo, ddpm.py",
                                  "speed rows, compile", "train, --compile",
@@ -185,11 +186,11 @@ def test_a_step_ends_with_every_process_it_started(tmp_path):
 
     handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     with pytest.raises(Stop):
-        gpu_check.run_bounded([sys.executable, str(script)], 300, on_line, str(tmp_path),
+        steps.run_bounded([sys.executable, str(script)], 300, on_line, str(tmp_path),
                               dict(os.environ))
     assert len(pids) == 2
     assert groups[0] != groups[1]  # killing the step's process group alone would miss it
-    assert not [pid for pid in pids if gpu_check.alive(pid)]
+    assert not [pid for pid in pids if steps.alive(pid)]
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers
 
 
@@ -203,7 +204,7 @@ def test_a_step_past_its_limit_ends_with_a_grandchild_that_ignores_sigterm(tmp_p
             pids.extend(map(int, line.split()[1:]))
     try:
         t0 = time.monotonic()
-        rc = gpu_check.run_bounded([sys.executable, "-c", (
+        rc = steps.run_bounded([sys.executable, "-c", (
             "import os, subprocess, sys, time\n"
             "g = subprocess.Popen([sys.executable, '-c', 'import signal, time; signal.signal("
             "signal.SIGTERM, signal.SIG_IGN); print(\"ignoring\", flush=True); "
@@ -215,11 +216,11 @@ def test_a_step_past_its_limit_ends_with_a_grandchild_that_ignores_sigterm(tmp_p
         assert rc is None  # stopped at its limit, not ended by itself
         assert len(pids) == 2, "the step did not start its grandchild within its limit"
         assert took < 120  # the limit, end_step's grace and the drain, not the 600 s sleeps
-        assert not [pid for pid in pids if gpu_check.alive(pid)]
+        assert not [pid for pid in pids if steps.alive(pid)]
         assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers
     finally:  # whatever failed above, nothing it started is left running
         for pid in pids:
-            if gpu_check.alive(pid):
+            if steps.alive(pid):
                 os.kill(pid, signal.SIGKILL)
 
 
@@ -227,7 +228,7 @@ def test_a_step_that_ends_leaves_no_process_behind(tmp_path):
     # The step exits at once; the grandchild it leaves in its own session holds the output pipe
     # open: the step still ends (it does not wait for the pipe) and takes the grandchild along.
     lines = []
-    rc = gpu_check.run_bounded([sys.executable, "-c", (
+    rc = steps.run_bounded([sys.executable, "-c", (
         "import subprocess, sys\n"
         "g = subprocess.Popen([sys.executable, '-c', 'import signal, time; signal.signal("
         "signal.SIGTERM, signal.SIG_IGN); time.sleep(600)'], start_new_session=True)\n"
@@ -235,19 +236,19 @@ def test_a_step_that_ends_leaves_no_process_behind(tmp_path):
         dict(os.environ))
     assert rc == 3
     pid = int(lines[0].split()[1])
-    assert not gpu_check.alive(pid)
+    assert not steps.alive(pid)
 
 
 def test_a_process_the_kill_misses_does_not_keep_the_step_reading(tmp_path):
     # The step exits at once and leaves a grandchild in its own session, without the step's tag
     # in its environment (out of end_step's reach), writing to the step's output for 60 s: the
-    # step's output is read for gpu_check.DRAIN seconds more at most, not until that writer ends.
+    # step's output is read for steps.DRAIN seconds more at most, not until that writer ends.
     lines = []
     try:
         t0 = time.monotonic()
-        rc = gpu_check.run_bounded([sys.executable, "-c", (
+        rc = steps.run_bounded([sys.executable, "-c", (
             "import os, subprocess, sys\n"
-            f"env = {{k: v for k, v in os.environ.items() if k != {gpu_check.TAG!r}}}\n"
+            f"env = {{k: v for k, v in os.environ.items() if k != {steps.TAG!r}}}\n"
             "g = subprocess.Popen([sys.executable, '-c', 'import time\\nfor _ in range(600): "
             "print(\"still here\", flush=True); time.sleep(0.1)'], start_new_session=True, "
             "env=env)\n"
@@ -258,7 +259,7 @@ def test_a_process_the_kill_misses_does_not_keep_the_step_reading(tmp_path):
         assert took < 45  # well under the writer's 60 s
     finally:
         for line in lines:
-            if line.startswith("grandchild") and gpu_check.alive(int(line.split()[1])):
+            if line.startswith("grandchild") and steps.alive(int(line.split()[1])):
                 os.kill(int(line.split()[1]), signal.SIGKILL)
 
 
