@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 import evaluate
+import tags
 from data import load_folders, to_model
 from superres import super_resolve
 from text import read_captions, words
@@ -43,7 +44,7 @@ def evaluate_prompts(drawer, folder: str) -> list[dict]:
     a, size, c = drawer.args, drawer.args.img_size, drawer.args.img_channels
     images, paths = load_folders([folder], size, c, warn=drawer.console.print,
                                  cache_dir=a.cache_dir, with_paths=True)
-    clf, info = evaluate.fit_tag_classifier(images, read_captions(paths, [folder], "files"),
+    clf, info = tags.fit_tag_classifier(images, read_captions(paths, [folder], "files"),
                                             device=drawer.device, progress="colour classifier")
     hair, eyes = ([k for k in clf.classes[attr] if k in drawer.vocab.stoi]
                   for attr in ("hair", "eyes"))
@@ -60,7 +61,7 @@ def evaluate_prompts(drawer, folder: str) -> list[dict]:
     for w in a.guidance_scale:
         inputs = lambda i, j: ({"tokens": tokens[i:j].to(drawer.device)}, None)  # noqa: E731
         samples = drawer.draw_many(n, f"w = {w:g}:", inputs, w)
-        seen = evaluate.classify(clf, samples)
+        seen = tags.classify(clf, samples)
         row = {"guidance": w, "n": n,
                "hair_acc": float(np.mean([s == h for s, (h, _) in zip(seen["hair"], want)])),
                "eyes_acc": float(np.mean([s == e for s, (_, e) in zip(seen["eyes"], want)])),

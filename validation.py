@@ -7,7 +7,7 @@ import math
 
 from config import UserError, hw, size_name
 
-# --eval-prompts' colour classifier (evaluate.TagClassifier) halves the image three times: it
+# --eval-prompts' colour classifier (tags.TagClassifier) halves the image three times: it
 # takes images of this side and up.
 TAG_MIN_SIDE = 16
 

@@ -30,6 +30,7 @@ import checkpoint
 import config
 import ddpm
 import evaluate
+import tags
 import trainer
 import validation
 from text import Vocab
@@ -355,7 +356,7 @@ def same(x, y) -> bool:
 def test_eval_prompts_of_a_model_too_small_for_the_colour_classifier_is_refused_in_one_line(
         tmp_path):
     import evaluate
-    clf = evaluate.TagClassifier({"hair": list(COLOURS)}).eval()
+    clf = tags.TagClassifier({"hair": list(COLOURS)}).eval()
     side = validation.TAG_MIN_SIDE
     assert set(clf(torch.zeros(1, 3, side, side))) == {"hair"}  # the smallest it takes
     with pytest.raises(AssertionError, match=f">= {side}"):
