@@ -355,7 +355,6 @@ def same(x, y) -> bool:
 
 def test_eval_prompts_of_a_model_too_small_for_the_colour_classifier_is_refused_in_one_line(
         tmp_path):
-    import evaluate
     clf = tags.TagClassifier({"hair": list(COLOURS)}).eval()
     side = validation.TAG_MIN_SIDE
     assert set(clf(torch.zeros(1, 3, side, side))) == {"hair"}  # the smallest it takes
