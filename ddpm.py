@@ -384,8 +384,7 @@ class Program:
             (a.eval_bpd, lambda: evaluate.likelihood(drawer, self.load_data().images, a.eval_bpd)),
             (True, lambda: monitor.write_samples(drawer, self.sr_stage()))]
         next(command for given, command in commands if given)()
-        if self.world > 1:  # together: a process that tears gloo down while another still
-            dist.barrier()  # saves its last checkpoint can abort at exit (std::terminate)
+        if self.world > 1:
             dist.destroy_process_group()
 
 
