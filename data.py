@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageOps
 from torch import Tensor
 
-from config import hw  # noqa: F401 (data.hw: the image size as (H, W))
+from core.spec import hw  # noqa: F401 (data.hw: the image size as (H, W))
 from ui import progress_bar
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
@@ -190,10 +190,15 @@ def orientation(im: Image.Image) -> int | None:
         return None
 
 
+def _key(size) -> str:
+    """An image size as cache keys write it: 64, or [H, W] (a tuple or a list alike)."""
+    return str(list(size) if isinstance(size, (list, tuple)) else size)
+
+
 def folder_key(folders: list[str], size, channels: int, salt: str = "") -> tuple[str, list]:
     """A key that changes when any image file under the folders is added, removed or changed
     (sha256 of each path and fingerprint, plus size, channels and salt), and the image paths."""
-    paths, key = list_images(folders), hashlib.sha256(f"{salt}|{size}|{channels}".encode())
+    paths, key = list_images(folders), hashlib.sha256(f"{salt}|{_key(size)}|{channels}".encode())
     where = [ZIPS.find(p) if ".zip" in p.lower() else None for p in paths]
     sources = list(dict.fromkeys(w[0] if w else p for p, w in zip(paths, where)))
     prints = {}
@@ -305,7 +310,7 @@ def decode_cache(cache_dir: str, folders: list[str], size, channels: int, *, sal
     caller decodes into memory. Once a new cache is whole, the older ones of the same source go,
     with the temporaries of killed decodes and files named as earlier versions named them
     (which no version reads any more). -> (the .npy path less '.npy', count, skipped) or None."""
-    source = hashlib.sha256(f"{salt}|{size}|{channels}|{[os.path.abspath(f) for f in folders]}"
+    source = hashlib.sha256(f"{salt}|{_key(size)}|{channels}|{[os.path.abspath(f) for f in folders]}"
                             .encode()).hexdigest()[:16]
     stem = os.path.join(cache_dir, f"images-{source}-{key}")
     try:
@@ -514,3 +519,27 @@ def demo_faces(n: int, size, channels: int = 3, seed: int = 0) -> Tensor:
         arr = arr[None] if channels == 1 else arr.transpose(2, 0, 1)
         out[i] = arr[:, (size - H) // 2:(size - H) // 2 + H, (size - W) // 2:(size - W) // 2 + W]
     return torch.from_numpy(out)
+
+
+def grid(images: Tensor, nrow: int, padding: int = 2, pad_value: int = 255) -> Tensor:
+    """uint8 (N, C, H, W) -> one uint8 (3, rows (H + padding) + padding, cols (W + padding) +
+    padding) picture: nrow images a row (fewer if N is smaller), in order, on a pad_value
+    background; one channel is shown as grey. A single image is returned as it is (C, H, W),
+    unpadded, as torchvision's make_grid does."""
+    n, c, h, w = images.shape
+    if n == 1:
+        return images[0]
+    cols = min(nrow, n)
+    rows = math.ceil(n / cols)
+    out = torch.full((3, rows * (h + padding) + padding, cols * (w + padding) + padding),
+                     pad_value, dtype=torch.uint8)
+    for i, img in enumerate(images.expand(-1, 3, -1, -1) if c == 1 else images):
+        y, x = padding + (i // cols) * (h + padding), padding + (i % cols) * (w + padding)
+        out[:, y:y + h, x:x + w] = img
+    return out
+
+
+def save_png(picture: Tensor, path: str) -> None:
+    """uint8 (C, H, W) -> a PNG file."""
+    hwc = np.ascontiguousarray(picture.permute(1, 2, 0).cpu().numpy())
+    Image.fromarray(hwc[..., 0] if hwc.shape[-1] == 1 else hwc).save(path)

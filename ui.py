@@ -11,6 +11,10 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
                            TimeRemainingColumn)
 
 
+class UserError(Exception):
+    """Bad flags, files or checkpoints: printed as one line, exit code 2."""
+
+
 def make_console(quiet: bool = False) -> Console:
     """A console that prints whole lines (soft wrap: the terminal wraps, rich does not)."""
     return Console(highlight=False, soft_wrap=True, quiet=quiet)

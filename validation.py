@@ -5,7 +5,8 @@ here imports torch.
 import argparse
 import math
 
-from config import UserError, hw, size_name
+from core.spec import hw, size_name
+from ui import UserError
 
 # --eval-prompts' colour classifier (tags.TagClassifier) halves the image three times: it
 # takes images of this side and up.

@@ -1,8 +1,6 @@
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 # Under pytest-xdist (`-n 2`, the README's command) each worker is one process of its own: one
 # thread each, also in the programs the tests start, so that two workers share two cores without
 # over-subscribing them (OpenMP threads that wait for a descheduled sibling can be 10x slower).
@@ -49,6 +47,35 @@ def run_ddpm():
         return subprocess.run([sys.executable, DDPM, *args], cwd=cwd, capture_output=True,
                               text=True, timeout=300)
     return run
+
+
+@pytest.fixture(scope="session")
+def settings():
+    """settings(argv, read=None): the run's Settings for a command line (config.resolve; read
+    reads a --loadckpt: (path, ckpt_dir) -> (ckpt, path)). A command line that asks for nothing
+    trains on a folder (--train --data-folders faces), which validation needs."""
+    import config
+
+    def resolve(argv, read=None):
+        task = {"--train", "--resume", "--loadckpt"} & set(argv)
+        args, typed = config.parse_args(argv if task else ["--train", "--data-folders", "faces",
+                                                           *argv])
+        return config.resolve(args, typed, read)[0]
+    return resolve
+
+
+@pytest.fixture(scope="session")
+def reader():
+    """reader(train=None, **config): a stand-in for checkpoint.read that reads a training
+    checkpoint of the default model (config: fields changed) with this recipe (`train`),
+    whatever the path."""
+    from core import spec
+
+    def make(train=None, **changes):
+        ckpt = {"schema": spec.SCHEMA, "config": {**spec.DEFAULTS.to_dict(), **changes},
+                "epoch": 1, "step": 1, "model": {}, "optimizer": {}, "train": train or {}}
+        return lambda path, ckpt_dir: (ckpt, path)
+    return make
 
 
 @pytest.fixture(scope="session")
@@ -117,7 +144,7 @@ def make_diffusion():
     """make_diffusion(T=1000, schedule="linear", prediction="eps", beta_max=None): a
     GaussianDiffusion, beta_T = 0.02 scaled to T (at most 0.5) unless given (its losses and
     samplers are given the network)."""
-    from diffusion import GaussianDiffusion
+    from core.diffusion import GaussianDiffusion
     def make(T=1000, schedule="linear", prediction="eps", beta_max=None):
         beta_max = min(0.02 * 1000 / T, 0.5) if beta_max is None else beta_max
         return GaussianDiffusion(T, 1e-4, beta_max, schedule=schedule, prediction=prediction)

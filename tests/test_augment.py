@@ -7,12 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import augment
-import evaluate
-from augment import AUGMENT_DIM, recolour, warp
+from features import augment
+from features import evaluate
+from features.augment import AUGMENT_DIM, recolour, warp
 from config import parse_args
 from data import demo_faces
-from dataset import ImageDataset
+from run.dataset import ImageDataset
 from ddpm import Program, main
 from unet import UNet
 
@@ -147,9 +147,9 @@ def test_augment_is_stored_a_positive_value_may_change_on_resume_and_old_configs
     ckpt = torch.load(tmp_path / "ckpt" / "ckpt-0.pth", weights_only=True)
     assert ckpt["config"]["augment"] == 0.5 and "augment_embed.weight" in ckpt["ema"]
     p = Program(*parse_args(tiny(tmp_path, "--epochs", "1", "--loadckpt", "latest")))
-    assert p.args.augment == 0.5
+    assert p.cfg.model.augment == 0.5
     q = Program(*parse_args(tiny(tmp_path, "--loadckpt", "latest", "--augment", "0.2")))
-    assert q.args.augment == 0.2
+    assert q.cfg.model.augment == 0.2
     assert main(tiny(tmp_path, "--loadckpt", "latest", "--augment", "0")) == 2  # off: another net
     del ckpt["config"]["augment"], ckpt["schema"]  # as written before --augment existed
     for k in [k for k in ckpt["model"] if k.startswith("augment_embed")]:
@@ -158,7 +158,7 @@ def test_augment_is_stored_a_positive_value_may_change_on_resume_and_old_configs
     torch.save(ckpt, tmp_path / "older.pth")
     old = Program(*parse_args(["--loadckpt", str(tmp_path / "older.pth"), "--save-dir",
                                str(tmp_path / "o")]))
-    assert old.args.augment == 0 and not hasattr(old.trainer.ema, "augment_embed")
+    assert old.cfg.model.augment == 0 and not hasattr(old.trainer.ema, "augment_embed")
 
 
 def test_augment_outside_zero_to_one_is_a_one_line_error(tiny, tmp_path, capsys):

@@ -80,8 +80,7 @@ def test_a_cache_folder_that_is_a_file_falls_back_to_memory_with_one_warning(tmp
 
 
 FULL_DISK = """
-import resource, signal, sys
-sys.path.insert(0, {root!r})
+import resource, signal, sys  # run in the repository root
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG), as if full
 resource.setrlimit(resource.RLIMIT_FSIZE, (200, 200))
 from data import load_folders
@@ -93,9 +92,9 @@ print("images", tuple(x.shape), int(x.sum()))
 def test_a_full_cache_disk_falls_back_to_memory_and_leaves_no_temporary(tmp_path):
     make_images(tmp_path / "d")
     (tmp_path / "c").mkdir()
-    code = FULL_DISK.format(root=ROOT, folder=str(tmp_path / "d"), cache=str(tmp_path / "c"))
+    code = FULL_DISK.format(folder=str(tmp_path / "d"), cache=str(tmp_path / "c"))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                       env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+                       cwd=ROOT, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
     assert r.returncode == 0, r.stderr
     expected = load_folders([str(tmp_path / "d")], 8, 3)
     assert f"images (3, 3, 8, 8) {int(expected.sum())}" in r.stdout
@@ -129,10 +128,12 @@ def test_a_zip_member_replaced_in_an_archive_of_the_same_size_and_mtime_is_notic
     first = load_folders([str(tmp_path / "a.zip")], 8, 3, cache_dir=str(tmp_path / "c"))
     assert (first == torch.tensor([1, 2, 3])[:, None, None]).all()
     archive((9, 9, 9))
-    code = (f"import sys; sys.path.insert(0, {ROOT!r}); from data import load_folders; "
+    code = (f"from data import load_folders; "  # run in the repository root
+            
             f"print(load_folders([{str(tmp_path / 'a.zip')!r}], 8, 3, "
             f"cache_dir={str(tmp_path / 'c')!r}).unique().tolist())")  # the next start
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       cwd=ROOT)
     assert r.returncode == 0 and r.stdout.strip() == "[9]", r.stderr
 
 

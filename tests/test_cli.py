@@ -254,7 +254,7 @@ FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures",
 
 
 def test_eval_fid_without_the_fid_network_is_a_one_line_error(tmp_path, monkeypatch, capsys):
-    import evaluate
+    from features import evaluate
 
     def missing():
         raise evaluate.MissingNetwork(f"the FID Inception network is not installed; run: "
@@ -294,8 +294,9 @@ def test_the_start_up_summary_tells_the_checkpoints_model_not_the_flag_defaults(
                                "cpu, fp32; outputs in output/")
     assert "img_size=64" not in r.stdout and "captions=off" not in r.stdout
     written = json.load(open(tmp_path / "output" / "config.json"))
-    assert (written["img_size"], written["captions"], written["num_channels"]) == (8, "files", 4)
-    assert written["sampler"] == "ddim" and written["loadckpt"] == FIXTURE
+    model, sample = written["model"], written["sample"]  # every setting, by part
+    assert (model["img_size"], model["captions"], model["num_channels"]) == (8, "files", 4)
+    assert sample["sampler"] == "ddim" and sample["loadckpt"] == FIXTURE
 
 
 def test_heun_with_karras_spacing_samples_from_the_cli_and_says_its_network_calls(

@@ -26,14 +26,14 @@ import pytest
 import torch
 from PIL import Image
 
-import checkpoint
 import config
+from ui import UserError
 import ddpm
-import evaluate
-import tags
-import trainer
+from features import evaluate
+from features import tags
+from features import kinds
 import validation
-from text import Vocab
+from features.text import Vocab
 
 SIZE = 16  # every kind draws SIZE px images; a super-resolution kind upsamples SIZE / 2 to SIZE
 RUN = ["--batch-size", "8", "--seed", "7", "--epochs", "1", "--sample-every", "0"]  # not stored
@@ -76,10 +76,9 @@ KINDS = {kind_name(c): [w for f in c for w in on_flags(f)]
 
 def refusal(argv: list[str]) -> str | None:
     """validation's refusal of a command line without a checkpoint (None: admitted)."""
-    a, _ = config.parse_args(argv)
     try:
-        validation.validate(a)
-    except config.UserError as e:
+        config.resolve(*config.parse_args(argv))
+    except UserError as e:
         return str(e)
     return None
 
@@ -180,14 +179,13 @@ def run(argv: list[str]) -> Outcome:
     def spy(a, *args, **kwargs):
         try:
             return validation.validate(a, *args, **kwargs)
-        except config.UserError as e:
+        except UserError as e:
             refused.append(str(e))
             raise
 
     out, err = io.StringIO(), io.StringIO()
     py_state, np_state = random.getstate(), np.random.get_state()
-    patched = [(ddpm, "validate", spy), (checkpoint, "validate", spy),
-               (evaluate, "InceptionFeatures", Features)]
+    patched = [(config, "validate", spy), (evaluate, "InceptionFeatures", Features)]
     real = [getattr(m, name) for m, name, _ in patched]
     try:
         for m, name, stand_in in patched:
@@ -305,24 +303,27 @@ def test_every_action_flag_is_crossed(tmp_path):
 
 
 def test_every_kind_class_has_the_whole_interface_and_wrappers_pass_it_on():
-    """The kinds trainer.model_kind picks (and those they wrap) have every member of
-    trainer.ModelKind, their classes define its methods themselves, and every public method of a
+    """The kinds kinds.make_kind makes (and those they wrap) have every member of
+    kinds.ModelKind, their classes define its methods themselves, and every public method of a
     kind is in ModelKind; a wrapper answers what it does not change as its inner kind does."""
-    protocol = trainer.ModelKind
+    protocol = kinds.ModelKind
     methods = {k for k, v in vars(protocol).items() if callable(v) and not k.startswith("_")}
     vocab = Vocab.build([f"{c} hair" for c in COLOURS])
     preview_images = torch.zeros(2, 3, SIZE, SIZE, dtype=torch.uint8)
     up = torch.linspace(-1, 1, 2 * 3 * SIZE * SIZE).view(2, 3, SIZE, SIZE)
     wrappers = 0
     for name, flags in KINDS.items():
-        a, _ = config.parse_args(["--img-size", str(SIZE), *flags])
-        kind = trainer.model_kind(a, vocab if a.captions != "off" else None, preview_images)
+        args, _ = config.parse_args(["--img-size", str(SIZE), *flags])
+        s = config.settings_of({**vars(args), "img_size": SIZE})  # not validated: every kind
+        kind = kinds.make_kind(s.model, vocab if s.model.captions != "off" else None,
+                               cond_drop=s.train.cond_drop, sr_noise_max=s.train.sr_noise_max,
+                               sr_noise=s.sample.sr_noise, preview_images=preview_images)
         for k in [kind] + ([kind.inner] if hasattr(kind, "inner") else []):
             cls = type(k)
             assert isinstance(k, protocol) and methods <= set(vars(cls)), \
                 f"{cls.__name__} lacks {methods - set(vars(cls))}"
             own = {m for m, v in vars(cls).items() if callable(v) and not m.startswith("_")}
-            assert own <= methods, f"{cls.__name__}.{own - methods} is not in trainer.ModelKind"
+            assert own <= methods, f"{cls.__name__}.{own - methods} is not in kinds.ModelKind"
         if hasattr(kind, "inner"):  # unet_inputs and train_batch are what a wrapper changes
             wrappers += 1
             assert kind.name == kind.inner.name
@@ -338,7 +339,7 @@ def answer(ask, kind):
         torch.manual_seed(0)
         try:
             return ask(kind)
-        except config.UserError as e:
+        except UserError as e:
             return str(e)
 
 

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 import config
+from core import spec
 from config import parse_args
 from ddpm import Program, main
 
@@ -19,7 +20,7 @@ FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures",
 def test_the_old_checkpoint_is_read_as_one_config_dict():
     old = torch.load(FIXTURE, weights_only=True)
     assert old["format"] == 1 and "config" not in old  # really the old layout
-    cfg = config.stored_config(old)
+    cfg = spec.stored_dict(old)
     assert set(cfg) == set(config.stored_keys())
     assert cfg["img_size"] == 8 and cfg["num_channels"] == 4 and cfg["captions"] == "files"
     assert cfg["schedule"] == "linear" and cfg["super_res"] == 0
@@ -29,10 +30,10 @@ def test_the_old_checkpoint_alone_rebuilds_the_model_and_its_vocabulary(tmp_path
     old = torch.load(FIXTURE, weights_only=True)
     args, typed = parse_args(["--loadckpt", FIXTURE, "--save-dir", str(tmp_path)])
     prog = Program(args, typed)
-    assert prog.args.img_size == 8 and prog.vocab.itos[2:] == old["text"]["words"]
+    assert prog.cfg.model.img_size == 8 and prog.vocab.itos[2:] == old["text"]["words"]
     for k, v in old["ema"].items():  # every weight loaded strictly, none left at its init
         assert torch.equal(prog.trainer.ema.state_dict()[k], v), k
-    written = json.load(open(tmp_path / "config.json"))
+    written = json.load(open(tmp_path / "config.json"))["model"]  # every setting, by part
     assert written["img_size"] == 8 and written["captions"] == "files"
 
 
@@ -64,6 +65,6 @@ def test_the_old_checkpoint_resumes_training_and_is_saved_in_the_new_layout(tmp_
                  "--save-dir", str(tmp_path / "out")]) == 0
     old = torch.load(FIXTURE, weights_only=True)
     new = torch.load(tmp_path / "ckpt" / "ckpt-1.pth", weights_only=True)
-    assert new["format"] == 2 and new["schema"] == 3 and new["config"] == config.stored_config(old)
+    assert new["format"] == 2 and new["schema"] == 3 and new["config"] == spec.stored_dict(old)
     assert new["step"] == old["step"] + 2 and new["epoch"] == old["epoch"] + 1
     assert new["text"] == old["text"]

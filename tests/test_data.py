@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 
 from data import DataError, demo_faces, load_folders, to_model, to_uint8
-from dataset import ImageDataset
-from drawing import grid, save_png
+from run.dataset import ImageDataset
+from data import grid, save_png
 
 
 def test_uint8_to_model_and_back_is_exact_for_every_value():

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 import data
-import dataset
+from run import dataset
 from config import parse_args
 from data import DataError, MappedImages, load_folders
 from ddpm import Program, main
@@ -142,7 +142,7 @@ def test_a_16x32_model_trains_samples_and_draws_strips_and_fid(
     prog = Program(*parse_args(["--loadckpt", "ckpt/ckpt-0.pth", "--batch-size", "6",
                                 "--sampler", "ddim", "--sample-steps", "2", "--data-folders",
                                 "imgs", "--save-dir", "fid"]))
-    result = evaluate.sample_quality(prog.drawer, 6)
+    result = evaluate.sample_quality(prog.drawer, prog.cfg.data, 6, eval_folders=None)
     assert np.isfinite(result["fid"]) and result["fid"] > 0
     assert png_size("fid/nearest.png")[1] == 6 * 18 + 2  # 6 rows of 16-px tiles
 

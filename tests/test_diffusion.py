@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from diffusion import GaussianDiffusion, linear_betas
+from core.diffusion import GaussianDiffusion, linear_betas
 from unet import UNet
 
 

@@ -109,7 +109,7 @@ def test_the_lock_pins_every_range_and_the_readme_names_its_versions():
 
     from packaging.requirements import Requirement
     spec = importlib.util.spec_from_file_location("versions_line",
-                                                  os.path.join(ROOT, "scripts", "versions_line.py"))
+                                                  os.path.join(ROOT, "tools", "versions_line.py"))
     versions_line = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(versions_line)
     pins = versions_line.locked()
@@ -120,7 +120,7 @@ def test_the_lock_pins_every_range_and_the_readme_names_its_versions():
                 assert req.specifier.contains(pins[req.name.lower()]), (name, line)
     with open(os.path.join(ROOT, "README.md")) as f:
         lines = [line for line in f.read().splitlines() if line.startswith(versions_line.PREFIX)]
-    assert lines == [versions_line.versions_line()], "stale: python scripts/versions_line.py"
+    assert lines == [versions_line.versions_line()], "stale: python -m tools.versions_line"
 
 
 # What a user reads must describe the program as it is. Each pattern is written so that it does
@@ -129,8 +129,7 @@ HISTORY = [r"\bissues? #?\d+", r"\bre-?design", r"\b(this|that|a later|a third|a
            r"\bwas len[t]\b", r"\bcommit [0-9a-f]{7,40}\b", r"\bthe old (code|text|default)\b",
            r"\bused to b[e]\b", r"\buntil no[w]\b"]
 SOURCES = PAGES + sorted(glob.glob(os.path.join(ROOT, "*.py"))
-                         + glob.glob(os.path.join(ROOT, "scripts", "*.py"))
-                         + glob.glob(os.path.join(ROOT, "tests", "*.py"))) + [
+                         + glob.glob(os.path.join(ROOT, "*", "*.py"))) + [
     os.path.join(ROOT, "Makefile"), os.path.join(ROOT, ".ci", "run")]
 
 
@@ -179,19 +178,20 @@ def test_rare_flags_are_marked_in_help():
     assert "sampler" not in rare and "train" not in rare
 
 
-def test_train_demo_sets_the_preset_and_typed_flags_win():
-    a, typed = config.parse_args(["--train", "--demo"])
+def test_train_demo_sets_the_preset_and_typed_flags_win(settings):
+    flat = config.flat(settings(["--train", "--demo"]))
     for k, v in config.DEMO_PRESET.items():
-        assert getattr(a, k) == v, k
-    assert not config.is_default_model(a)
-    a, typed = config.parse_args(["--train", "--demo", "--epochs", "3", "--img-size", "16"])
-    assert (a.epochs, a.img_size, a.num_channels) == (3, 16, 32)
-    line = config.preset_line(a, typed)
+        assert flat[k] == (tuple(v) if isinstance(v, list) else v), k
+    assert not config.is_default_model(settings(["--train", "--demo"]).model)
+    argv = ["--train", "--demo", "--epochs", "3", "--img-size", "16"]
+    s = settings(argv)
+    assert (s.train.epochs, s.model.img_size, s.model.num_channels) == (3, 16, 32)
+    line = config.preset_line(*config.parse_args(argv))
     assert "--epochs" not in line.split(";")[0] and line.endswith("your --img-size --epochs kept")
-    a, typed = config.parse_args(["--demo", "--loadckpt", "x.pth", "--eval-bpd", "4"])
-    assert a.img_size == 64 and config.preset_line(a, typed) is None  # not training: no preset
-    a, typed = config.parse_args(["--train", "--data-folders", "faces"])
-    assert a.img_size == 64 and config.is_default_model(a)
+    argv = ["--demo", "--loadckpt", "x.pth", "--eval-bpd", "4"]
+    assert config.preset_line(*config.parse_args(argv)) is None  # not training: no preset
+    s = settings(["--train", "--data-folders", "faces"])
+    assert s.model.img_size == 64 and config.is_default_model(s.model)
 
 
 def test_the_start_up_line_names_the_demo_preset(tmp_path):
@@ -207,24 +207,23 @@ def test_the_start_up_line_names_the_demo_preset(tmp_path):
     assert "1.11 M parameters, 32 px" in r.stdout and "T = 10" in r.stdout
 
 
-def test_the_default_sampler_is_dpm_solver_except_for_eps_models_and_inpainting():
-    assert config.parse_args([])[0].sampler == "dpm++"
-    assert config.parse_args(["--prediction", "eps"])[0].sampler == "ddpm"
-    assert config.parse_args(["--mask-box", "0", "0", "4", "4"])[0].sampler == "ddpm"
-    assert config.parse_args(["--prediction", "eps", "--sampler", "ddim"])[0].sampler == "ddim"
-    a, typed = config.parse_args(["--loadckpt", "x.pth"])
-    stored = {k: getattr(a, k) for k in config.stored_keys()}
-    config.apply_stored(a, typed, {**stored, "prediction": "eps"})  # an eps checkpoint
-    assert a.sampler == "ddpm"
-    a, typed = config.parse_args(["--loadckpt", "x.pth", "--sampler", "heun"])
-    config.apply_stored(a, typed, {**stored, "prediction": "eps"})
-    assert a.sampler == "heun"  # typed wins
+def test_the_default_sampler_is_dpm_solver_except_for_eps_models_and_inpainting(settings, reader):
+    assert settings([]).sample.sampler == "dpm++"
+    assert settings(["--prediction", "eps"]).sample.sampler == "ddpm"
+    inpaint = ["--mask-box", "0", "0", "4", "4", "--init-folder", "d", "--loadckpt", "x.pth"]
+    assert settings(inpaint, read=reader(prediction="v")).sample.sampler == "ddpm"
+    assert settings(inpaint[5:], read=reader(prediction="v")).sample.sampler == "dpm++"  # img2img
+    assert settings(["--prediction", "eps", "--sampler", "ddim"]).sample.sampler == "ddim"
+    s = settings(["--loadckpt", "x.pth"], read=reader(prediction="eps"))  # an eps checkpoint
+    assert (s.model.prediction, s.sample.sampler, s.sample.loadckpt) == ("eps", "ddpm", "x.pth")
+    s = settings(["--loadckpt", "x.pth", "--sampler", "heun"], read=reader(prediction="eps"))
+    assert s.sample.sampler == "heun"  # typed wins
 
 
-def test_the_device_is_chosen_after_parsing():
-    assert config.build_parser().parse_args([]).device == "auto"
-    assert config.parse_args([])[0].device in ("cpu", "cuda")
-    assert config.parse_args(["--device", "cpu"])[0].device == "cpu"
+def test_the_device_is_chosen_as_the_settings_are_worked_out(settings):
+    assert config.parse_args([])[0].device == "auto"  # as parsed
+    assert settings([]).train.device in ("cpu", "cuda")
+    assert settings(["--device", "cpu"]).train.device == "cpu"
 
 
 def test_a_long_cpu_run_gets_one_line_with_its_expected_time():

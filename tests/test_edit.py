@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from ddpm import main
-from diffusion import GaussianDiffusion, slerp
+from core.diffusion import GaussianDiffusion, slerp
 
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures",
                        "text-model-bc9cbb7.pth")  # 8 px, 3 channels, T = 10

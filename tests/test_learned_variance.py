@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from diffusion import GaussianDiffusion
+from core.diffusion import GaussianDiffusion
 from unet import UNet
 
 DDPM = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ddpm.py")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from data import to_model
-from diffusion import GaussianDiffusion, discretized_gaussian_log_likelihood, normal_kl
+from core.diffusion import GaussianDiffusion, discretized_gaussian_log_likelihood, normal_kl
 
 
 def test_normal_kl_matches_torch_distributions():

@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import ddpm
-import trainer
+from run import trainer
 from config import parse_args
 from ddpm import Program
 

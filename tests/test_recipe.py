@@ -1,14 +1,12 @@
 """The training recipe's pieces against their closed forms: the shifted cosine schedule, EDM's
 log-normal noise levels, v-prediction as EDM's preconditioning, and a resume keeping its recipe."""
-import argparse
 import math
 
 import pytest
 import torch
 
-import checkpoint
 import config
-from diffusion import (cosine_betas, linear_betas, lognormal_t_probs, resolution_shift,
+from core.diffusion import (cosine_betas, linear_betas, lognormal_t_probs, resolution_shift,
                        shifted_cosine_betas)
 
 
@@ -76,17 +74,17 @@ def test_v_prediction_is_edms_preconditioning_with_unit_data_variance():
         assert v.var().item() == pytest.approx(1.0, abs=0.01)
 
 
-def test_a_resume_goes_on_with_its_recipe_and_older_checkpoints_with_the_old_one():
-    a = argparse.Namespace(lr=5e-4, lr_warmup=0, lr_schedule="constant", hflip="on",
-                           ema_decay=0.9999, min_snr_gamma=5.0, t_sampling="lognormal")
+def test_a_resume_goes_on_with_its_recipe_and_older_checkpoints_with_the_old_one(settings,
+                                                                                 reader):
     stored = {"lr": 1e-3, "lr_warmup": 10, "lr_schedule": "cosine", "hflip": "off",
               "ema_decay": 0.999, "min_snr_gamma": 0.0, "t_sampling": "uniform"}
-    checkpoint.resume_recipe(a, {"train": stored}, typed={"lr"})
-    assert vars(a) == {**stored, "lr": 5e-4}  # each stored value, but the typed --lr
+    resume = ["--resume", "--data-folders", "faces", "--min-snr-gamma", "5"]
+    t = settings([*resume, "--lr", "5e-4"], read=reader(train=stored)).train
+    recipe = {k: getattr(t, k) for k in stored}
+    assert recipe == {**stored, "lr": 5e-4, "min_snr_gamma": 5.0}  # stored, but what is typed
     older = {k: v for k, v in stored.items() if k not in ("min_snr_gamma", "t_sampling")}
-    b = argparse.Namespace(**{**vars(a), "min_snr_gamma": 5.0, "t_sampling": "lognormal"})
-    checkpoint.resume_recipe(b, {"train": older}, typed=set())
-    assert (b.min_snr_gamma, b.t_sampling) == (0.0, "uniform")  # how all runs trained then
+    t = settings(["--resume", "--data-folders", "faces"], read=reader(train=older)).train
+    assert (t.min_snr_gamma, t.t_sampling) == (0.0, "uniform")  # how all runs trained then
 
 
 def test_lognormal_t_and_importance_sampling_together_are_refused(run_ddpm, tiny, tmp_path):
@@ -94,23 +92,25 @@ def test_lognormal_t_and_importance_sampling_together_are_refused(run_ddpm, tiny
     assert r.returncode == 2 and "give one" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_the_default_learning_rate_follows_the_size_rule():
-    from trainer import Plain, default_lr, resolve_lr
+def test_the_default_learning_rate_follows_the_size_rule(settings):
+    from features.kinds import make_model
+    from run.trainer import default_lr
     assert default_lr(400_000) == 1e-3 and default_lr(1_000_000) == 1e-3
     assert default_lr(4_000_000) == pytest.approx(5e-4)  # 1e-3 / sqrt(4)
     assert default_lr(10**9) == 1e-4  # the floor
-    a, _ = config.parse_args([])  # the 64-px model: 1e-3 sqrt(1 M / its parameters)
-    resolve_lr(a, Plain())
+    s = settings([])  # the 64-px model: 1e-3 sqrt(1 M / its parameters)
     from unet import UNet
     params = sum(p.numel() for p in UNet(3, 64, (1, 2, 4, 8), (False, False, True, True), 2).parameters())
-    assert a.lr == pytest.approx(1e-3 * math.sqrt(1e6 / params))
-    b, _ = config.parse_args(["--lr", "3e-4"])
-    resolve_lr(b, Plain())
-    assert b.lr == 3e-4  # a typed --lr is kept
+    assert sum(p.numel() for p in make_model(s.model, None)[0].parameters()) == params
+    assert s.train.lr is None  # until the network's size decides it
+    lr = config.with_lr(s, default_lr(params)).train.lr
+    assert lr == pytest.approx(1e-3 * math.sqrt(1e6 / params))
+    typed = settings(["--lr", "3e-4"])
+    assert config.with_lr(typed, lr).train.lr == 3e-4  # a typed --lr is kept
 
 
-def test_lognormal_t_is_the_default_where_the_loss_allows_it():
-    assert config.parse_args([])[0].t_sampling == "lognormal"
+def test_lognormal_t_is_the_default_where_the_loss_allows_it(settings):
+    assert settings([]).train.t_sampling == "lognormal"
     for flags in (["--super-res", "16"], ["--learn-sigma"], ["--importance-sampling"]):
-        assert config.parse_args(flags)[0].t_sampling == "uniform", flags  # uniform-t losses
-    assert config.parse_args(["--learn-sigma", "--t-sampling", "lognormal"])[0].t_sampling == "lognormal"
+        assert settings(flags).train.t_sampling == "uniform", flags  # uniform-t losses
+    assert settings(["--learn-sigma", "--t-sampling", "lognormal"]).train.t_sampling == "lognormal"

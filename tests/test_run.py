@@ -14,10 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-import checkpoint
+from run import checkpoint
 from config import parse_args
 from ddpm import Program, main
-from trainer import lr_at
+from run.trainer import lr_at
 
 DDPM = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ddpm.py")
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures",
@@ -196,7 +196,7 @@ def test_hflip_off_is_stored_and_a_resume_keeps_it(tiny, tmp_path):
     ckpt = torch.load(tmp_path / "ckpt" / "ckpt-0.pth", weights_only=True)
     assert ckpt["train"]["hflip"] == "off"
     p = Program(*parse_args(tiny(tmp_path, "--epochs", "1", "--loadckpt", "latest")))
-    assert p.args.hflip == "off" and p.data.hflip is False
+    assert p.cfg.train.hflip == "off" and p.data.hflip is False
     q = Program(*parse_args(tiny(tmp_path, "--loadckpt", "latest", "--hflip", "on")))
     assert q.data.hflip is True  # typed again: the new value
 

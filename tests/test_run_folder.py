@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-import checkpoint
-from config import UserError
+from run import checkpoint
+from ui import UserError
 from data import atomic_write
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -86,15 +86,15 @@ def test_a_live_run_keeps_a_second_one_out_of_its_folder(tmp_path):
     checkpoint.claim_folder(ck, "run-b").release()  # free again once released
 
 
-HOLD = ("import sys; sys.path.insert(0, sys.argv[1]); import checkpoint; "
-        "lock = checkpoint.claim_folder(sys.argv[2], 'run-a'); print('locked', flush=True); "
+HOLD = ("import sys; from run import checkpoint; "  # run in the repository root
+        "lock = checkpoint.claim_folder(sys.argv[1], 'run-a'); print('locked', flush=True); "
         "sys.stdin.read()")
 
 
 def test_the_lock_of_a_killed_run_is_free_at_once(tmp_path):
     ck = str(tmp_path / "ck")
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, ROOT, ck], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, ck], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         assert holder.stdout.readline() == "locked\n"
         with pytest.raises(UserError, match=f"pid {holder.pid}"):
@@ -157,11 +157,9 @@ def test_the_exit_code_says_how_the_run_ended_and_whether_its_work_was_saved():
     assert {checkpoint.exit_code(how, False) for how in checkpoint.EXIT} == {74}
 
 
-def test_start_over_is_a_training_flag_that_contradicts_resume():
-    from config import parse_args
-    from validation import validate
-    validate(parse_args(["--train", "--demo", "--start-over"])[0])
+def test_start_over_is_a_training_flag_that_contradicts_resume(settings, reader):
+    settings(["--train", "--demo", "--start-over"])
     for argv, says in ((["--resume", "--demo", "--start-over"], "give one of them"),
                        (["--loadckpt", "x.pth", "--start-over"], "give --train")):
         with pytest.raises(UserError, match=says):
-            validate(parse_args(argv)[0])
+            settings(argv, read=reader())

@@ -9,10 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from config import UserError, parse_args, stored_config
+from config import parse_args
+from core import spec
+from ui import UserError
 from data import load_image
 from ddpm import main
-from text import CaptionError, Vocab, read_captions, words
+from features.text import CaptionError, Vocab, read_captions, words
 
 TINY = ["--img-size", "8", "--num-channels", "8", "--channel-multiples", "1", "--has-attn", "f",
         "--num-blocks", "1", "--timesteps", "10", "--batch-size", "4", "--device", "cpu",
@@ -53,11 +55,10 @@ def test_flags_out_of_their_range_are_one_line(tmp_path, capsys, flags, says):
 
 def test_eval_fid_of_one_sample_is_refused_because_kid_needs_two():
     from validation import validate
-    args, _ = parse_args(["--loadckpt", "x.pth", "--eval-fid", "1", "--data-folders", "d"])
+    argv = ["--loadckpt", "x.pth", "--data-folders", "d", "--eval-fid"]
     with pytest.raises(UserError, match="--eval-fid 0 \\(off\\) or >= 2"):
-        validate(args)
-    args.eval_fid = 2
-    validate(args)
+        validate(parse_args(argv + ["1"])[0])
+    validate(parse_args(argv + ["2"])[0])
 
 
 def test_the_edges_of_the_ranges_are_accepted():
@@ -155,7 +156,7 @@ def crafted(tmp_path, change) -> str:
     """The fixture checkpoint in the current layout (format 2, one config dict), changed by
     change(ckpt), saved as crafted.pth."""
     ckpt = torch.load(FIXTURE, weights_only=True)
-    ckpt["config"] = stored_config(ckpt)
+    ckpt["config"] = spec.stored_dict(ckpt)
     for k in ("model_config", "diffusion_config", "cond_config"):
         ckpt.pop(k, None)
     ckpt["format"] = 2

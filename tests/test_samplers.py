@@ -9,8 +9,8 @@ import torch
 
 from config import parse_args
 from ddpm import Program
-from trainer import ema_decay, update_ema
-from diffusion import (GaussianDiffusion, cosine_betas, ddim_step, dpm_solver_step, heun_step,
+from run.trainer import ema_decay, update_ema
+from core.diffusion import (GaussianDiffusion, cosine_betas, ddim_step, dpm_solver_step, heun_step,
                        karras_timesteps, spaced_timesteps)
 from unet import UNet
 

@@ -1,4 +1,4 @@
-"""The prepared short run for a lent GPU: --max-minutes, scripts/gpu_run.py (rehearsed on the CPU
+"""The prepared short run for a lent GPU: --max-minutes, tools/gpu_run.py (rehearsed on the CPU
 with a tiny model on tiny generated images) and evaluate.py scoring its .npz samples."""
 import glob
 import importlib.util
@@ -14,14 +14,14 @@ import pytest
 import torch
 from PIL import Image
 
-import checkpoint
-import evaluate
-from config import UserError, parse_args
+from run import checkpoint
+from features import evaluate
+from config import parse_args
+from ui import UserError
 from ddpm import Program
-from validation import validate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "scripts", "gpu_run.py")
+SCRIPT = os.path.join(ROOT, "tools", "gpu_run.py")
 
 
 def load_script():
@@ -83,9 +83,9 @@ def test_max_minutes_stops_the_run_with_a_checkpoint_and_a_resume_gets_as_long_a
 
 
 @pytest.mark.parametrize("minutes", ["0", "-1", "nan", "inf"])
-def test_max_minutes_must_be_a_positive_number(tiny, tmp_path, minutes):
+def test_max_minutes_must_be_a_positive_number(tiny, tmp_path, minutes, settings):
     with pytest.raises(UserError, match="--max-minutes must be a positive number"):
-        validate(parse_args(tiny(tmp_path, "--max-minutes", minutes))[0])
+        settings(tiny(tmp_path, "--max-minutes", minutes))
 
 
 @pytest.mark.parametrize("n,image_bytes,mib", [(5000, 64 * 64 * 3, 16), (10, 768, 0.002),
@@ -169,10 +169,10 @@ def test_the_short_run_rehearsal_writes_npz_samples_that_evaluate_scores(
     with zipfile.ZipFile(zip_path) as z:
         assert len(z.namelist()) == 16 and set(z.namelist()) < set(os.listdir(tmp_path / "faces"))
     image_bytes, mib = 16 * 16 * 3, 0.0015  # 2 images a file (1,572 bytes)
-    r = subprocess.run([sys.executable, SCRIPT, "--data", str(zip_path), "--out", str(out),
+    r = subprocess.run([sys.executable, "-m", "tools.gpu_run", "--data", str(zip_path), "--out", str(out),
                         "--minutes", "0.01", "--samples", "5", "--sample-batch", "2",
                         "--file-mib", str(mib), "--device", "cpu", *tiny_flags,
-                        "--sample-every", "1"], capture_output=True, text=True, timeout=300)
+                        "--sample-every", "1"], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     files = sorted(glob.glob(str(out / "samples-*.npz")))
     assert len(files) == 3  # 5 samples, 2 a file

@@ -1,11 +1,12 @@
 """The stored model spec (spec.py): frozen, the one source of the stored flags and their
 defaults, and read from every schema a checkpoint was written in."""
 import dataclasses
+import json
 
 import pytest
 
 import config
-import spec
+from core import spec
 
 
 def test_the_spec_is_frozen():
@@ -77,3 +78,40 @@ def test_a_field_newer_than_the_checkpoint_takes_its_default(monkeypatch):
 def test_what_cannot_be_read_says_why(ckpt, message):
     with pytest.raises(spec.SpecError, match=message):
         spec.stored_dict(ckpt)
+
+
+def test_every_flag_is_a_field_of_its_groups_part_of_the_settings():
+    """Each group of the parser fills one part of configs.Settings: the part's fields are its
+    groups' flags, no more and no fewer, and the model part is the ModelSpec."""
+    from core import configs
+    parser = config.build_parser()
+    by_part = {}
+    for g in parser.flag_groups:
+        by_part.setdefault(g.part, set()).update(a.dest for a in g.actions)
+    assert set(by_part) == set(configs.PART_TYPES)
+    for part, flags in by_part.items():
+        assert {f.name for f in dataclasses.fields(configs.PART_TYPES[part])} == flags, part
+    assert configs.PART_TYPES["model"] is spec.ModelSpec
+    assert {g.title for g in parser.flag_groups if g.part == "model"} == set(config.STORED_GROUPS)
+
+
+def test_the_settings_are_frozen_and_hold_what_was_typed(settings):
+    s = settings(["--batch-size", "6", "--prompt", "red hair", "blue hair", "--has-attn", "f",
+                  "t", "--channel-multiples", "1", "2", "--img-size", "8"])
+    assert s.train.batch_size == 6 and s.sample.prompt == ("red hair", "blue hair")
+    assert s.model.has_attn == (False, True)  # lists are held as tuples
+    for part in (s, s.data, s.model, s.train, s.sample, s.edit, s.evaluation, s.output):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(part, dataclasses.fields(part)[0].name, None)
+    assert config.flat(config.settings_of(config.flat(s))) == config.flat(s)  # a round trip
+    assert json.loads(json.dumps(s.to_dict()))["train"]["batch_size"] == 6
+
+
+def test_resolve_works_values_out_into_new_objects_and_leaves_the_parsed_flags_alone():
+    args, typed = config.parse_args(["--train", "--demo", "--super-res", "8", "--img-size", "16"])
+    before = dict(vars(args))
+    s, ckpt = config.resolve(args, typed)
+    assert vars(args) == before and ckpt is None
+    assert (s.model.num_channels, s.model.img_size, s.train.epochs) == (32, 16, 10)  # the preset
+    assert (s.model.prediction, s.train.t_sampling) == ("x0", "uniform")  # an SR model's
+    assert s.train.device in ("cpu", "cuda") and s.train.lr == 1e-3  # the preset's lr

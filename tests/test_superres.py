@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 import config
+from core import spec
 from data import make_lowres, to_model, to_uint8, upsample
-import superres
+from features import superres
 from config import parse_args
 from ddpm import Program, main
 from unet import UNet
@@ -136,7 +137,8 @@ def test_eval_sr_compares_ours_and_bicubic_with_the_real_images(png_size, sr_run
     args, typed = parse_args(["--loadckpt", "sr/ckpt-0.pth", "--eval-sr", "6", "--data-folders",
                               "faces", "--sampler", "ddim", "--sample-steps", "2", "--save-dir",
                               "esr", "--cache-dir", "cache"])
-    rows = superres.evaluate_sr(Program(args, typed).drawer, args.eval_sr)
+    prog = Program(args, typed)
+    rows = superres.evaluate_sr(prog.drawer, prog.cfg.data, prog.cfg.evaluation.eval_sr)
     assert set(rows) == {"bicubic", "ours"}
     # The 4x4-block test images are smooth at 8 px, so bicubic is close to them.
     assert rows["bicubic"]["psnr"] > 15 and 0 < rows["bicubic"]["ssim"] <= 1
@@ -182,7 +184,7 @@ def test_a_residual_model_that_predicts_a_zero_residual_returns_bicubic(sr_run, 
     assert set(config.DEFAULT_STEPS) == {"ddpm", "ddim", "dpm++", "heun"}  # every sampler here
     monkeypatch.chdir(sr_run)
     prog = stubbed("sr/ckpt-0.pth", sampler, prediction, **flags, **{"sr-noise": 0.1})
-    assert prog.args.sr_target == "residual"
+    assert prog.cfg.model.sr_target == "residual"
     torch.manual_seed(0)
     low = torch.rand(4, 3, 8, 8) * 2 - 1
     up = upsample(low, 16)
@@ -193,15 +195,18 @@ def test_a_residual_model_that_predicts_a_zero_residual_returns_bicubic(sr_run, 
     assert (superres.super_resolve(prog.drawer, low).int() - to_uint8(up).int()).abs().max() <= 1
 
 
-def test_new_sr_models_diffuse_the_residual_with_x0_prediction_and_start_as_bicubic(sr_run):
+def test_new_sr_models_diffuse_the_residual_with_x0_prediction_and_start_as_bicubic(sr_run,
+                                                                                    settings):
     cfg = torch.load(sr_run / "sr" / "ckpt-0.pth", weights_only=True)["config"]
     assert cfg["sr_target"] == "residual" and cfg["prediction"] == "x0"
-    assert parse_args(["--super-res", "8", "--prediction", "v"])[0].prediction == "v"  # typed wins
-    assert parse_args(["--super-res", "8", "--sr-target", "image"])[0].prediction == "v"
+    assert settings(["--super-res", "8"]).model.prediction == "x0"
+    assert settings(["--super-res", "8", "--prediction", "v"]).model.prediction == "v"  # typed wins
+    assert settings(["--super-res", "8", "--sr-target", "image"]).model.prediction == "v"
     # The training target is the residual: x0 - bicubic(x_low), which is 0 for a flat image.
     prog = Program(*parse_args(["--train", "--demo", "--demo-images", "8", "--super-res", "8",
                                 *TINY, "--img-size", "16", "--save-dir", str(sr_run / "t0"),
-                                "--ckpt-save-dir", str(sr_run / "t0")]))
+                                "--ckpt-save-dir", str(sr_run / "t0"), "--sampler", "ddim",
+                                "--sample-steps", "4"]))
     x0 = to_model(prog.data.images[:4])
     target = lambda x: prog.kind.train_batch(x, None, len(x), slice(0, None, 1))[0]  # noqa
     torch.testing.assert_close(target(x0), x0 - make_lowres(x0, 8))
@@ -209,7 +214,6 @@ def test_new_sr_models_diffuse_the_residual_with_x0_prediction_and_start_as_bicu
     torch.testing.assert_close(target(flat), torch.zeros_like(flat))
     # Its zero-initialised output layer: the untrained model super-resolves to bicubic.
     low = torch.rand(3, 3, 8, 8) * 2 - 1
-    prog.args.sampler, prog.args.sample_steps = "ddim", 4
     assert torch.equal(superres.super_resolve(prog.drawer, low), to_uint8(upsample(low, 16)))
 
 
@@ -221,11 +225,11 @@ def test_an_sr_checkpoint_from_before_issue_20_loads_as_the_image_formulation(tm
                                                                            monkeypatch):
     old = torch.load(OLD_SR, weights_only=True)
     assert "sr_target" not in old["config"] and old["config"]["prediction"] == "v"
-    assert config.stored_config(old)["sr_target"] == "image"
+    assert spec.stored_dict(old)["sr_target"] == "image"
     monkeypatch.chdir(tmp_path)
     # The same "clean sample 0" stub: the old formulation returns 0 (mid-grey), not bicubic.
     prog = stubbed(OLD_SR, "ddim")
-    assert (prog.args.sr_target, prog.args.prediction) == ("image", "v")
+    assert (prog.cfg.model.sr_target, prog.cfg.model.prediction) == ("image", "v")
     up = upsample(torch.rand(2, 3, 4, 4) * 2 - 1, 8)
     cond, base = prog.kind.sample_inputs(up)
     x0, _ = prog.drawer.draw(2, cond=cond, base=base)
@@ -253,5 +257,5 @@ def test_an_sr_checkpoint_from_before_issue_20_samples_and_resumes(tmp_path):
                  "--epochs", "1", "--batch-size", "4", "--ckpt-save-dir", str(tmp_path / "ckpt"),
                  "--save-dir", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "c")]) == 0
     new = torch.load(tmp_path / "ckpt" / "ckpt-1.pth", weights_only=True)
-    assert new["config"] == config.stored_config(torch.load(OLD_SR, weights_only=True))
+    assert new["config"] == spec.stored_dict(torch.load(OLD_SR, weights_only=True))
     assert new["config"]["sr_target"] == "image" and new["step"] == 4

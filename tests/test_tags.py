@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from tags import TagClassifier, caption_tags, classify, fit_tag_classifier
+from features.tags import TagClassifier, caption_tags, classify, fit_tag_classifier
 
 RGB = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (40, 60, 220),
        "white": (240, 240, 240)}

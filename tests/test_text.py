@@ -6,11 +6,12 @@ import pytest
 import torch
 from PIL import Image
 
-import prompts
+from features import prompts
 from config import parse_args
 from ddpm import Program, main
-from diffusion import GaussianDiffusion
-from text import EMPTY, PAD, CaptionError, Vocab, drop_captions, read_captions
+from core.diffusion import GaussianDiffusion
+from features.text import CaptionError, Vocab, read_captions
+from core.tokens import EMPTY, PAD, drop_captions
 from unet import UNet
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30)}
@@ -209,7 +210,9 @@ def test_eval_prompts_scores_every_guidance_scale_with_the_colour_classifier(png
                               "--eval-samples", "9", "--sampler", "ddim", "--sample-steps", "2",
                               "--save-dir", str(text_run / "ep"), "--cache-dir",
                               str(text_run / "cache"), "--seed", "0"])
-    rows = prompts.evaluate_prompts(Program(args, typed).drawer, args.eval_prompts)
+    prog = Program(args, typed)
+    rows = prompts.evaluate_prompts(prog.drawer, args.eval_prompts, samples=args.eval_samples,
+                                    cache_dir=args.cache_dir)
     assert [r["guidance"] for r in rows] == [0.0, 2.0] and all(r["n"] == 9 for r in rows)
     assert all(0 <= r["hair_acc"] <= 1 and 0 <= r["eyes_acc"] <= 1 and r["fid"] > 0 for r in rows)
     # 9 prompts: every pair of the 3 hair and 3 eye colours, hair colours across.
@@ -218,7 +221,7 @@ def test_eval_prompts_scores_every_guidance_scale_with_the_colour_classifier(png
 
 def test_captions_under_a_symlink_loop_are_read_once(tmp_path, monkeypatch):
     import csv
-    import text
+    from features import text
     reads, real = [], csv.DictReader
     monkeypatch.setattr(text.csv, "DictReader", lambda f: reads.append(f.name) or real(f))
     root = tmp_path / "faces"

@@ -10,9 +10,7 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # when run from elsewhere
-
-import diffusion
+from core import diffusion
 import unet
 from ddpm import main
 
@@ -60,10 +58,10 @@ def test_a_new_run_into_a_folder_of_another_run_is_refused_and_start_over_moves_
 def test_a_second_live_run_into_the_same_folder_is_refused(tmp_path, capsys):
     (tmp_path / "ckpt").mkdir()
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); import checkpoint; "
-         "lock = checkpoint.claim_folder(sys.argv[2], 'other-run'); print('locked', flush=True); "
-         "sys.stdin.read()", os.path.dirname(HERE), str(tmp_path / "ckpt")],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        [sys.executable, "-c", "import sys; from run import checkpoint; "
+         "lock = checkpoint.claim_folder(sys.argv[1], 'other-run'); print('locked', flush=True); "
+         "sys.stdin.read()", str(tmp_path / "ckpt")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=os.path.dirname(HERE))
     try:
         assert holder.stdout.readline() == "locked\n"
         assert exit_code_of(tiny(tmp_path, "--epochs", "1")) == 2

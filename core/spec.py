@@ -18,6 +18,20 @@ from dataclasses import dataclass, field
 SCHEMA = 3  # what this program writes
 
 
+def as_tuples(record) -> None:
+    """A frozen record's list fields (the command line's) held as tuples: __post_init__."""
+    for f in dataclasses.fields(record):
+        v = getattr(record, f.name)
+        if isinstance(v, list):
+            object.__setattr__(record, f.name, tuple(v))
+
+
+def plain(record) -> dict:
+    """A record as a plain dict of JSON types (tuples as lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v
+            for k, v in dataclasses.asdict(record).items()}
+
+
 def _since(version: int):
     """A field's metadata: the first schema whose checkpoints always hold it."""
     return {"since": version}
@@ -49,16 +63,11 @@ class ModelSpec:
     augment: float = field(default=0.0, metadata=_since(3))
     sr_target: str = field(default="residual", metadata=_since(3))
 
-    def __post_init__(self):  # lists (a checkpoint's, the command line's) held as tuples
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, list):
-                object.__setattr__(self, f.name, tuple(v))
+    __post_init__ = as_tuples  # lists (a checkpoint's, the command line's) held as tuples
 
     def to_dict(self) -> dict:
         """The plain dict a checkpoint stores (lists, not tuples)."""
-        return {k: list(v) if isinstance(v, (list, tuple)) else v
-                for k, v in dataclasses.asdict(self).items()}
+        return plain(self)
 
 
 FIELDS = [f.name for f in dataclasses.fields(ModelSpec)]  # in declaration order
@@ -77,6 +86,21 @@ SCHEMA_1_DERIVED = ("vocab_size", "text_len", "lowres_channels")  # worked out f
 # Early schema 2 checkpoints lack the fields of schema 3: no augmentation, and a
 # super-resolution model that diffuses the image itself.
 SCHEMA_2_MEANT = {"augment": 0.0, "sr_target": "image"}
+
+
+def hw(size) -> tuple[int, int]:
+    """--img-size as stored (an int for a square, [H, W] otherwise) -> (H, W)."""
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def size_name(size) -> str:
+    """64 -> '64', [16, 32] -> '16x32' (H x W)."""
+    return "x".join(map(str, hw(size))) if not isinstance(size, int) else str(size)
+
+
+def sr_target_name(sr_target: str) -> str:
+    """What a super-resolution model diffuses, in words (--info and the start-up summary)."""
+    return {"residual": "the residual over bicubic", "image": "the image itself"}[sr_target]
 
 
 class SpecError(Exception):

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Behaviour unchanged against an earlier commit, bit for bit on the CPU:
-#   bash scripts/behaviour_check.sh REV        (PY=python to use another Python than .venv's)
+#   bash tools/behaviour_check.sh REV        (PY=python to use another Python than .venv's)
 # Both trees (REV, in a temporary worktree, and this working tree) sample every checkpoint of
 # tests/fixtures with seed 0 (DDIM, 5 steps; the SR one from 4 generated 8-px images) and train
 # a seeded 2-epoch demo run (16 px, T = 50). Every picture must be the same bytes, and the run's
 # losses, weights, EMA and optimizer state equal. Exit code 1 names what differs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-rev=${1:?usage: bash scripts/behaviour_check.sh REV}
+rev=${1:?usage: bash tools/behaviour_check.sh REV}
 PY=${PY:-$PWD/.venv/bin/python}
 work=$(mktemp -d)
 trap 'git worktree remove --force "$work/tree" >/dev/null 2>&1; rm -rf "$work"' EXIT

@@ -12,8 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-import evaluate
-from config import UserError
+from core.configs import DataConfig
+from core.spec import ModelSpec
+from features import evaluate
+from ui import UserError
 from data import downsample, load_folders, make_lowres, to_model, to_uint8, upsample
 
 
@@ -30,11 +32,6 @@ class SuperRes:
                  preview_images: Tensor | None = None):
         self.low, self.channels, self.target = low, channels, target
         self.noise_max, self.noise, self.preview_images = noise_max, noise, preview_images
-
-    @classmethod
-    def from_args(cls, a, preview_images: Tensor | None = None) -> "SuperRes":
-        return cls(a.super_res, a.img_channels, a.sr_target, a.sr_noise_max, a.sr_noise,
-                   preview_images)
 
     def unet_inputs(self) -> dict:
         return {"lowres_channels": self.channels}
@@ -68,7 +65,7 @@ class SuperRes:
 def super_resolve(drawer, low: Tensor) -> Tensor:
     """low (N, C, LOW, LOW) in [-1, 1] (or uint8) -> uint8 (N, C, H, W) samples of the SR model."""
     low = to_model(low) if low.dtype == torch.uint8 else low
-    up = lambda i, j: upsample(low[i:j].to(drawer.device), drawer.args.img_size)  # noqa: E731
+    up = lambda i, j: upsample(low[i:j].to(drawer.device), drawer.model.img_size)  # noqa: E731
     return drawer.draw_many(len(low), "super-resolving",
                             lambda i, j: drawer.kind.sample_inputs(up(i, j)))
 
@@ -81,59 +78,52 @@ def save_sr(drawer, low: Tensor, high: Tensor, names: list[str]) -> None:
     pairs = torch.stack([to_uint8(upsample(low[:32], high.shape[-1])), high[:32]], 1)
     drawer.save_grid(pairs.flatten(0, 1), "sr-all.png", nrow=8)
     drawer.console.print(f"wrote {len(high)} super-resolved images ({low.shape[-1]} -> "
-                         f"{high.shape[-1]} px) to {drawer.args.save_dir}/sr-*.png and sr-all.png "
+                         f"{high.shape[-1]} px) to {drawer.save_dir}/sr-*.png and sr-all.png "
                          f"(pairs: bicubic | ours)")
 
 
 def sample_folder(drawer) -> None:
     """--lowres-folder DIR: super-resolve every image in DIR (resized to LOW)."""
-    a = drawer.args
-    images, paths = load_folders([a.lowres_folder], a.super_res, a.img_channels,
+    m = drawer.model
+    images, paths = load_folders([drawer.sample.lowres_folder], m.super_res, m.img_channels,
                                  warn=drawer.console.print, keep_small=True, with_paths=True)
     save_sr(drawer, images, super_resolve(drawer, images),
             [os.path.splitext(os.path.basename(p))[0] for p in paths])
 
 
-def cascade_args(a):
-    """The flags of the cascade's second stage after a base model with flags a: --sr-ckpt
-    loaded, the sampler flags shared, nothing else asked of it."""
-    return type(a)(**{**vars(a), "loadckpt": a.sr_ckpt, "sr_ckpt": None, "prompt": None,
-                      "eval_fid": 0, "eval_bpd": 0})
-
-
-def check_cascade(base, sr) -> None:
-    """The SR stage (flags sr, its checkpoint applied) must upsample what the base draws."""
+def check_cascade(base: ModelSpec, sr: ModelSpec, sr_ckpt: str) -> None:
+    """The SR stage (model sr, from --sr-ckpt) must upsample what the base model draws."""
     if not sr.super_res:
-        raise UserError(f"--sr-ckpt {base.sr_ckpt} is not a super-resolution model (it draws "
+        raise UserError(f"--sr-ckpt {sr_ckpt} is not a super-resolution model (it draws "
                         f"from noise); train one with --super-res LOW")
     if (sr.super_res, sr.img_channels) != (base.img_size, base.img_channels):
-        raise UserError(f"--sr-ckpt {base.sr_ckpt} upsamples {sr.super_res} px, "
+        raise UserError(f"--sr-ckpt {sr_ckpt} upsamples {sr.super_res} px, "
                         f"{sr.img_channels}-channel images, but this base model draws "
                         f"{base.img_size} px, {base.img_channels}-channel ones")
 
 
-def evaluate_sr(drawer, n: int) -> dict:
+def evaluate_sr(drawer, source: DataConfig, n: int) -> dict:
     """On the first n images of --data-folders (held back from training): PSNR / SSIM and FID
     against the real images of our super-resolution and of bicubic upsampling, and
     sr-compare.png (rows: low-res, bicubic, ours, real)."""
-    a, size = drawer.args, drawer.args.img_size
-    real = load_folders(a.data_folders, size, a.img_channels, warn=drawer.console.print,
-                        cache_dir=a.cache_dir)[:n]  # (n, C, H, W) uint8
-    low = downsample(to_model(real), a.super_res)  # as training made its inputs
+    m, size = drawer.model, drawer.model.img_size
+    real = load_folders(source.data_folders, size, m.img_channels, warn=drawer.console.print,
+                        cache_dir=source.cache_dir)[:n]  # (n, C, H, W) uint8
+    low = downsample(to_model(real), m.super_res)  # as training made its inputs
     out = {"bicubic": to_uint8(upsample(low, size)), "ours": super_resolve(drawer, low)}
     net = evaluate.InceptionFeatures(drawer.device)
-    ref = evaluate.extract(real, net, a.batch_size, progress="real image features")
+    ref = evaluate.extract(real, net, drawer.batch_size, progress="real image features")
     rows = {}
     for name, images in out.items():
         psnr, ssim = evaluate.psnr_ssim(images, real)
-        feats = evaluate.extract(images, net, a.batch_size, progress=f"{name} features")
+        feats = evaluate.extract(images, net, drawer.batch_size, progress=f"{name} features")
         rows[name] = {"psnr": psnr, "ssim": ssim, **evaluate.score(feats, ref)}
-        drawer.console.print(f"{name:8s} {a.super_res} -> {size} px on {len(real)} held-back "
+        drawer.console.print(f"{name:8s} {m.super_res} -> {size} px on {len(real)} held-back "
                              f"images: PSNR {psnr:.2f} dB, SSIM {ssim:.4f}, FID "
                              f"{rows[name]['fid']:.2f}, KID {rows[name]['kid'] * 1e3:.2f} x 1e-3")
     shown = [to_uint8(F.interpolate(low[:8], size=(size, size), mode="nearest")),
              out["bicubic"][:8], out["ours"][:8], real[:8]]
     drawer.save_grid(torch.cat(shown), "sr-compare.png", nrow=len(shown[0]))
-    drawer.console.print(f"wrote {a.save_dir}/sr-compare.png (rows: {a.super_res} px input, "
-                         f"bicubic, ours, real)")
+    drawer.console.print(f"wrote {drawer.save_dir}/sr-compare.png (rows: {m.super_res} px "
+                         f"input, bicubic, ours, real)")
     return rows

@@ -3,8 +3,8 @@ minus a fixed held-out split, each recipe for the same number of steps, then FID
 samples (the default sampler) against the held-out faces. One JSON line per run in
 WORK/results.jsonl; the table in WORK/table.md; each run's 64 samples in WORK/<run>/samples.png.
 
-    python scripts/recipe_study.py --faces anime-faces-64/ --budget 16 --recipes today min-snr
-    python scripts/recipe_study.py --faces anime-faces-64/ --budget 16 --recipes today --seeds 0 1
+    python -m tools.recipe_study --faces anime-faces-64/ --budget 16 --recipes today min-snr
+    python -m tools.recipe_study --faces anime-faces-64/ --budget 16 --recipes today --seeds 0 1
 
 A recipe is a set of ddpm.py flags (RECIPES); the budget fixes the image size, the architecture,
 the batch and the steps (BUDGETS), typed explicitly so that a row means the same whatever the
@@ -16,18 +16,16 @@ import copy
 import json
 import os
 import random
-import sys
 import time
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import config  # noqa: E402  (the repository root on the path first)
-import ddpm  # noqa: E402
-import evaluate  # noqa: E402
-from data import IMAGE_EXTENSIONS  # noqa: E402
-from trainer import ema_decay, update_ema  # noqa: E402
+import config
+import ddpm
+from data import IMAGE_EXTENSIONS
+from features import evaluate
+from run.trainer import ema_decay, update_ema
 
 HELD_OUT = 2000  # faces kept out of training; the FID reference
 # The recipe the README gave for small models before this study: every recipe flag typed.
@@ -137,15 +135,15 @@ def main() -> None:
             prog, secs, extra = train(flags, a.emas)
             prog.save_checkpoint(0, "final.pth")
             if ref is None:
-                ref = evaluate.reference_features([held_dir], prog.args.img_size, 3, net,
-                                                  prog.args.cache_dir)[0]
+                ref = evaluate.reference_features([held_dir], prog.cfg.model.img_size, 3, net,
+                                                  prog.cfg.data.cache_dir)[0]
             t0 = time.time()
             row, samples = quality(prog, a.samples, ref, net)
             prog.drawer.save_grid(samples[:64], "samples.png", nrow=8)  # in the run's folder
             row.update(run=run, recipe=name, seed=seed, budget=a.budget, flags=RECIPES[name],
                        steps=prog.state.step, images=prog.state.images_seen,
                        train_s=round(secs, 1), eval_s=round(time.time() - t0, 1),
-                       ema=prog.args.ema_decay)
+                       ema=prog.cfg.train.ema_decay)
             for d, ema in extra.items():  # the same run, another EMA length
                 prog.trainer.ema.load_state_dict(ema.state_dict())
                 row[f"fid_ema_{d}"] = quality(prog, a.samples, ref, net)[0]["fid"]

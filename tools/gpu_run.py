@@ -2,9 +2,9 @@
 for a fixed time on a zip of faces, then draw samples into .npz files that evaluate.py scores
 where the FID network is.
 
-    python scripts/gpu_run.py --make-zip ../shared/data/anime-faces-64 --count 12000  # here
-    python3 scripts/gpu_run.py --out $OUT --minutes 6                              # on the GPU
-    python evaluate.py OUT/ ../shared/data/anime-faces-64                                # here
+    python -m tools.gpu_run --make-zip ../shared/data/anime-faces-64 --count 12000  # here
+    python3 -m tools.gpu_run --out $OUT --minutes 6                              # on the GPU
+    python -m features.evaluate OUT/ ../shared/data/anime-faces-64                                # here
 
 Training is `ddpm.py --train` in a process of its own (the Python this script runs with), ended
 by --max-minutes; the samples come from the program's Drawer (the default sampler, EMA weights),
@@ -28,10 +28,10 @@ import zipfile
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import config  # noqa: E402  (the repository root on the path first)
-import ddpm  # noqa: E402
-from data import DataError, atomic_write, hw, list_images  # noqa: E402
+import config
+import ddpm
+from data import DataError, atomic_write, hw, list_images
+from ui import UserError
 
 DATA = os.path.join(".carry", "faces-64.zip")  # .carry/ is kept out of git (.git/info/exclude)
 KEPT = ("metrics.jsonl", "loss.png", "progress.png")  # what of the run's --save-dir comes back
@@ -150,7 +150,7 @@ def draw_samples(a, work: str, say) -> tuple[float, float, float]:
         "--save-dir", os.path.join(work, "samples"), "--batch-size", str(a.sample_batch),
         "--seed", str(a.seed), "--device", a.device])
     drawer = ddpm.Program(args, typed).drawer
-    (h, w), c = hw(args.img_size), args.img_channels
+    (h, w), c = hw(drawer.model.img_size), drawer.model.img_channels  # the checkpoint's
     sizes = file_sizes(a.samples, c * h * w, a.file_mib)
     load_s, draw_s, write_s, first = time.monotonic() - t0, 0.0, 0.0, 0
     for k, n in enumerate(sizes):
@@ -182,7 +182,7 @@ def run(a, extra: list[str], work: str, say) -> None:
         f"{draw_s:.0f} s ({a.samples / max(draw_s, 1e-9):.0f} img/s), writing {write_s:.1f} s; "
         f"all {time.monotonic() - t0:.0f} s")
     say(saves)
-    say(f"score them: python evaluate.py {a.out} FACES_FOLDER")
+    say(f"score them: python -m features.evaluate {a.out} FACES_FOLDER")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                 log.flush()
 
             run(a, extra, a.work or tmp, say)
-    except (DataError, config.UserError, OSError) as e:
+    except (DataError, UserError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

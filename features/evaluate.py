@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import data
-import drawing
+from core.configs import DataConfig
 from ui import make_console, task_bar
 
 CACHE_VERSION = "tf-inception-2015-12-05 pool3, bilinear 299, 2x-1, v1"  # bump to drop caches
@@ -239,11 +239,11 @@ def save_nearest_picture(path: str, samples_uint8: Tensor, neighbours_uint8: Ten
     """One row per sample: the sample, a gap, its k nearest training images.
     samples_uint8: (n, C, H, W); neighbours_uint8: (n, k, C, H, W)."""
     k = neighbours_uint8.shape[1]
-    left = drawing.grid(samples_uint8, nrow=1)  # white padding
-    right = drawing.grid(neighbours_uint8.flatten(0, 1), nrow=k)
+    left = data.grid(samples_uint8, nrow=1)  # white padding
+    right = data.grid(neighbours_uint8.flatten(0, 1), nrow=k)
     gap = torch.full((3, left.shape[1], max(2, samples_uint8.shape[-1] // 4)), 255,
                      dtype=torch.uint8)
-    drawing.save_png(torch.cat([left, gap, right], dim=2), path)
+    data.save_png(torch.cat([left, gap, right], dim=2), path)
 
 
 def score(sample_feats: np.ndarray, ref_feats: np.ndarray) -> dict:
@@ -328,31 +328,32 @@ def psnr_ssim(images: Tensor, reference: Tensor) -> tuple[float, float]:
 # Measuring a run's model through its drawing.Drawer (--eval-fid, --eval-every, --eval-bpd)
 
 
-def sample_quality(drawer, n: int, rank: int = 0, world: int = 1) -> dict:
+def sample_quality(drawer, source: DataConfig, n: int, *, eval_folders: tuple[str, ...] | None,
+                   rank: int = 0, world: int = 1) -> dict:
     """FID and KID of n samples against the --eval-folders (default: the --data-folders), the
     copy rate against the training images (with its alarm), and nearest.png of 8 samples.
     With world > 1 processes (torchrun) each draws its share of the batches and the features
     are gathered on the first, which measures and returns the figures ({} elsewhere); each
     batch is seeded by its index, so the samples are those one process would draw."""
-    a = drawer.args
     net = InceptionFeatures(drawer.device)
     seed = int(torch.randint(2**62, ()))  # the same in every process (their RNGs agree)
     samples = drawer.draw_many(n, "samples", seed=seed, rank=rank, world=world)
-    feats = extract(samples, net, a.batch_size, progress="sample features")
+    feats = extract(samples, net, drawer.batch_size, progress="sample features")
     if world > 1:
-        feats, first = gather_batches(feats, n, a.batch_size, rank, world), samples[:8]
+        feats, first = gather_batches(feats, n, drawer.batch_size, rank, world), samples[:8]
         if rank != 0:
             return {}
         samples = first  # batch 0 is this process's
-    feats_of = lambda folders: reference_features(folders, a.img_size, a.img_channels, net,
-                                                  a.cache_dir, drawer.console)
-    train, train_paths = feats_of(a.data_folders)
-    ref = feats_of(a.eval_folders)[0] if a.eval_folders else train
+    m = drawer.model
+    feats_of = lambda folders: reference_features(folders, m.img_size, m.img_channels, net,
+                                                  source.cache_dir, drawer.console)
+    train, train_paths = feats_of(source.data_folders)
+    ref = feats_of(eval_folders)[0] if eval_folders else train
     result = score(feats, ref)
-    copy = nearest_report(os.path.join(a.save_dir, "nearest.png"), samples[:8], feats, train,
-                          train_paths, img_size=a.img_size, channels=a.img_channels)
+    copy = nearest_report(os.path.join(drawer.save_dir, "nearest.png"), samples[:8], feats, train,
+                          train_paths, img_size=m.img_size, channels=m.img_channels)
     result.update(copy_rate=copy["share"], copy_alarm=copy_alarm(n, copy["train_count"]))
-    which = "held-out" if a.eval_folders else "training"
+    which = "held-out" if eval_folders else "training"
     drawer.console.print(
         f"FID {result['fid']:.2f}, KID {result['kid'] * 1e3:.2f} ± "
         f"{result['kid_std'] * 1e3:.2f} (x 1e-3): {n} samples ({drawer.sampler_name}, "
@@ -360,7 +361,7 @@ def sample_quality(drawer, n: int, rank: int = 0, world: int = 1) -> dict:
         f"{copy['share']:.0%}: the samples closer to a training image than the median training "
         f"image is to its nearest neighbour ({copy['train_median']:.2f})")
     warning = copy_warning(copy["share"], n, copy["train_count"],
-                           os.path.join(a.save_dir, "nearest.png"))
+                           os.path.join(drawer.save_dir, "nearest.png"))
     if warning:
         drawer.console.print(warning)
     return result
@@ -387,15 +388,15 @@ def gather_batches(feats: np.ndarray, n: int, batch_size: int, rank: int, world:
 def likelihood(drawer, images: Tensor, n: int) -> dict:
     """Bits/dim of the variational bound on the first n of the training images (uint8
     (N, C, H, W), on any device), batch by batch."""
-    a, model = drawer.args, drawer.sampling_model()
+    model, bs = drawer.sampling_model(), drawer.batch_size
     x = images[:n]
     model.eval()
     sums = {}
     with drawer.progress() as progress:
-        for i in range(0, len(x), a.batch_size):
-            desc = f"bound of images {i}..{min(i + a.batch_size, len(x)) - 1}"
+        for i in range(0, len(x), bs):
+            desc = f"bound of images {i}..{min(i + bs, len(x)) - 1}"
             track = lambda ts: progress.track(ts, total=drawer.diffusion.T, description=desc)
-            batch = data.to_model(x[i:i + a.batch_size].to(drawer.device))
+            batch = data.to_model(x[i:i + bs].to(drawer.device))
             cond = drawer.kind.unconditional(len(batch), drawer.device)
             parts = drawer.diffusion.bits_per_dim(model, batch, track, cond)
             for k, v in parts.items():
@@ -411,7 +412,7 @@ def npz_images(side: str) -> tuple[Tensor, list[str]] | None:
     """The images of the .npz files a side names -> uint8 (N, C, H, W) and the files, or None
     for a folder without .npz files (a folder of images). A side is a .npz file, a glob
     (out/samples-*.npz) or a folder of .npz files; each file holds uint8 (N, H, W, C) as its
-    arr_0 (or its only array), as scripts/gpu_run.py and guided-diffusion's sampler write."""
+    arr_0 (or its only array), as tools/gpu_run.py and guided-diffusion's sampler write."""
     if os.path.isdir(side):
         files = sorted(glob.glob(os.path.join(glob.escape(side), "*.npz")))
         if not files:
@@ -439,19 +440,19 @@ def npz_images(side: str) -> tuple[Tensor, list[str]] | None:
     return torch.from_numpy(np.concatenate(parts)).permute(0, 3, 1, 2), files
 
 
-def side_features(side: str, a, net, console) -> np.ndarray:
+def side_features(side: str, net, console, *, size: int, channels: int,
+                  cache_dir: str) -> np.ndarray:
     """Features (N, 2048) float32 of one side of the comparison: .npz files of samples
-    (npz_images; at --img-size), or every image under a folder (reference_features, cached)."""
+    (npz_images; at size px), or every image under a folder (reference_features, cached)."""
     npz = npz_images(side)
     if npz is None:
-        return reference_features([side], a.img_size, a.img_channels, net, a.cache_dir,
-                                  console)[0]
+        return reference_features([side], size, channels, net, cache_dir, console)[0]
     images, files = npz
     c, h, w = images.shape[1:]
-    if (c, h, w) != (a.img_channels, a.img_size, a.img_size):  # both sides at one size
+    if (c, h, w) != (channels, size, size):  # both sides at one size
         fix = f"give --img-size {h} --img-channels {c}" if h == w else "square ones only"
         raise data.DataError(f"{side}: the .npz images are {h} x {w} px with {c} channel(s), not "
-                             f"--img-size {a.img_size} with {a.img_channels}: {fix}")
+                             f"--img-size {size} with {channels}: {fix}")
     console.print(f"{side}: {len(images)} images from {len(files)} .npz file(s)")
     return extract(images, net, progress=f"features of {side}").astype(np.float32)
 
@@ -473,7 +474,8 @@ def main(argv: list[str] | None = None) -> int:
     console = make_console()
     try:
         net = InceptionFeatures(a.device)
-        fa, fb = [side_features(d, a, net, console) for d in (a.dir_a, a.dir_b)]
+        fa, fb = [side_features(d, net, console, size=a.img_size, channels=a.img_channels,
+                                cache_dir=a.cache_dir) for d in (a.dir_a, a.dir_b)]
     except (MissingNetwork, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

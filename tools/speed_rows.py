@@ -1,7 +1,7 @@
-"""speed_rows.py: the speed rows of `python bench.py --gpu-check`, measured one by one and each
+"""speed_rows.py: the speed rows of `python -m tools.bench --gpu-check`, measured one by one and each
 printed as soon as it is measured, so that a check cut short keeps every row it reached.
 
-    python speed_rows.py --check-rows eager|compile [bench.py's flags] [--deadline T]
+    python -m tools.speed_rows --check-rows eager|compile [bench.py's flags] [--deadline T]
 
 gpu_check.py starts it and reads its lines; it builds on bench.py's Program, timing and FLOP
 counting, and takes bench.py's flags (bench.parse).
@@ -19,9 +19,8 @@ import time
 
 import torch
 
-import config
 import ddpm
-from bench import (PEAKS, build, flops_per_image, parse, set_tf32, tf32_restored, timed,
+from tools.bench import (PEAKS, build, flops_per_image, parse, set_tf32, tf32_restored, timed,
                    train_steps)
 
 CHECK_PRECISIONS = ("fp32", "tf32", "bf16")  # fp32: TF32 off
@@ -225,7 +224,7 @@ def check_rows(b, rest: list[str], emit) -> None:
               "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else
               f"CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads",
               "params": sum(p.numel() for p in prog.trainer.model.parameters()),
-              "config": config.config_of(prog.args), "train_flops": train_flops,
+              "config": prog.cfg.model.to_dict(), "train_flops": train_flops,
               "fwd_flops": fwd_flops, "datasheet": sheet, "datasheet_of": sheet_of})
         del prog
         measured = {}

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from text import empty_like  # the empty caption's token ids (classifier-free guidance)
+from core.tokens import empty_like  # the empty caption's token ids (classifier-free guidance)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,13 +1,10 @@
 """docs/demo-samples.png: the demo model's 64 samples (output/ddpm-all.png, from `make demo`) beside
-64 of its training faces, both 2x enlarged. Usage: python scripts/demo_picture.py [SAMPLES] [OUT]"""
-import os
+64 of its training faces, both 2x enlarged. Usage: python -m tools.demo_picture [SAMPLES] [OUT]"""
 import sys
 
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data import demo_faces  # noqa: E402  (the repository root on the path first)
-from drawing import grid  # noqa: E402
+from data import demo_faces, grid
 
 
 def main(samples: str = "output/ddpm-all.png", out: str = "docs/demo-samples.png") -> None:

@@ -16,12 +16,13 @@ from dataclasses import dataclass
 
 import torch
 
-import augment
-import spec
-from config import UserError, config_of, size_name, sr_target_name, stored_config
+from core import spec
+from core.configs import TrainConfig
+from core.spec import ModelSpec, size_name, sr_target_name
 from data import atomic_write
-from text import SPECIALS
-from validation import validate
+from features.kinds import make_model
+from features.text import Vocab
+from ui import UserError
 from unet import UNet
 
 try:
@@ -78,7 +79,7 @@ def check(ckpt: dict, path: str) -> None:
     weights are those of the config's UNet: check_fit, or loading them.)"""
     what = f"{path} is damaged or was not written by ddpm.py"
     try:
-        stored_config(ckpt)
+        spec.stored_dict(ckpt)
     except spec.SpecError as e:
         raise UserError(f"{what}: {e}") from None
     for k in ("epoch", "step"):
@@ -98,7 +99,7 @@ def check(ckpt: dict, path: str) -> None:
 def check_fit(ckpt: dict, path: str) -> None:
     """UserError unless the weights (and EMA) are exactly those of the UNet the checkpoint's
     config describes: for --info and --export, which do not load them."""
-    c, text = stored_config(ckpt), ckpt.get("text")
+    c, text = spec.stored_dict(ckpt), ckpt.get("text")
     for part in ("model", "ema"):
         wrong = misfit(ckpt[part], c, text) if part in ckpt else ""
         if wrong:
@@ -107,17 +108,10 @@ def check_fit(ckpt: dict, path: str) -> None:
 
 
 def model_of(c: dict, text: dict | None, device="meta") -> UNet:
-    """The UNet a stored config (and vocabulary) describes; on the meta device by default:
-    shapes only, no memory, no time."""
+    """The UNet a stored config (and vocabulary) describes (kinds.make_model); on the meta
+    device by default: shapes only, no memory, no time."""
     with torch.device(device):
-        return UNet(img_channels=c["img_channels"], num_channels=c["num_channels"],
-                    channel_multiples=c["channel_multiples"], has_attn=c["has_attn"],
-                    num_blocks=c["num_blocks"], dropout=c["dropout"],
-                    learn_sigma=c["learn_sigma"],
-                    vocab_size=len(SPECIALS) + len(text["words"]) if text else 0,
-                    text_len=text["max_len"] if text else 0,
-                    lowres_channels=c["img_channels"] if c["super_res"] else 0,
-                    augment_dim=augment.AUGMENT_DIM if c["augment"] > 0 else 0)
+        return make_model(ModelSpec(**c), Vocab.from_state(text) if text else None)[0]
 
 
 def misfit(weights: dict, c: dict, text: dict | None) -> str:
@@ -148,18 +142,19 @@ class RunState:
     schedule_steps: int = 0  # the learning-rate schedule's length in steps (0: not yet set)
 
 
-def state(a, run_id: str, run: RunState, weights: dict, *, vocab, data_gen: torch.Generator,
-          device: torch.device) -> dict:
-    """Everything a training checkpoint holds: the run's id, the stored config, the recipe and
-    length, the vocabulary, weights (Trainer.state_dict: model, EMA, optimizer, timestep
-    sampler), the counters and the RNG states."""
-    train = {"batch_size": a.batch_size, "grad_accum": a.grad_accum, "lr": a.lr,
-             "lr_warmup": a.lr_warmup, "lr_schedule": a.lr_schedule, "hflip": a.hflip,
-             "schedule_steps": run.schedule_steps, "ema_decay": a.ema_decay,
-             "min_snr_gamma": a.min_snr_gamma, "t_sampling": a.t_sampling,
-             "images_seen": run.images_seen}  # the recipe and length (--info, resume)
-    return {"format": FORMAT, "schema": spec.SCHEMA, "run_id": run_id, "config": config_of(a),
-            "train": train,
+def state(model: ModelSpec, train: TrainConfig, run_id: str, run: RunState, weights: dict, *,
+          vocab, data_gen: torch.Generator, device: torch.device) -> dict:
+    """Everything a training checkpoint holds: the run's id, the stored config (the model's
+    spec), the recipe and length, the vocabulary, weights (Trainer.state_dict: model, EMA,
+    optimizer, timestep sampler), the counters and the RNG states."""
+    recipe = {"batch_size": train.batch_size, "grad_accum": train.grad_accum, "lr": train.lr,
+              "lr_warmup": train.lr_warmup, "lr_schedule": train.lr_schedule,
+              "hflip": train.hflip, "schedule_steps": run.schedule_steps,
+              "ema_decay": train.ema_decay, "min_snr_gamma": train.min_snr_gamma,
+              "t_sampling": train.t_sampling,
+              "images_seen": run.images_seen}  # the recipe and length (--info, resume)
+    return {"format": FORMAT, "schema": spec.SCHEMA, "run_id": run_id, "config": model.to_dict(),
+            "train": recipe,
             "text": vocab.state() if vocab else None, **weights, "epoch": run.epoch,
             "step": run.step, "best_fid": run.best_fid, "data_rng": data_gen.get_state(),
             "torch_rng": torch.get_rng_state(),
@@ -182,21 +177,6 @@ def save(path: str, ckpt: dict, warn) -> str | None:
              f"intact and training goes on")
         return None
     return path
-
-
-# The training flags a resume goes on with (whatever the defaults are now), and the values of
-# those that older checkpoints do not store: the only way they trained then.
-RECIPE = ("lr", "lr_warmup", "lr_schedule", "hflip", "ema_decay", "min_snr_gamma", "t_sampling")
-RECIPE_NOT_STORED = {"min_snr_gamma": 0.0, "t_sampling": "uniform"}
-
-
-def resume_recipe(a, ckpt: dict, typed: set[str]) -> None:
-    """A resumed run goes on with its recipe (learning rate, its warm-up and schedule, flips,
-    EMA decay, loss weighting and how t is drawn), each unless typed again."""
-    train = {**RECIPE_NOT_STORED, **ckpt.get("train", {})}
-    for k in RECIPE:
-        if k in train and k not in typed:
-            setattr(a, k, train[k])
 
 
 def run_state(ckpt: dict, typed: set[str]) -> RunState:
@@ -222,7 +202,7 @@ def export(ckpt: dict, path: str) -> None:
     from safetensors.torch import save
     weights = {k: v.contiguous() for k, v in ckpt.get("ema", ckpt["model"]).items()}
     meta = {"format": "ddpm.py", "schema": str(spec.SCHEMA),
-            "config": json.dumps(stored_config(ckpt)),
+            "config": json.dumps(spec.stored_dict(ckpt)),
             "text": json.dumps(ckpt.get("text")), "epoch": str(ckpt["epoch"]),
             "step": str(ckpt["step"])}
     blob = save(weights, metadata=meta)  # bytes
@@ -259,7 +239,7 @@ def read_export(path: str) -> dict:
 
 def describe(ckpt: dict, path: str) -> list[str]:
     """What a checkpoint is, a few lines for --info."""
-    c, train = stored_config(ckpt), ckpt.get("train", {})
+    c, train = spec.stored_dict(ckpt), ckpt.get("train", {})
     kind = ("super-resolution" if c["super_res"] else "text-conditioned" if ckpt.get("text")
             else "unconditional")
     params = sum(v.numel() for v in ckpt["model"].values())
@@ -297,19 +277,19 @@ def describe(ckpt: dict, path: str) -> list[str]:
     return lines
 
 
-def inspect(a) -> None:
-    """--info PATH: what a checkpoint is; --export FILE with --loadckpt: its EMA weights."""
-    if a.info:
-        ckpt, path = read(a.info, a.ckpt_save_dir)
-        check_fit(ckpt, path)
-        print("\n".join(describe(ckpt, path)))
-        return
-    validate(a)
-    ckpt, path = read(a.loadckpt, a.ckpt_save_dir)
+def info(path: str, ckpt_dir: str) -> None:
+    """--info PATH: what a checkpoint is, printed."""
+    ckpt, path = read(path, ckpt_dir)
     check_fit(ckpt, path)
-    export(ckpt, a.export)
-    print(f"exported the EMA weights of {path} (step {ckpt['step']}) to {a.export}: they sample "
-          f"(--loadckpt {a.export}) but hold no optimizer state, so they cannot resume training")
+    print("\n".join(describe(ckpt, path)))
+
+
+def export_weights(ckpt: dict, path: str, out: str) -> None:
+    """--export OUT with --loadckpt PATH (read as ckpt): its EMA weights as safetensors."""
+    check_fit(ckpt, path)
+    export(ckpt, out)
+    print(f"exported the EMA weights of {path} (step {ckpt['step']}) to {out}: they sample "
+          f"(--loadckpt {out}) but hold no optimizer state, so they cannot resume training")
 
 
 # -- the run that owns a checkpoint folder, stops safely, and says so in its exit code ---------

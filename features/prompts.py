@@ -7,21 +7,21 @@ import math
 import numpy as np
 import torch
 
-import evaluate
-import tags
+from features import evaluate
+from features import tags
 from data import load_folders, to_model
-from superres import super_resolve
-from text import read_captions, words
+from features.superres import super_resolve
+from features.text import read_captions, words
 
 
 def sample_prompts(drawer, sr=None) -> None:
     """--batch-size samples per prompt and guidance scale: a grid each, and prompts.png with
     8 of each (a row per prompt and scale); with the cascade's SR stage sr (a Drawer) also
     prompts-sr.png."""
-    a, n, rows = drawer.args, drawer.args.batch_size, []
-    ids = [drawer.vocab.encode(p) for p in a.prompt]  # unknown words: one line, before any work
-    for prompt, tokens in zip(a.prompt, ids):
-        for w in a.guidance_scale:
+    n, rows = drawer.batch_size, []
+    ids = [drawer.vocab.encode(p) for p in drawer.sample.prompt]  # unknown words: one line, first
+    for prompt, tokens in zip(drawer.sample.prompt, ids):
+        for w in drawer.sample.guidance_scale:
             cond = {"tokens": torch.tensor([tokens] * n, device=drawer.device)}
             x0, _ = drawer.draw(n, f"{prompt!r}, w = {w:g}", cond, w)
             slug = "-".join(words(prompt))[:60] or "empty"
@@ -30,20 +30,21 @@ def sample_prompts(drawer, sr=None) -> None:
     drawer.save_grid(torch.cat(rows), "prompts.png", nrow=min(n, 8))
     if sr:  # the cascade: prompts.png, super-resolved
         sr.save_grid(super_resolve(sr, torch.cat(rows)), "prompts-sr.png", nrow=min(n, 8))
-    drawer.console.print(f"wrote {len(rows)} grids ({len(a.prompt)} prompts x "
-                         f"{len(a.guidance_scale)} guidance scales) to {a.save_dir}/prompt-*.png "
-                         f"and prompts.png (a row per prompt and scale, in that order)"
+    drawer.console.print(f"wrote {len(rows)} grids ({len(drawer.sample.prompt)} prompts x "
+                         f"{len(drawer.sample.guidance_scale)} guidance scales) to "
+                         f"{drawer.save_dir}/prompt-*.png and prompts.png (a row per prompt and "
+                         f"scale, in that order)"
                          + (", and prompts-sr.png" if sr else ""))
 
 
-def evaluate_prompts(drawer, folder: str) -> list[dict]:
+def evaluate_prompts(drawer, folder: str, *, samples: int, cache_dir: str) -> list[dict]:
     """Does the model draw what it is asked? Fit a hair / eye colour classifier on the
     captioned images in `folder` (held out from training), then per --guidance-scale draw
     --eval-samples images prompted "<h> hair, <e> eyes" over every colour pair and report how
     often the classifier sees the prompted colours, and FID against `folder`."""
-    a, size, c = drawer.args, drawer.args.img_size, drawer.args.img_channels
+    size, c = drawer.model.img_size, drawer.model.img_channels
     images, paths = load_folders([folder], size, c, warn=drawer.console.print,
-                                 cache_dir=a.cache_dir, with_paths=True)
+                                 cache_dir=cache_dir, with_paths=True)
     clf, info = tags.fit_tag_classifier(images, read_captions(paths, [folder], "files"),
                                             device=drawer.device, progress="colour classifier")
     hair, eyes = ([k for k in clf.classes[attr] if k in drawer.vocab.stoi]
@@ -52,20 +53,20 @@ def evaluate_prompts(drawer, folder: str) -> list[dict]:
                          f"accuracy hair {info['val_acc']['hair']:.1%}, eyes "
                          f"{info['val_acc']['eyes']:.1%} on {info['n_val']} (chance for uniform "
                          f"prompts: {1 / len(hair):.1%} / {1 / len(eyes):.1%})")
-    n = a.eval_samples
+    n = samples
     want = [(hair[i % len(hair)], eyes[(i // len(hair)) % len(eyes)]) for i in range(n)]
     tokens = drawer.vocab.encode_all([f"{h} hair, {e} eyes" for h, e in want])  # (n, L)
     net = evaluate.InceptionFeatures(drawer.device)
-    ref, _ = evaluate.reference_features([folder], size, c, net, a.cache_dir, drawer.console)
+    ref, _ = evaluate.reference_features([folder], size, c, net, cache_dir, drawer.console)
     rows = []
-    for w in a.guidance_scale:
+    for w in drawer.sample.guidance_scale:
         inputs = lambda i, j: ({"tokens": tokens[i:j].to(drawer.device)}, None)  # noqa: E731
         samples = drawer.draw_many(n, f"w = {w:g}:", inputs, w)
         seen = tags.classify(clf, samples)
         row = {"guidance": w, "n": n,
                "hair_acc": float(np.mean([s == h for s, (h, _) in zip(seen["hair"], want)])),
                "eyes_acc": float(np.mean([s == e for s, (_, e) in zip(seen["eyes"], want)])),
-               **evaluate.score(evaluate.extract(samples, net, a.batch_size), ref)}
+               **evaluate.score(evaluate.extract(samples, net, drawer.batch_size), ref)}
         rows.append(row)
         drawer.save_grid(to_model(samples[:8 * len(hair)]), f"prompt-eval-w{w:g}.png",
                          nrow=len(hair))

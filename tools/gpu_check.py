@@ -1,4 +1,4 @@
-"""gpu_check.py: `python bench.py --gpu-check`, does this setup work, and how fast?
+"""gpu_check.py: `python -m tools.bench --gpu-check`, does this setup work, and how fast?
 
 A probe (versions, nvidia-smi), the speed rows (speed_rows.py), a round trip through ddpm.py,
 the tests on the GPU, torchrun and --compile, in that order, within --budget (each step a process
@@ -21,14 +21,14 @@ import traceback
 import torch
 from PIL import Image
 
-import bench
+from tools import bench
 import data
 import ddpm
-import evaluate
-import speed_rows
-from steps import LineSink, run_bounded
+from features import evaluate
+from tools import speed_rows
+from tools.steps import LineSink, run_bounded
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 # The round trip's model: 8 px, one level with attention, T = 10 (the tests' tiny model): the
 # check is of the code paths, and the time goes to the speed rows.
 TINY = ["--img-size", "8", "--num-channels", "8", "--channel-multiples", "1", "--has-attn", "t",
@@ -54,8 +54,7 @@ print(f"all-reduce over {dist.get_world_size()} process(es) on {backend}: {x[0].
       flush=True)
 dist.destroy_process_group()
 sys.argv = sys.argv[2:]
-sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[0]))
-runpy.run_path(sys.argv[0], run_name="__main__")
+runpy.run_path(sys.argv[0], run_name="__main__")  # the project is on PYTHONPATH (launch)
 """
 # Tests with torch's default device set (argv[1]): their modules and tensors are made there. TF32
 # off: the tests compare with tolerances of 1e-5, and TF32 products carry 10 mantissa bits.
@@ -211,11 +210,13 @@ class GpuCheck:
                     rc = 1
             sink.close()
             return rc
-        script = {"ddpm": [sys.executable, os.path.join(HERE, "ddpm.py")],
-                  "rows": [sys.executable, os.path.join(HERE, "speed_rows.py")]}
+        script = {"ddpm": [sys.executable, os.path.join(ROOT, "ddpm.py")],
+                  "rows": [sys.executable, "-m", "tools.speed_rows"]}
         threads = {"OMP_NUM_THREADS": str(self.b.threads)} if self.b.threads else {}
+        # Run in a folder of its own: the repository is where Python finds the project's modules.
+        path = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
         return run_bounded(script.get(cmd[0], cmd[:1]) + cmd[1:], limit, on_line, self.tmp,
-                           {**os.environ, **threads})
+                           {**os.environ, **threads, "PYTHONPATH": path})
 
     def check(self, name: str, cmd: list[str] | None, limit: float, verify=None,
               skip: str | None = None, part: str = "round-trip", *, on_line=None) -> str:
@@ -392,7 +393,7 @@ class GpuCheck:
         """tests/test_unet.py with torch's default device set to the device and TF32 off: its
         modules and tensors are made there (on a GPU the check reads the memory they held)."""
         k = ["-k", self.b.gpu_check_k] if self.b.gpu_check_k else []
-        path = os.path.join(HERE, "tests", "test_unet.py")
+        path = os.path.join(ROOT, "tests", "test_unet.py")
         skip = ("pytest is not installed (pip install -r requirements-test.txt)"
                 if not importlib.util.find_spec("pytest") else
                 None if os.path.isfile(path) else f"{path} is not there")
@@ -418,7 +419,7 @@ class GpuCheck:
             return f"{reduced}; ddpm.py: {trained_to(ckpt, 2)(out)}"
         self.check(f"torchrun: {backend}, ddpm.py", [
             sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-            probe, backend, os.path.join(HERE, "ddpm.py"), *args], 90, verify, part="torchrun")
+            probe, backend, os.path.join(ROOT, "ddpm.py"), *args], 90, verify, part="torchrun")
 
     def compile(self) -> None:
         """torch.compile: the speed row of bf16 + compile at the largest batch (its first step's
@@ -438,7 +439,7 @@ class GpuCheck:
 
 
 def main(argv=None) -> int:
-    """python bench.py --gpu-check (bench.py's flags) -> 0 when no check failed, 1 when one did,
+    """python -m tools.bench --gpu-check (bench.py's flags) -> 0 when no check failed, 1 when one did,
     2 (and one line) when there is no GPU and no --device cpu asked for a rehearsal, or a flag
     is wrong."""
     b, rest = bench.parse(argv)

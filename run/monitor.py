@@ -14,9 +14,11 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-import superres
-from config import UserError, size_name, sr_target_name
+from features import superres
 from data import hw
+from core.configs import Settings
+from core.spec import ModelSpec, size_name, sr_target_name
+from ui import UserError
 
 PROGRESS_SAMPLER = ("ddim", 25)  # deterministic (eta 0): grids of one model are identical
 
@@ -44,41 +46,42 @@ def strip(drawer, name: str) -> None:
         save_reverse_strip(drawer, drawer.draw(8, name, cond, base=base)[1], f"{name}.png")
 
 
-def summary(drawer, params: int, n_images: int, amp_dtype, world: int, write: bool) -> None:
+def summary(drawer, settings: Settings, *, params: int, n_images: int, amp_dtype, world: int,
+            write: bool) -> None:
     """What this run is, in a few true lines (after the checkpoint's config is applied), and
-    (write) the whole resolved config as config.json beside the outputs. params: the UNet's
+    (write) every setting as config.json beside the outputs, part by part. params: the UNet's
     parameter count; n_images: the training set's size."""
-    a = drawer.args
-    size = f"{a.super_res} -> {a.img_size}" if a.super_res else size_name(a.img_size)
-    diffused = f" (diffusing {sr_target_name(a.sr_target)})" if a.super_res else ""
+    m, t, s, out = settings.model, settings.train, settings.sample, settings.output
+    size = f"{m.super_res} -> {m.img_size}" if m.super_res else size_name(m.img_size)
+    diffused = f" (diffusing {sr_target_name(m.sr_target)})" if m.super_res else ""
     say = drawer.console.print
     say(f"model: {drawer.kind.name}{diffused}, {params / 1e6:.2f} M parameters, {size} px, "
-        f"{a.img_channels} channel(s), T = {a.timesteps} ({a.schedule}, predicts {a.prediction}"
-        f"{', learned variance' if a.learn_sigma else ''})")
+        f"{m.img_channels} channel(s), T = {m.timesteps} ({m.schedule}, predicts {m.prediction}"
+        f"{', learned variance' if m.learn_sigma else ''})")
     precision = {None: "fp32", torch.bfloat16: "bf16 autocast",
                  torch.float16: "fp16 autocast"}[amp_dtype]
     processes = f" x {world} processes" if world > 1 else ""
-    if a.train:
-        accum = f" x {a.grad_accum} accumulated" if a.grad_accum > 1 else ""
-        until = f" or {a.max_steps} steps in all" if a.max_steps else ""
-        until += f" or {a.max_minutes:g} minutes" if a.max_minutes else ""
-        augmented = f" (augmented, p {a.augment})" if a.augment else ""
-        what = (f"training on {n_images} images{augmented}, batch {a.batch_size}{accum}, "
-                f"{a.epochs} epoch(s){until}, lr {a.lr} ({a.lr_schedule}, warm-up {a.lr_warmup}); "
-                f"checkpoints in {a.ckpt_save_dir}/")
+    if t.train:
+        accum = f" x {t.grad_accum} accumulated" if t.grad_accum > 1 else ""
+        until = f" or {t.max_steps} steps in all" if t.max_steps else ""
+        until += f" or {t.max_minutes:g} minutes" if t.max_minutes else ""
+        augmented = f" (augmented, p {m.augment})" if m.augment else ""
+        what = (f"training on {n_images} images{augmented}, batch {t.batch_size}{accum}, "
+                f"{t.epochs} epoch(s){until}, lr {t.lr} ({t.lr_schedule}, warm-up {t.lr_warmup}); "
+                f"checkpoints in {out.ckpt_save_dir}/")
         if world > 1:
-            say(f"distributed: {world} processes, global batch {a.batch_size} = "
-                f"{a.batch_size // world} per process")
+            say(f"distributed: {world} processes, global batch {t.batch_size} = "
+                f"{t.batch_size // world} per process")
     else:
         what = f"sampling with {drawer.sampler_name}, {drawer.weights_name} weights"
-    say(f"{what}; {drawer.device.type}{processes}, {precision}; outputs in {a.save_dir}/ "
+    say(f"{what}; {drawer.device.type}{processes}, {precision}; outputs in {out.save_dir}/ "
         f"(config.json: every setting)")
     if write:
-        with open(os.path.join(a.save_dir, "config.json"), "w") as f:
-            json.dump(vars(a), f, indent=1)
-    deterministic = a.sampler in ("dpm++", "heun") or (a.sampler == "ddim" and a.eta == 0)
-    if not a.train and a.prediction == "eps" and not a.super_res and deterministic:
-        say(f"warning: {a.loadckpt} predicts eps; with --sampler {a.sampler} (deterministic) "
+        with open(os.path.join(out.save_dir, "config.json"), "w") as f:
+            json.dump(settings.to_dict(), f, indent=1)
+    deterministic = s.sampler in ("dpm++", "heun") or (s.sampler == "ddim" and s.eta == 0)
+    if not t.train and m.prediction == "eps" and not m.super_res and deterministic:
+        say(f"warning: {s.loadckpt} predicts eps; with --sampler {s.sampler} (deterministic) "
             f"some seeds can come out as noise. Use --sampler ddpm or --eta 1, or train with "
             f"--prediction v (the default)")
     ab_T = drawer.diffusion.alpha_bars[-1].item()
@@ -91,10 +94,10 @@ class ProgressGrids:
     """The same n noise images x_T, drawn with the EMA weights at each call: a row of n samples
     saved as progress/step-<step>.png, and progress.png with every row so far, oldest on top."""
 
-    def __init__(self, a, n: int = 8, seed: int = 0):
+    def __init__(self, model: ModelSpec, save_dir: str, n: int = 8, seed: int = 0):
         g = torch.Generator().manual_seed(seed)  # its own generator: fixed whatever the run does
-        self.x_T = torch.randn(n, a.img_channels, *hw(a.img_size), generator=g)
-        self.folder = os.path.join(a.save_dir, "progress")
+        self.x_T = torch.randn(n, model.img_channels, *hw(model.img_size), generator=g)
+        self.folder = os.path.join(save_dir, "progress")
         os.makedirs(self.folder, exist_ok=True)
 
     def draw(self, drawer, step: int) -> np.ndarray:
@@ -104,8 +107,8 @@ class ProgressGrids:
             x0, _ = drawer.draw(len(self.x_T), f"progress grid at step {step}", cond, base=base,
                                 x_T=self.x_T.to(drawer.device), sampler=PROGRESS_SAMPLER)
         path = os.path.join(self.folder, f"step-{step}.png")
-        drawer.save_grid(x0, os.path.relpath(path, drawer.args.save_dir), nrow=len(x0))
-        self.compose(os.path.join(drawer.args.save_dir, "progress.png"))
+        drawer.save_grid(x0, os.path.relpath(path, drawer.save_dir), nrow=len(x0))
+        self.compose(os.path.join(drawer.save_dir, "progress.png"))
         with Image.open(path) as im:
             return np.asarray(im)
 
@@ -156,13 +159,12 @@ def log_step(progress, tasks, tensorboard, *, step: int, loss: float, lr: float,
 def write_samples(drawer, sr=None) -> None:
     """--batch-size samples: ddpm-<i>.png, ddpm-all.png, reverse-steps.png; with the cascade's
     super-resolution stage sr (a Drawer), also each super-resolved."""
-    a = drawer.args
-    x0, frames = drawer.draw(a.batch_size)
+    x0, frames = drawer.draw(drawer.batch_size)
     for i, img in enumerate(x0):
         drawer.save_grid(img[None], f"ddpm-{i}.png", nrow=1)
     drawer.save_grid(x0, "ddpm-all.png", nrow=math.ceil(math.sqrt(len(x0))))
     save_reverse_strip(drawer, frames, "reverse-steps.png")
-    drawer.console.print(f"wrote {len(x0)} samples to {a.save_dir}/ddpm-*.png, ddpm-all.png and "
-                         f"reverse-steps.png")
+    drawer.console.print(f"wrote {len(x0)} samples to {drawer.save_dir}/ddpm-*.png, ddpm-all.png "
+                         f"and reverse-steps.png")
     if sr:
         superres.save_sr(sr, x0, superres.super_resolve(sr, x0), list(map(str, range(len(x0)))))

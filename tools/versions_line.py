@@ -1,5 +1,5 @@
 """The README's line of tested versions, read from requirements.lock: `python
-scripts/versions_line.py` prints it, `--write README.md` puts it in place of the old one
+tools/versions_line.py` prints it, `--write README.md` puts it in place of the old one
 (make lock does); tests/test_docs.py checks that the README's line agrees with the lock."""
 import os
 import re

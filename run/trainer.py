@@ -1,9 +1,9 @@
 """One optimizer step of Algorithm 1 (Ho et al. 2020) and everything it changes: the UNet, its
 EMA copy, Adam, the loss scaler and the timestep sampler. `Trainer.step` is the step that the
-training loop (ddpm.py) and the benchmark (bench.py) both call.
+training loop (ddpm.py) and the benchmark (tools/bench.py) both call.
 
 What a batch trains on (the image or a residual, captions, a low-res input, augmentation labels)
-is the model kind's answer (the `ModelKind` interface; `Plain` here, text.Captioned,
+is the model kind's answer (the `kinds.ModelKind` interface: kinds.Plain, text.Captioned,
 superres.SuperRes, augment.Augmented).
 """
 import contextlib
@@ -13,7 +13,6 @@ import functools
 import math
 import os
 import random
-from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -21,12 +20,11 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch import Tensor
 
-from config import UserError, hw
-import superres
-from augment import Augmented
-from diffusion import GaussianDiffusion, ImportanceSampler, lognormal_t_probs
-from text import Captioned, Vocab
-from unet import UNet
+from core.configs import TrainConfig
+from core.diffusion import GaussianDiffusion, ImportanceSampler, lognormal_t_probs
+from core.spec import ModelSpec, hw
+from features.kinds import ModelKind
+from ui import UserError
 
 MAX_BAD_STEPS = 5  # non-finite losses in a row before a run stops
 FUSED_DEVICES = ("cuda", "cpu")  # fused Adam: one kernel per tensor; it skips a step on the device
@@ -34,56 +32,6 @@ FUSED_DEVICES = ("cuda", "cpu")  # fused Adam: one kernel per tensor; it skips a
 
 class NonFiniteLoss(Exception):
     """The loss was NaN or infinite MAX_BAD_STEPS steps in a row."""
-
-
-@runtime_checkable
-class ModelKind(Protocol):
-    """What differs between kinds of model (plain, text, super-resolution, augmented), as one
-    object per kind; a kind that wraps another (augment.Augmented) passes every member on.
-    A question a kind cannot answer raises UserError (validation refuses such runs first)."""
-
-    name: str  # in words, for the start-up summary
-
-    def unet_inputs(self) -> dict:
-        """The UNet's extra constructor arguments: what the network is given."""
-
-    def train_batch(self, x0: Tensor, tokens: Tensor | None, n: int,
-                    share: slice) -> tuple[Tensor, dict]:
-        """A training batch x0 (B, C, H, W) -> (what to diffuse (B, C, H, W), the network's
-        conditioning dict). Random draws are for the global batch of n, this process's share
-        taken, so N processes train as one with the whole batch."""
-
-    def unconditional(self, n: int, device) -> dict | None:
-        """The conditioning of n unprompted samples (None: nothing)."""
-
-    def preview(self, n: int, device) -> tuple[dict | None, Tensor | None]:
-        """(conditioning, base) of the n pictures drawn while training: a sample becomes an
-        image as base + x0 (base None: x0 itself)."""
-
-    def sample_inputs(self, up: Tensor) -> tuple[dict, Tensor | None]:
-        """(conditioning, base) of samples drawn from the upsampled low-res images up
-        (B, C, H, W): what a super-resolution model samples from."""
-
-
-class Plain:
-    """An unconditional model (the ModelKind interface)."""
-
-    name = "unconditional"
-
-    def unet_inputs(self) -> dict:
-        return {}
-
-    def train_batch(self, x0: Tensor, tokens: Tensor | None, n: int, share: slice):
-        return x0, {}
-
-    def unconditional(self, n: int, device) -> dict | None:
-        return None
-
-    def preview(self, n: int, device) -> tuple[dict | None, Tensor | None]:
-        return self.unconditional(n, device), None
-
-    def sample_inputs(self, up: Tensor):
-        raise UserError(f"an {self.name} model draws from noise, not from low-res images")
 
 
 def micro_batches(n: int, k: int) -> list[slice]:
@@ -141,22 +89,6 @@ def default_lr(params: int) -> float:
     shrinking as 1 / sqrt(parameters) above, at least 1e-4 (1.3e-4 at 63 M, between the 1e-4
     of Nichol & Dhariwal 2021 and EDM's 2e-4 at 64 px)."""
     return max(1e-4, 1e-3 * min(1.0, math.sqrt(1e6 / params)))
-
-
-def make_unet(a, kind) -> UNet:
-    """The UNet the flags describe, with the kind's extra inputs, on the current default device."""
-    return UNet(img_channels=a.img_channels, num_channels=a.num_channels,
-                channel_multiples=a.channel_multiples, has_attn=a.has_attn,
-                num_blocks=a.num_blocks, dropout=a.dropout, learn_sigma=a.learn_sigma,
-                **kind.unet_inputs())
-
-
-def resolve_lr(a, kind) -> None:
-    """--lr not given (nor by a resumed checkpoint): default_lr of the UNet's size, counted on
-    the meta device (no memory, no arithmetic)."""
-    if a.lr is None:
-        with torch.device("meta"):
-            a.lr = default_lr(sum(p.numel() for p in make_unet(a, kind).parameters()))
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -225,33 +157,27 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def model_kind(a, vocab: Vocab | None, preview_images: Tensor | None) -> ModelKind:
-    """What kind of model the flags describe (the one place that decides): text-conditioned,
-    super-resolution or plain, trained on augmented images with --augment. preview_images:
-    training images a super-resolution model's pictures start from (None when only sampling)."""
-    kind = (Captioned(vocab, a.cond_drop) if vocab else
-            superres.SuperRes.from_args(a, preview_images) if a.super_res else Plain())
-    return Augmented(kind, a.augment) if a.augment else kind
-
-
 class Trainer:
     """The networks of a run and its optimizer step. model: the UNet being trained; net: what
     the loss calls, the model itself or its DDP wrapper when world > 1 (compiled with
     --compile); ema: the model's EMA copy, the weights we sample with; diffusion: the forward
-    process and the losses, given net; amp_dtype: autocast dtype or None (fp32)."""
+    process and the losses, given net; amp_dtype: autocast dtype or None (fp32). unet and
+    kind: what kinds.make_model built from model_spec; train: the step's settings (lr set)."""
 
-    def __init__(self, a, kind, device: torch.device, amp_dtype: torch.dtype | None,
+    def __init__(self, unet: nn.Module, model_spec: ModelSpec, train: TrainConfig,
+                 kind: ModelKind, device: torch.device, *, amp_dtype: torch.dtype | None,
                  rank: int = 0, world: int = 1):
-        self.args, self.kind, self.device, self.amp_dtype = a, kind, device, amp_dtype
+        a, m = train, model_spec
+        self.train, self.kind, self.device, self.amp_dtype = train, kind, device, amp_dtype
         self.rank, self.world = rank, world
-        self.model = make_unet(a, kind).to(device)
+        self.model = unet.to(device)
         self.diffusion = GaussianDiffusion(
-            a.timesteps, a.beta_min, a.beta_max, schedule=a.schedule,
-            prediction=a.prediction, min_snr_gamma=a.min_snr_gamma, learn_sigma=a.learn_sigma,
-            image_side=max(hw(a.img_size))).to(device)
+            m.timesteps, m.beta_min, m.beta_max, schedule=m.schedule,
+            prediction=m.prediction, min_snr_gamma=a.min_snr_gamma, learn_sigma=m.learn_sigma,
+            image_side=max(hw(m.img_size))).to(device)
         self.model.grad_checkpoint = a.grad_checkpoint
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
-        self.importance = ImportanceSampler(a.timesteps) if a.importance_sampling else None
+        self.importance = ImportanceSampler(m.timesteps) if a.importance_sampling else None
         # --t-sampling lognormal: t = the first index whose cumulative probability passes u ~ U(0, 1)
         self.t_cdf = (lognormal_t_probs(self.diffusion.ab64).cumsum(0).float().to(device)
                       if a.t_sampling == "lognormal" else None)  # (T,)
@@ -276,7 +202,7 @@ class Trainer:
         one imports torch's compiler, seconds of every start on a CPU). Fused (one kernel per
         tensor) on CUDA and CPU: the same update, about 7x faster than the per-op loop on a CPU
         core, and it can skip a step on the device (found_inf)."""
-        return torch.optim.Adam(self.model.parameters(), lr=self.args.lr,
+        return torch.optim.Adam(self.model.parameters(), lr=self.train.lr,
                                 fused=self.device.type in FUSED_DEVICES)
 
     def autocast(self):
@@ -291,7 +217,7 @@ class Trainer:
         tensor on the device). A non-finite loss or gradient skips the step on the device (no
         NaN reaches the weights; self.ok says so, `check` counts); nothing here waits for the
         device, unless --importance-sampling (its loss history lives on the host)."""
-        a, dev, world = self.args, self.device, self.world
+        a, dev, world = self.train, self.device, self.world
         # t and eps for the whole global batch of n, this process's share taken as the data is:
         # N processes draw what one process with the global batch would.
         n, share = len(x0) * world, slice(self.rank, None, world)
@@ -349,7 +275,7 @@ class Trainer:
     def backward(self, x0: Tensor, t: Tensor, eps: Tensor, w: Tensor, cond: dict):
         """Gradients of the weighted batch-mean loss, --grad-accum micro-batches adding up (DDP
         all-reduces after the last one only) -> (mean loss, per-image losses (B,)), detached."""
-        parts = micro_batches(len(x0), self.args.grad_accum)
+        parts = micro_batches(len(x0), self.train.grad_accum)
         per_image, loss = [], torch.zeros((), device=self.device)
         for k, part in enumerate(parts):
             sync = k == len(parts) - 1 or self.world == 1
@@ -382,7 +308,7 @@ class Trainer:
         it has one, at learning rate lr (--lr applies on resume, e.g. a lower one after a NaN)."""
         self.model.load_state_dict(ckpt["model"])
         self.ema.load_state_dict(ckpt.get("ema", ckpt["model"]))
-        if self.args.train:  # sampling makes no optimizer
+        if self.train.train:  # sampling makes no optimizer
             if "optimizer" in ckpt:  # fused where this device has it, whatever it was saved with
                 saved = ckpt["optimizer"]
                 fused = self.optimizer.defaults["fused"]

@@ -29,8 +29,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import config
 import ddpm
 from data import DataError, MappedImages, load_folders, to_model
-from dataset import ImageDataset, free_memory
-from ui import make_console
+from run.dataset import ImageDataset, free_memory
+from ui import UserError, make_console
 
 SMALL = ["--img-size", "32", "--num-channels", "32", "--channel-multiples", "1", "2", "2",
          "--has-attn", "f", "t", "f", "--num-blocks", "1"]
@@ -131,12 +131,9 @@ def build(b, rest: list[str], tmp: str, quiet: bool = True) -> ddpm.Program:
             + ["--train", "--demo", "--device", b.device, "--batch-size", str(b.batch_size),
                "--save-dir", tmp, "--ckpt-save-dir", tmp, "--cache-dir", tmp])
     args, typed = config.parse_args(argv)
-    parser = config.build_parser()
-    for k in config.DEMO_PRESET:  # demo faces as data, not the demo preset's model
-        if k not in typed:
-            setattr(args, k, parser.get_default(k))
+    # Demo faces as data, not the demo preset's model: its flags count as typed (as parsed).
     with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
-        return ddpm.Program(args, typed)
+        return ddpm.Program(args, typed | set(config.DEMO_PRESET))
 
 
 def timed(device: torch.device, fn, n: int = 1) -> float:
@@ -272,14 +269,14 @@ def measure(b, rest, variants: dict[str, set[str]], console: Console) -> dict:
     """All figures: data, FLOPs, then each variant in turn."""
     with tempfile.TemporaryDirectory() as tmp:
         prog = build(b, rest, tmp, quiet=False)
-        dev, a = prog.device, prog.args
+        dev, a = prog.device, prog.cfg.model
         out = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else
                f"CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads",
-               "torch": torch.__version__, "config": config.config_of(prog.args),
+               "torch": torch.__version__, "config": a.to_dict(),
                "batch_size": b.batch_size,
                "params": sum(p.numel() for p in prog.trainer.model.parameters())}
         t0 = time.perf_counter()
-        data = prog.load_data()
+        data, _ = prog.load_data(prog.vocab)
         out["demo_images"], out["demo_set_s"] = len(data), time.perf_counter() - t0
         x0 = next(data.batches(min(b.batch_size, 8), prog.data_gen))
         out["train_flops"], out["fwd_flops"] = flops_per_image(prog, x0)
@@ -349,18 +346,19 @@ def vs_reference(b, rest: list[str], console: Console) -> None:
     """Our training step (Program.train_step: loss, backward, clip, Adam, EMA, NaN guard) against
     the reference program's (loss, backward, Adam) on the same batch size and architecture,
     alternating which goes first each round; medians of seconds per step."""
-    folder, name = os.path.split(os.path.abspath(b.vs_reference))
-    sys.path.insert(0, folder)
-    ref_mod = importlib.import_module(os.path.splitext(name)[0])
+    name = os.path.splitext(os.path.basename(b.vs_reference))[0]
+    loader = importlib.util.spec_from_file_location(name, os.path.abspath(b.vs_reference))
+    ref_mod = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(ref_mod)
     with tempfile.TemporaryDirectory() as tmp:
         prog = build(b, PARITY + ["--precision", "fp32", "--sample-every", "0"] + rest, tmp)
-        a, dev = prog.args, prog.device
+        a, dev = prog.cfg.model, prog.device
         torch.manual_seed(0)
         ref = ref_mod.GaussianDiffusion(ref_mod.UNet(a.img_channels, a.num_channels,
                                                      a.channel_multiples, a.has_attn,
                                                      a.num_blocks), a.timesteps, a.beta_min,
                                         a.beta_max).to(dev).train()
-        ref_opt = torch.optim.Adam(ref.parameters(), a.lr)
+        ref_opt = torch.optim.Adam(ref.parameters(), prog.cfg.train.lr)
         x0 = to_model(prog.data.images[:b.batch_size]).to(dev)
         ours = lambda steps: train_steps(prog, prog.data, steps, b.batch_size)  # noqa: E731
 
@@ -448,7 +446,7 @@ def main(argv=None) -> int:
     b, rest = parse(argv)
     console = make_console()
     if b.gpu_check:  # the __main__ block below hands the check over to gpu_check.py
-        print("error: --gpu-check runs as python bench.py --gpu-check (or python gpu_check.py)",
+        print("error: --gpu-check runs as python -m tools.bench --gpu-check (or python -m tools.gpu_check)",
               file=sys.stderr)
         return 2
     if b.threads:
@@ -464,9 +462,9 @@ def main(argv=None) -> int:
     bad = set().union(*variants.values()) - TOKENS
     try:
         if bad or not variants:
-            raise config.UserError(f"unknown variant part(s) {sorted(bad)}; use {sorted(TOKENS)}")
+            raise UserError(f"unknown variant part(s) {sorted(bad)}; use {sorted(TOKENS)}")
         out = measure(b, rest, variants, console)
-    except (config.UserError, DataError) as e:
+    except (UserError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     report(b, variants, out, console)
@@ -477,7 +475,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    if parse()[0].gpu_check:  # gpu_check.py runs the check; it imports this module, not the reverse
-        gpu_check = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_check.py")
-        os.execv(sys.executable, [sys.executable, gpu_check, *sys.argv[1:]])
+    if parse()[0].gpu_check:  # tools.gpu_check runs the check; it imports this module, not the reverse
+        os.execv(sys.executable, [sys.executable, "-m", "tools.gpu_check", *sys.argv[1:]])
     sys.exit(main())

@@ -10,6 +10,8 @@ import threading
 import torch
 from torch import Tensor
 
+from core.configs import DataConfig
+from core.spec import ModelSpec
 from data import DataError, MappedImages, demo_faces, load_folders, to_model
 
 FAULT_AROUND = 1 << 16  # a page fault on a file mapping may map up to 64 KiB around it (Linux)
@@ -55,19 +57,19 @@ def placement(images, device: torch.device, choice: str,
                       f"({'--data-on memory' if choice == 'memory' else 'within ' + why})")
 
 
-def training_images(a, device: torch.device, say=print):
-    """The flags' training images where they will live (placement: on the device, or the decode
-    cache memory-mapped from disk) -> (images: a tensor or MappedImages, their paths (None for
-    --demo), the most bytes of the file kept resident on disk)."""
+def training_images(source: DataConfig, model: ModelSpec, device: torch.device, say=print):
+    """The training images, at the model's size, where they will live (placement: on the
+    device, or the decode cache memory-mapped from disk) -> (images: a tensor or MappedImages,
+    their paths (None for --demo), the most bytes of the file kept resident on disk)."""
     paths = None
-    if a.demo:
-        images = demo_faces(a.demo_images, a.img_size, a.img_channels, seed=0)
+    if source.demo:
+        images = demo_faces(source.demo_images, model.img_size, model.img_channels, seed=0)
     else:  # a memory-mapped view of the decode cache: nothing is read into memory yet
-        images, paths = load_folders(a.data_folders, a.img_size, a.img_channels, warn=say,
-                                     cache_dir=a.cache_dir, keep_small=a.keep_small,
-                                     with_paths=True, mapped=True)
-    limit = None if a.data_memory is None else int(a.data_memory * 2**20)
-    on_disk, resident, why = placement(images, device, a.data_on, limit)
+        images, paths = load_folders(source.data_folders, model.img_size, model.img_channels,
+                                     warn=say, cache_dir=source.cache_dir,
+                                     keep_small=source.keep_small, with_paths=True, mapped=True)
+    limit = None if source.data_memory is None else int(source.data_memory * 2**20)
+    on_disk, resident, why = placement(images, device, source.data_on, limit)
     say(why)
     if isinstance(images, MappedImages) and not on_disk:
         images = images.images.to(device, copy=True)  # read into memory once
