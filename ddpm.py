@@ -171,6 +171,16 @@ class Program:
         return batches_of(t.batch_size * t.grad_accum, self.data_gen, self.rank, self.world,
                           drop_last=t.compile)
 
+    def plan(self) -> int:
+        """This run's steps (self.planned: --epochs, or fewer to --max-steps) and the learning
+        rate schedule's length (kept from the checkpoint when resumed) -> batches an epoch."""
+        t, s = self.cfg.train, self.state
+        per_epoch = self.data.num_batches(t.batch_size * t.grad_accum, self.world, t.compile)
+        s.schedule_steps = s.schedule_steps or t.max_steps or s.step + t.epochs * per_epoch
+        planned = min(t.epochs * per_epoch, t.max_steps - s.step if t.max_steps else math.inf)
+        self.planned = max(planned, 0)
+        return per_epoch
+
     def train_loop(self) -> None:
         """Algorithm 1, epoch after epoch: a step per batch, the figures on the progress bars
         every 10 steps, a progress grid every --sample-every steps, a checkpoint (and FID) at
@@ -178,13 +188,10 @@ class Program:
         t, s = self.cfg.train, self.state
         start = self.clock()
         self.deadline = start + 60 * t.max_minutes if t.max_minutes else math.inf
-        per_epoch = self.data.num_batches(t.batch_size * t.grad_accum, self.world, t.compile)
-        s.schedule_steps = s.schedule_steps or t.max_steps or s.step + t.epochs * per_epoch
-        planned = min(t.epochs * per_epoch, t.max_steps - s.step if t.max_steps else math.inf)
-        self.planned = max(planned, 0)
+        per_epoch = self.plan()
         self.run_length = RunLength(self.planned, clock=self.clock)
         with self.drawer.progress("info") as progress:
-            run_bar = progress.add_task("this run", total=max(planned, 0), info="")
+            run_bar = progress.add_task("this run", total=self.planned, info="")
             for e in range(s.epoch, s.epoch + t.epochs):
                 self.read_clock()  # the last epoch's end waited for the device
                 if self.done():

@@ -136,6 +136,14 @@ def build(b, rest: list[str], tmp: str, quiet: bool = True) -> ddpm.Program:
         return ddpm.Program(args, typed | set(config.DEMO_PRESET))
 
 
+def precision_flags(toks) -> list[str]:
+    """A variant's precision as ddpm.py's flag (the trainer and its loss scaler are made for
+    it): bf16 autocast, or fp32 (with or without TF32, set_tf32); none: the device's default."""
+    if "bf16" in toks:
+        return ["--precision", "bf16"]
+    return ["--precision", "fp32"] if {"fp32", "tf32"} & set(toks) else []
+
+
 def timed(device: torch.device, fn, n: int = 1) -> float:
     """Seconds per call of fn: on a GPU the mean of n calls, synchronised around the loop; on a
     CPU the median call, which other processes' load disturbs less."""
@@ -225,13 +233,10 @@ def _run_variant(b, rest, tmp, data, toks: set[str], *, sample: bool, flops: flo
     cuda = b.device.startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats(b.device)
-    prog = build(b, rest, tmp)
+    prog = build(b, rest + precision_flags(toks), tmp)
     nets = prog.trainer
     if toks & {"fp32", "tf32"}:
-        nets.amp_dtype = None
         set_tf32("tf32" in toks)
-    if "bf16" in toks:
-        nets.amp_dtype = torch.bfloat16
     if "channels_last" in toks:
         for m in (nets.model, nets.ema):
             m.to(memory_format=torch.channels_last)  # in place: the optimizer keeps its params

@@ -81,7 +81,7 @@ def train(flags: list[str], emas: list[float]) -> tuple[ddpm.Program, float, dic
     args, typed = config.parse_args(flags)
     prog = ddpm.Program(args, typed)
     extra = {d: copy.deepcopy(prog.trainer.ema) for d in emas}
-    prog.state.schedule_steps = args.max_steps  # --lr-schedule's length, as train_loop sets it
+    prog.plan()  # --lr-schedule's length: --max-steps, as in train_loop
     t0, step = time.time(), 0
     while step < args.max_steps:
         for x0, tokens in prog.batches():

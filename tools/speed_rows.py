@@ -20,8 +20,8 @@ import time
 import torch
 
 import ddpm
-from tools.bench import (PEAKS, build, flops_per_image, parse, set_tf32, tf32_restored, timed,
-                   train_steps)
+from tools.bench import (PEAKS, build, flops_per_image, parse, precision_flags, set_tf32,
+                         tf32_restored, timed, train_steps)
 
 CHECK_PRECISIONS = ("fp32", "tf32", "bf16")  # fp32: TF32 off
 ROW = "@row "  # --check-rows prints each row as this, then its JSON, on a line of its own
@@ -114,9 +114,8 @@ def train_row(b, rest, tmp, n: int, variant: str, *, flops: float, measured: dic
     dev, toks = torch.device(b.device), set(variant.split("+"))
     precision = next(p for p in CHECK_PRECISIONS if p in toks)
     with tf32_restored():
-        prog = build(with_batch(b, n), rest, tmp)
+        prog = build(with_batch(b, n), rest + precision_flags({precision}), tmp)
         nets = prog.trainer
-        nets.amp_dtype = torch.bfloat16 if precision == "bf16" else None
         set_tf32(precision != "fp32")
         if "compile" in toks:  # in place: nets.net is nets.model (the EMA only samples)
             nets.model.compile()
@@ -248,8 +247,7 @@ def check_rows(b, rest: list[str], emit) -> None:
             if end - time.time() <= longest[0]:  # no row would start: no model to build either
                 break
             with tf32_restored():
-                prog = build(with_batch(b, draws[0]), rest, tmp)
-                prog.trainer.amp_dtype = torch.bfloat16 if p == "bf16" else None
+                prog = build(with_batch(b, draws[0]), rest + precision_flags({p}), tmp)
                 set_tf32(p != "fp32")
                 for n in draws:
                     row("sample", f"sample {n} {p}", lambda n: {"precision": p, **sample_row(
