@@ -35,4 +35,4 @@ lock:
 
 # The flag reference, generated from the parser (tests/test_docs.py fails when it is stale).
 docs/flags.md: config.py
-	python3 -c "import config; print(config.flag_reference(), end='')" > $@
+	$(PYTHON) -c "import config; print(config.flag_reference(), end='')" > $@

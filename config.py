@@ -14,7 +14,7 @@ import dataclasses
 import sys
 
 from core import configs, spec
-from ui import UserError
+from ui import NoCheckpoint, UserError
 from validation import validate
 
 STORED_GROUPS = ("model", "diffusion", "conditioning")  # the groups of spec.ModelSpec's flags
@@ -200,7 +200,9 @@ def _training_flags(p: argparse.ArgumentParser) -> None:
     g = FlagGroup(p, "training", part="train")
     g.add_argument("--train", action="store_true", help="train (otherwise: sample from --loadckpt)")
     g.add_argument("--resume", action="store_true",
-                   help="short for --train --loadckpt latest: go on with the newest checkpoint")
+                   help="--train --loadckpt latest: go on with the newest checkpoint of "
+                        "--ckpt-save-dir, or start a new run there when it holds none (one "
+                        "command for the first launch and every restart)")
     g.add_argument("--batch-size", type=int, default=64,
                    help="training batch size (the global batch under torchrun; one micro-batch "
                         "with --grad-accum); number of samples drawn when sampling")
@@ -263,6 +265,13 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
                         "every 10 steps and at each epoch's end, where the loop waits for the "
                         "device anyway; a cosine --lr-schedule still ends at --max-steps or the "
                         "last epoch")
+    g.add_argument("--save-every", type=int, default=0, metavar="N",
+                   help="also save a checkpoint every N optimizer steps (0 = only at each "
+                        "epoch's end); a resume from one goes on at the same place in its "
+                        "epoch, as if never stopped")
+    g.add_argument("--save-every-minutes", type=float, default=0.0, metavar="M",
+                   help="also save a checkpoint when M minutes have passed since the last save "
+                        "(0 = off); with --save-every, whichever comes first")
     g.add_argument("--lr-warmup", type=int, default=0, metavar="N",
                    help="raise the learning rate linearly from --lr / N to --lr over the first "
                         "N optimizer steps (stored: a resume goes on with it)")
@@ -422,7 +431,8 @@ def resolve(args: argparse.Namespace, typed: set[str], read=None, *,
          predicts x0 and one of uniform-t losses draws t uniformly, unless typed.
       3. --loadckpt is read (read(path, ckpt_dir) -> (ckpt, its path)): its stored config
          wins over the flags (a typed flag that contradicts it is an error), and a run goes on
-         with its recipe (checkpoint's `train`) unless typed again.
+         with its recipe (checkpoint's `train`) unless typed again. --resume into a folder
+         without checkpoints (read raises NoCheckpoint) starts a new run there.
       4. The sampler where none is typed (_default_sampler), the device where --device auto.
       5. validation.validate: flags that cannot work are one-line errors.
     -> (Settings, the checkpoint read or None). cascade: the super-resolution stage of a
@@ -440,18 +450,30 @@ def resolve(args: argparse.Namespace, typed: set[str], read=None, *,
         v["t_sampling"] = "uniform"  # their losses are set up for uniform t, or draw t themselves
     ckpt = None
     if v["loadckpt"]:
-        ckpt, v["loadckpt"] = read(v["loadckpt"], v["ckpt_save_dir"])
+        try:
+            ckpt, v["loadckpt"] = read(v["loadckpt"], v["ckpt_save_dir"])
+        except NoCheckpoint:
+            if not v["resume"] or "loadckpt" in typed:
+                raise
+            v["loadckpt"] = None  # the first launch of a resumable command: a new run
+    if ckpt:
         if v["train"] and "optimizer" not in ckpt:
             raise UserError(f"{v['loadckpt']} holds exported weights without optimizer state: "
                             f"it samples, but training resumes only from a .pth checkpoint")
         _apply_stored(v, typed, spec.stored_dict(ckpt))
         v.update(_recipe(ckpt, typed))
     _default_sampler(v, typed)
-    if v["device"] == "auto":
-        import torch  # here, not at the top: --help and flag errors need no torch
-        v["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    v["device"] = device_of(v["device"])
     validate(argparse.Namespace(**v), cascade=cascade)
     return settings_of(v), ckpt
+
+
+def device_of(name: str) -> str:
+    """--device as given, with auto: cuda where a GPU is visible, else cpu."""
+    if name != "auto":
+        return name
+    import torch  # here, not at the top: --help and flag errors need no torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def settings_of(v: dict) -> configs.Settings:

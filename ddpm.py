@@ -46,19 +46,21 @@ class Program:
     shares the parent's processes and console."""
 
     def __init__(self, args, typed: set[str], parent: "Program | None" = None):
-        # The settings, worked out once (config.resolve; the checkpoint read and applied) and
-        # then only read: each part goes to what uses it.
-        cfg, ckpt = config.resolve(args, typed, checkpoint.read, cascade=parent is not None)
         if parent:
             self.rank, self.world, self.console = parent.rank, parent.world, parent.console
             device = str(parent.device)
         else:
-            self.rank, self.world, device = init_distributed(cfg.train.device)
+            self.rank, self.world, device = init_distributed(config.device_of(args.device))
             self.console = make_console(quiet=self.rank != 0)
         self.is_main = self.rank == 0  # only the first process writes files and prints
+        # The settings, worked out once (config.resolve; the checkpoint read and applied) and
+        # then only read: each part goes to what uses it.
+        cfg, ckpt = config.resolve(args, typed, checkpoint.reader(self.rank, self.world),
+                                   cascade=parent is not None)
         if ckpt:
-            self.console.print(f"loaded {cfg.sample.loadckpt} (epoch {ckpt['epoch']}, step "
-                               f"{ckpt['step']})")
+            batch = f"batch {ckpt['batch']}, " if ckpt.get("batch") else ""  # in mid-epoch
+            self.console.print(f"loaded {cfg.sample.loadckpt} (epoch {ckpt['epoch']}, {batch}"
+                               f"step {ckpt['step']})")
         self.device, amp_dtype = pick_device(device, cfg.train.precision)
         if cfg.train.batch_size % self.world:
             raise UserError(f"--batch-size {cfg.train.batch_size} (the global batch) must be "
@@ -94,6 +96,13 @@ class Program:
         self.grids = None  # monitor.ProgressGrids, made at the first progress grid
         self.clock = time.monotonic  # what --max-minutes is measured with (seconds)
         self.deadline, self.out_of_time = math.inf, False  # --max-minutes: set as training starts
+        self.writer = checkpoint.Writer(self.console.print)  # saves on a thread of their own
+        self.last_save = 0.0  # self.clock() at the last save (--save-every-minutes)
+        self.save_due = False  # --save-every-minutes: as last read (read_flags)
+        # A stop signal (SIGTERM, SIGUSR1, Ctrl-C) as it arrived, and as the processes agreed
+        # on it (read_flags): the run stops after the step in progress, saves, and exits.
+        self.stop = self.stopping = None
+        self.epoch_rng = None  # the data generator's state at the epoch's start (the saves')
         self.tensorboard = (monitor.TensorBoard(cfg.output.save_dir)
                             if cfg.train.train and cfg.train.tensorboard and self.is_main else None)
         if not parent:
@@ -131,8 +140,16 @@ class Program:
         """The training images, and with --captions their caption tokens -> (the dataset, the
         vocabulary: vocab, or for a new run (None) the one built from the captions)."""
         c, t0, tokens = self.cfg, time.time(), None
+        # Under torchrun the first process of each node decodes the images into the cache, and
+        # the others wait for it, then read the cache: the images are decoded once a node.
+        shared = self.world > 1 and bool(c.data.cache_dir) and not c.data.demo
+        first = int(os.environ.get("LOCAL_RANK", "0")) == 0
+        if shared and not first:
+            dist.barrier()
         images, paths, resident = training_images(c.data, c.model, self.device,
                                                   self.console.print)
+        if shared and first:
+            dist.barrier()
         if c.model.captions != "off" and not c.data.demo:
             tokens, vocab = caption_tokens(paths, c.data.data_folders, c.model.captions, vocab,
                                            self.console.print)
@@ -162,14 +179,15 @@ class Program:
         if in_a_row >= MAX_BAD_STEPS:
             raise NonFiniteLoss()
 
-    def batches(self):
-        """An epoch of (x0, tokens) batches of --batch-size x --grad-accum: this process's share.
-        A compiled model skips the last partial batch (a new shape would recompile it)."""
+    def batches(self, skip: int = 0):
+        """An epoch of (x0, tokens) batches of --batch-size x --grad-accum: this process's share,
+        from batch `skip` on. A compiled model skips the last partial batch (a new shape would
+        recompile it)."""
         c, t = self.cfg, self.cfg.train
         batches_of = (self.data.batches_with_tokens if c.data.data_path == "device"
                       else self.data.plain_batches)
         return batches_of(t.batch_size * t.grad_accum, self.data_gen, self.rank, self.world,
-                          drop_last=t.compile)
+                          drop_last=t.compile, skip=skip)
 
     def plan(self) -> int:
         """This run's steps (self.planned: --epochs, or fewer to --max-steps) and the learning
@@ -193,7 +211,7 @@ class Program:
         with self.drawer.progress("info") as progress:
             run_bar = progress.add_task("this run", total=self.planned, info="")
             for e in range(s.epoch, s.epoch + t.epochs):
-                self.read_clock()  # the last epoch's end waited for the device
+                self.read_flags()  # the last epoch's end waited for the device
                 if self.done():
                     break
                 self.train_epoch(e, progress, run_bar, per_epoch)
@@ -215,31 +233,48 @@ class Program:
             self.console.print(line)
 
     def done(self) -> bool:
-        """--max-steps reached, or --max-minutes spent (as last read)."""
+        """--max-steps reached, --max-minutes spent or a stop signal agreed (as last read)."""
         c = self.cfg
-        return bool(c.train.max_steps) and self.state.step >= c.train.max_steps or self.out_of_time
+        return (bool(c.train.max_steps) and self.state.step >= c.train.max_steps
+                or self.out_of_time or self.stopping is not None)
 
-    def read_clock(self) -> None:
-        """Whether --max-minutes are spent, read where the loop waits for the device anyway: the
-        host queues steps ahead of the device, so its clock between those points runs early.
-        Under torchrun the processes agree (any one's clock), so that all stop at one step."""
-        out = self.clock() >= self.deadline
-        if self.world > 1 and self.cfg.train.max_minutes:
-            flag = torch.tensor(float(out), device=self.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            out = bool(flag.item())
-        self.out_of_time = out
+    def read_flags(self) -> None:
+        """Whether --max-minutes are spent, a stop signal came and a --save-every-minutes save is
+        due, read where the loop waits for the device anyway: the host queues steps ahead of the
+        device, so its clock between those points runs early. Under torchrun the processes
+        agree (any one's clock, any one's signal), so that all stop, or save, at one step."""
+        t, now = self.cfg.train, self.clock()
+        flags = [float(now >= self.deadline), float(self.stop or 0),
+                 float(bool(t.save_every_minutes) and now - self.last_save
+                       >= 60 * t.save_every_minutes)]
+        if self.world > 1:
+            agreed = torch.tensor(flags, dtype=torch.float64, device=self.device)
+            dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+            flags = agreed.tolist()
+        self.out_of_time, self.save_due = bool(flags[0]), bool(flags[2])
+        self.stopping = int(flags[1]) or None
+
+    def on_signal(self, signum: int, frame) -> None:
+        """SIGTERM, SIGUSR1 or Ctrl-C while training: stop after the step in progress (and save).
+        A second Ctrl-C stops at once, without a save."""
+        if self.stop is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.stop = self.stop or signum
 
     def train_epoch(self, e: int, progress, run_bar, per_epoch: int) -> None:
-        """Epoch e: its steps with their bar, the figures every 10 steps, a progress grid every
-        --sample-every steps (default: once an epoch), then end_epoch."""
+        """Epoch e from its batch state.batch on (a resume in mid-epoch): its steps with their
+        bar, the figures every 10 steps, a progress grid every --sample-every steps (default:
+        once an epoch), a checkpoint every --save-every steps or --save-every-minutes, then
+        end_epoch (also when the run stops in mid-epoch)."""
         c, s = self.cfg, self.state
         every = per_epoch if c.train.sample_every is None else c.train.sample_every
-        bar = progress.add_task(f"epoch {e}", total=per_epoch, info="")
+        bar = progress.add_task(f"epoch {e}", total=per_epoch, completed=s.batch, info="")
+        self.epoch_rng = self.data_gen.get_state()  # the epoch's order and flips come from it
         t0, seen, steps = time.time(), 0, 0
         loss_sum, counted = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
-        for x0, tokens in self.batches():
+        for x0, tokens in self.batches(skip=s.batch):
             loss = self.train_step(x0, tokens)
+            s.batch += 1
             ok = self.trainer.ok  # on the device: a skipped step's loss is not averaged
             steps, seen = steps + 1, seen + len(x0) * self.world
             loss_sum, counted = loss_sum + torch.where(ok, loss, 0.0), counted + ok
@@ -252,15 +287,22 @@ class Program:
                                  loss=loss.item(),
                                  lr=self.trainer.optimizer.param_groups[0]["lr"],
                                  img_s=seen / (time.time() - t0))
-                self.read_clock()
+                self.read_flags()
+            elif self.world == 1:  # one process: a signal is seen at once
+                self.stopping = self.stop
             if self.is_main and every and s.step % every == 0:
                 self.progress_grid()
             progress.advance(run_bar)
             if self.done():
                 break
+            due = self.save_due or c.train.save_every and s.step % c.train.save_every == 0
+            if due and s.batch < per_epoch:  # (the epoch's end saves anyway)
+                self.check_steps()  # the counters exact, as saved
+                self.save_checkpoint()
         progress.remove_task(bar)
         self.check_steps()
-        self.end_epoch(e, (loss_sum / counted.clamp(min=1)).item(), seen, time.time() - t0)
+        self.end_epoch(e, (loss_sum / counted.clamp(min=1)).item(), seen, time.time() - t0,
+                       complete=s.batch >= per_epoch)
 
     def progress_grid(self):
         """The fixed-noise grid of this step (monitor.ProgressGrids), also to TensorBoard ->
@@ -273,8 +315,9 @@ class Program:
 
     def train(self) -> None:
         """The training run, owning its checkpoint folder (checkpoint.claim_folder: no other
-        run's checkpoints, no second live run); the exit code says how it ended and whether its
-        last save succeeded (checkpoint.exit_code; docs/safety.md)."""
+        run's checkpoints, no second live run) until its last save is written; the exit code
+        says how it ended and whether its last save succeeded (checkpoint.exit_code;
+        docs/safety.md)."""
         c = self.cfg
         lock = (checkpoint.claim_folder(c.output.ckpt_save_dir, self.run_id,
                                         bool(c.sample.loadckpt), c.train.start_over)
@@ -282,6 +325,8 @@ class Program:
         try:
             how = self.train_run()
         finally:
+            with checkpoint.signals_held(deliver=False):  # a save is never cut short
+                self.writer.wait()
             if lock:
                 lock.release()
         code = checkpoint.exit_code(how, self.saved)
@@ -289,70 +334,96 @@ class Program:
             sys.exit(code)
 
     def train_run(self) -> str:
-        """The run with its pictures -> how it ended: done, interrupted, terminated (SIGTERM, a
-        cluster's pre-emption) or nonfinite. A stop saves a checkpoint first."""
-        c, how = self.cfg, "done"
+        """The run with its pictures -> how it ended: done, nonfinite, or stopped by a signal
+        (checkpoint.STOPPED: terminated by SIGTERM, requeue by SIGUSR1, interrupted by Ctrl-C),
+        which saves a checkpoint of where the run is first (a resume goes on from there)."""
+        c, s = self.cfg, self.state
         if self.is_main:
             with self.drawer.side_rng():
                 monitor.save_forward_strip(self.drawer, to_model(self.data.images[:4]))
             monitor.strip(self.drawer, "run-before")
-        previous = signal.signal(signal.SIGTERM, checkpoint.stop_on_sigterm)
+        if c.train.resume and not c.sample.loadckpt:
+            self.console.print(f"--resume: no checkpoint in {c.output.ckpt_save_dir}/ yet, so a "
+                               f"new run begins there")
+        previous = {n: signal.signal(n, self.on_signal) for n in checkpoint.STOPPED}
         try:
             self.train_loop()
-        except (KeyboardInterrupt, checkpoint.Preempted) as stop:
-            path = self.save_checkpoint(self.state.epoch, last=True)  # the epoch restarts
-            how = "terminated" if isinstance(stop, checkpoint.Preempted) else "interrupted"
-            why = "stopped by SIGTERM" if isinstance(stop, checkpoint.Preempted) else "interrupted"
-            self.console.print(f"{why}: saved {path} (epoch {self.state.epoch}, step "
-                               f"{self.state.step})")
-            if isinstance(stop, checkpoint.Preempted):
-                return how
         except NonFiniteLoss:
-            path = self.save_checkpoint(self.state.epoch, last=True)
+            path = self.save_checkpoint(wait=True)
             self.console.print(
                 f"stopped: the loss was not finite {MAX_BAD_STEPS} steps in a row; the last good "
-                f"weights are in {path} (step {self.state.step}). Lower --lr (now {c.train.lr}) or "
+                f"weights are in {path} (step {s.step}). Lower --lr (now {c.train.lr}) or "
                 f"--grad-clip, or look for broken images in the data, then resume with --loadckpt")
             return "nonfinite"
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for n, handler in previous.items():
+                signal.signal(n, handler)
             if self.tensorboard:
                 self.tensorboard.close()
+        if self.stopping is not None:  # end_epoch saved where the run is
+            how = checkpoint.STOPPED[self.stopping]
+            self.console.print(f"stopped by {signal.Signals(self.stopping).name}: saved at "
+                               f"epoch {s.epoch}, batch {s.batch}, step {s.step}; --resume goes "
+                               f"on from there")
+            if how != "interrupted":  # a scheduler's stop: no time for pictures
+                return how
+        else:
+            how = "done"
         if self.is_main:
             monitor.strip(self.drawer, "run-after")
         self.console.print(f"pictures in {c.output.save_dir}/: forward-steps.png, run-before.png, "
                            f"run-after.png, progress.png, loss.png; metrics.jsonl")
         return how
 
-    def save_checkpoint(self, epoch_index: int, name: str = "", last: bool = False):
-        """The run's checkpoint as ckpt-{epoch_index % 5}.pth (or `name`) in --ckpt-save-dir
-        -> its path (None if the write failed). Only the first process writes. SIGTERM and
-        Ctrl-C wait until the file is whole (then act; dropped after the last save of a run
-        that is stopping)."""
+    def save_checkpoint(self, name: str = "", wait: bool = False, done=None):
+        """The run's checkpoint, into the rotation's next file (checkpoint.rotation_name) or
+        `name`, in --ckpt-save-dir -> its path. Only the first process writes, on the writer's
+        thread (checkpoint.Writer: training goes on meanwhile); wait: until the file is written
+        (then None if it failed). done(path or None): called when it is. A signal that
+        arrives meanwhile stops the run after the save, never in it."""
+        c, s = self.cfg, self.state
+        self.last_save, self.save_due = self.clock(), False
+        if not name:
+            s.saves += 1
         if not self.is_main:
             return None
-        c = self.cfg
-        ckpt = checkpoint.state(c.model, c.train, self.run_id, self.state,
-                                self.trainer.state_dict(),
-                                vocab=self.vocab, data_gen=self.data_gen, device=self.device)
-        path = os.path.join(c.output.ckpt_save_dir, name or checkpoint.rotation_name(epoch_index))
-        with checkpoint.signals_held(deliver=not last):
-            path = checkpoint.save(path, ckpt, self.console.print)
-        if not name:  # best.pth is an extra: the rotation holds the run
-            self.saved = path is not None
+        path = os.path.join(c.output.ckpt_save_dir, name or checkpoint.rotation_name(s.saves - 1))
+        # Mid-epoch the data generator has drawn the epoch's order: store its state before it.
+        data_rng = self.epoch_rng if s.batch and self.epoch_rng is not None else \
+            self.data_gen.get_state()
+        ckpt = checkpoint.state(c.model, c.train, self.run_id, s, self.trainer.state_dict(),
+                                vocab=self.vocab, data_rng=data_rng, device=self.device)
+        written = [None]
+
+        def finished(result):
+            written[0] = result
+            if not name:  # best.pth is an extra: the rotation holds the run
+                self.saved = result is not None
+            if done:
+                done(result)
+        self.writer.write(path, ckpt, finished)
+        if wait:
+            self.writer.wait()
+            return written[0]
         return path
 
-    def end_epoch(self, e: int, loss: float, seen: int, secs: float) -> None:
-        """Checkpoint, metrics.jsonl + loss.png, FID every --eval-every epochs, one line."""
+    def end_epoch(self, e: int, loss: float, seen: int, secs: float, complete: bool) -> None:
+        """Checkpoint (of the next epoch's start, or of where a run that stopped in mid-epoch
+        is), metrics.jsonl + loss.png, FID every --eval-every epochs, one line (printed when the
+        checkpoint is written)."""
         c, s = self.cfg, self.state
-        s.epoch = e + 1
-        path = self.save_checkpoint(e)
+        if complete:
+            s.epoch, s.batch = e + 1, 0
         record = {"epoch": e, "step": s.step, "loss": loss,
                   "lr": self.trainer.optimizer.param_groups[0]["lr"],
                   "img_per_s": seen / secs, "seconds": secs}
+        line = (f"epoch {e}: mean loss {loss:.4f}, {secs:.1f}s, {seen / secs:.0f} img/s, "
+                + "{}")
+        self.save_checkpoint(done=lambda path: self.console.print(
+            line.format(f"saved {path}" if path else "NOT saved")))
         ev = c.evaluation
-        if ev.eval_every and (e + 1) % ev.eval_every == 0:  # every process draws its share
-            with self.drawer.side_rng():
+        if ev.eval_every and (e + 1) % ev.eval_every == 0 and self.stopping is None:
+            with self.drawer.side_rng():  # every process draws its share
                 record.update(evaluate.sample_quality(
                     self.drawer, c.data, ev.eval_samples, eval_folders=ev.eval_folders,
                     rank=self.rank, world=self.world))
@@ -360,13 +431,12 @@ class Program:
             return
         if record.get("fid", math.inf) < s.best_fid:
             s.best_fid = record["fid"]
-            self.save_checkpoint(e, "best.pth")
+            self.save_checkpoint("best.pth")
         if self.tensorboard:
-            self.tensorboard.scalars(s.step, **{k: v for k, v in record.items() if k in ("fid", "kid")})
+            self.tensorboard.scalars(s.step, **{k: v for k, v in record.items()
+                                                if k in ("fid", "kid")})
         records = evaluate.append_metrics(os.path.join(c.output.save_dir, "metrics.jsonl"), record)
         evaluate.plot_curves(records, os.path.join(c.output.save_dir, "loss.png"))
-        self.console.print(f"epoch {e}: mean loss {loss:.4f}, {secs:.1f}s, "
-                           f"{seen / secs:.0f} img/s, {'saved ' + path if path else 'NOT saved'}")
 
     # -- sampling and measuring ----------------------------------------------------------------
 

@@ -15,6 +15,10 @@ class UserError(Exception):
     """Bad flags, files or checkpoints: printed as one line, exit code 2."""
 
 
+class NoCheckpoint(UserError):
+    """--loadckpt latest in a folder that holds no readable checkpoint (--resume: a new run)."""
+
+
 def make_console(quiet: bool = False) -> Console:
     """A console that prints whole lines (soft wrap: the terminal wraps, rich does not)."""
     return Console(highlight=False, soft_wrap=True, quiet=quiet)

@@ -60,6 +60,9 @@ def _check_values(a: argparse.Namespace) -> None:
         raise UserError("--max-steps, --lr-warmup and --sample-every must be >= 0")
     if a.max_minutes is not None and not (math.isfinite(a.max_minutes) and a.max_minutes > 0):
         raise UserError(f"--max-minutes must be a positive number of minutes, got {a.max_minutes}")
+    if a.save_every < 0 or not (math.isfinite(a.save_every_minutes) and a.save_every_minutes >= 0):
+        raise UserError(f"--save-every and --save-every-minutes must be >= 0 (0 = off), got "
+                        f"{a.save_every} and {a.save_every_minutes}")
     if not 0 <= a.cond_drop <= 1 or not a.sr_noise >= 0 or not a.sr_noise_max >= 0 \
             or a.eval_sr < 0:  # "not x >= 0" also refuses NaN
         raise UserError("need 0 <= --cond-drop <= 1, and --sr-noise, --sr-noise-max, --eval-sr >= 0")

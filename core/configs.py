@@ -59,6 +59,8 @@ class TrainConfig:
     epochs: int
     max_steps: int
     max_minutes: float | None
+    save_every: int  # steps; 0: at epoch ends only
+    save_every_minutes: float  # 0: off
     lr_warmup: int
     lr_schedule: str  # constant | cosine
     sample_every: int | None

@@ -11,6 +11,7 @@ import re
 import secrets
 import signal
 import socket
+import threading
 import time
 from dataclasses import dataclass
 
@@ -22,7 +23,7 @@ from core.spec import ModelSpec, size_name, sr_target_name
 from data import atomic_write
 from features.kinds import make_model
 from features.text import Vocab
-from ui import UserError
+from ui import NoCheckpoint, UserError
 from unet import UNet
 
 try:
@@ -32,7 +33,7 @@ except ImportError:  # Windows: the checkpoint folder is not locked
 
 FORMAT = 2  # 1: three dicts (model_config, diffusion_config, cond_config); still read
 READABLE = (1, 2)  # the model's part of either: spec.py, by its schema
-ROTATION = 5  # ckpt-0.pth .. ckpt-4.pth, by epoch
+ROTATION = 5  # ckpt-0.pth .. ckpt-4.pth, a save each in turn
 
 
 def latest(ckpt_dir: str) -> str:
@@ -40,26 +41,33 @@ def latest(ckpt_dir: str) -> str:
     so names say nothing); on a tie the newer file."""
     found = []
     for path in glob.glob(os.path.join(ckpt_dir, "*.pth")):
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        try:  # memory-mapped: only the counters are read
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             found.append((ckpt["step"], os.path.getmtime(path), path))
         except Exception:  # a damaged or foreign file is not a candidate
             continue
     if not found:
-        raise UserError(f"--loadckpt latest: no readable checkpoint in {ckpt_dir}/")
+        raise NoCheckpoint(f"--loadckpt latest: no readable checkpoint in {ckpt_dir}/")
     return max(found)[2]
 
 
-def read(path: str, ckpt_dir: str) -> tuple[dict, str]:
-    """Load a ddpm.py checkpoint safely (weights_only: opening it never runs code) -> (the
-    checkpoint, the path it was found at). A bare name is also looked up in ckpt_dir; 'latest'
-    is the one there with the most steps; a .safetensors file is an export (see export)."""
+def find(path: str, ckpt_dir: str) -> str:
+    """--loadckpt as given -> the file: a bare name is also looked up in ckpt_dir; 'latest' is
+    the one there with the most steps (NoCheckpoint where there is none)."""
     if path == "latest":
         path = latest(ckpt_dir)
     if not os.path.exists(path) and os.path.dirname(path) == "":
         path = os.path.join(ckpt_dir, path)
     if not os.path.isfile(path):
         raise UserError(f"checkpoint not found: {path} (also looked in {ckpt_dir}/)")
+    return path
+
+
+def read(path: str, ckpt_dir: str) -> tuple[dict, str]:
+    """Load a ddpm.py checkpoint safely (weights_only: opening it never runs code) -> (the
+    checkpoint, the path it was found at: find). A .safetensors file is an export (see
+    export)."""
+    path = find(path, ckpt_dir)
     if path.endswith(".safetensors"):
         return read_export(path), path
     try:
@@ -71,6 +79,40 @@ def read(path: str, ckpt_dir: str) -> tuple[dict, str]:
         raise UserError(f"{path} is not a ddpm.py checkpoint (format {FORMAT})")
     check(ckpt, path)
     return ckpt, path
+
+
+def reader(rank: int, world: int):
+    """read for this process. Under torchrun the first process picks the file (the newest, for
+    'latest') and the others are given its name, so that every process loads the same one; if
+    one cannot read it (a --ckpt-save-dir that is not on a file system every node shares), all
+    stop with one line that says so."""
+    if world == 1:
+        return read
+
+    def read_shared(path: str, ckpt_dir: str) -> tuple[dict, str]:
+        import torch.distributed as dist
+        box = [None]
+        if rank == 0:
+            try:
+                box = [find(path, ckpt_dir)]
+            except UserError as e:  # the same error in every process
+                box = [e]
+        dist.broadcast_object_list(box, src=0)
+        if isinstance(box[0], UserError):
+            raise box[0]
+        try:
+            ckpt, error = read(box[0], ckpt_dir)[0], ""
+        except UserError as e:
+            ckpt, error = None, str(e)
+        errors = [None] * world
+        dist.all_gather_object(errors, error)
+        failed = [(r, e) for r, e in enumerate(errors) if e]
+        if failed:
+            r, e = failed[0]
+            raise UserError(f"process {r} cannot read {box[0]}, the checkpoint process 0 chose "
+                            f"({e}): --ckpt-save-dir must be a folder every node can read")
+        return ckpt, box[0]
+    return read_shared
 
 
 def check(ckpt: dict, path: str) -> None:
@@ -135,7 +177,9 @@ def misfit(weights: dict, c: dict, text: dict | None) -> str:
 @dataclass
 class RunState:
     """Where a training run stands, counting what is completed; saved in every checkpoint."""
-    epoch: int = 0
+    epoch: int = 0  # epochs completed: the index of the epoch in progress
+    batch: int = 0  # batches of the epoch in progress taken (a mid-epoch save resumes there)
+    saves: int = 0  # checkpoints saved (the rotation's count)
     step: int = 0  # optimizer steps
     images_seen: int = 0
     best_fid: float = math.inf
@@ -143,10 +187,12 @@ class RunState:
 
 
 def state(model: ModelSpec, train: TrainConfig, run_id: str, run: RunState, weights: dict, *,
-          vocab, data_gen: torch.Generator, device: torch.device) -> dict:
+          vocab, data_rng: torch.Tensor, device: torch.device) -> dict:
     """Everything a training checkpoint holds: the run's id, the stored config (the model's
     spec), the recipe and length, the vocabulary, weights (Trainer.state_dict: model, EMA,
-    optimizer, timestep sampler), the counters and the RNG states."""
+    optimizer, timestep sampler), the counters and the RNG states. data_rng: the data
+    generator's state at the start of the epoch in progress (the epoch's order and flips are
+    drawn from it again on resume, and run.batch of its batches skipped)."""
     recipe = {"batch_size": train.batch_size, "grad_accum": train.grad_accum, "lr": train.lr,
               "lr_warmup": train.lr_warmup, "lr_schedule": train.lr_schedule,
               "hflip": train.hflip, "schedule_steps": run.schedule_steps,
@@ -156,14 +202,58 @@ def state(model: ModelSpec, train: TrainConfig, run_id: str, run: RunState, weig
     return {"format": FORMAT, "schema": spec.SCHEMA, "run_id": run_id, "config": model.to_dict(),
             "train": recipe,
             "text": vocab.state() if vocab else None, **weights, "epoch": run.epoch,
-            "step": run.step, "best_fid": run.best_fid, "data_rng": data_gen.get_state(),
+            "batch": run.batch, "saves": run.saves, "step": run.step,
+            "best_fid": run.best_fid, "data_rng": data_rng,
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
 
-def rotation_name(epoch_index: int) -> str:
-    """The file of the checkpoint at the end of epoch epoch_index: ckpt-0.pth .. ckpt-4.pth."""
-    return f"ckpt-{epoch_index % ROTATION}.pth"
+def snapshot(obj):
+    """A checkpoint's tensors copied to the CPU (nested dicts, lists and tuples kept): what the
+    writer thread saves while training goes on and changes the originals in place."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(snapshot(v) for v in obj)
+    return obj
+
+
+class Writer:
+    """Writes checkpoints on a thread of its own, one at a time: `write` returns once the
+    checkpoint is copied (snapshot), and the file is written (save: whole or not at all) while
+    training goes on; then done(path or None) is called on the writer's thread. A write waits
+    for the one before it to end; `wait` waits for the last."""
+
+    def __init__(self, warn):
+        self.warn, self.thread = warn, None
+
+    def write(self, path: str, ckpt: dict, done=lambda path: None) -> None:
+        self.wait()
+        copied = snapshot(ckpt)
+
+        def work():
+            try:
+                written = save(path, copied, self.warn)
+            except Exception as e:  # not a disk error (those are save's): say so, go on
+                self.warn(f"warning: could not save {path}: {type(e).__name__}: {e}")
+                written = None
+            done(written)
+        self.thread = threading.Thread(target=work, name="checkpoint-writer")
+        self.thread.start()
+
+    def wait(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+
+
+def rotation_name(saves: int) -> str:
+    """The file of a run's checkpoint after `saves` earlier ones: ckpt-0.pth .. ckpt-4.pth in
+    turn (one a save: at each epoch's end, and by --save-every; without those, the checkpoint
+    of epoch e is ckpt-{e % 5}.pth)."""
+    return f"ckpt-{saves % ROTATION}.pth"
 
 
 def save(path: str, ckpt: dict, warn) -> str | None:
@@ -182,7 +272,8 @@ def save(path: str, ckpt: dict, warn) -> str | None:
 def run_state(ckpt: dict, typed: set[str]) -> RunState:
     """The counters a checkpoint was saved at; a typed --max-steps sets the schedule anew."""
     train = ckpt.get("train", {})
-    return RunState(epoch=ckpt["epoch"], step=ckpt["step"],
+    return RunState(epoch=ckpt["epoch"], batch=ckpt.get("batch", 0),
+                    saves=ckpt.get("saves", ckpt["epoch"]), step=ckpt["step"],
                     images_seen=train.get("images_seen", 0),
                     best_fid=ckpt.get("best_fid", math.inf),
                     schedule_steps=0 if "max_steps" in typed else train.get("schedule_steps", 0))
@@ -295,16 +386,15 @@ def export_weights(ckpt: dict, path: str, out: str) -> None:
 # -- the run that owns a checkpoint folder, stops safely, and says so in its exit code ---------
 
 LOCK = "run.lock"  # in the checkpoint folder while a run trains into it
-EXIT = {"done": 0, "nonfinite": 1, "interrupted": 130, "terminated": 143}  # with the work saved
+# The signals that stop a training run after its step in progress, with a save, and how it then
+# ended: a scheduler's stop (SIGTERM), a cluster's notice before it kills the job (SIGUSR1:
+# SLURM's --signal=USR1@90), Ctrl-C.
+STOPPED = {signal.SIGTERM: "terminated", signal.SIGINT: "interrupted",
+           **({signal.SIGUSR1: "requeue"} if hasattr(signal, "SIGUSR1") else {})}  # not Windows
+# Exit codes with the work saved: a stop by signal N exits with 128 + N, as a shell reports a
+# process that signal killed: 130 Ctrl-C (2), 138 SIGUSR1 (10), 143 SIGTERM (15); docs/safety.md.
+EXIT = {"done": 0, "nonfinite": 1, "interrupted": 130, "requeue": 138, "terminated": 143}
 NOT_SAVED = 74  # sysexits' EX_IOERR: the run ended but its last save failed
-
-
-class Preempted(BaseException):
-    """SIGTERM arrived (a cluster's scheduler stops the job): save, then exit."""
-
-
-def stop_on_sigterm(signum, frame):
-    raise Preempted()
 
 
 def new_run_id() -> str:
@@ -420,8 +510,9 @@ def claim_folder(ckpt_dir: str, run_id: str, continuing: bool = False,
 
 
 @contextlib.contextmanager
-def signals_held(deliver: bool = True, signums=(signal.SIGTERM, signal.SIGINT)):
-    """Hold SIGTERM and Ctrl-C off a block (a save) so that they never interrupt it half-way:
+def signals_held(deliver: bool = True, signums=tuple(STOPPED)):
+    """Hold the stop signals (SIGTERM, SIGUSR1, Ctrl-C) off a block (a save) so that they never
+    interrupt it half-way:
     those that arrive meanwhile are delivered once it ends (deliver, for the saves of a run that
     goes on: it then stops as asked) or dropped (for the last save of a run that is already
     stopping: a scheduler's second SIGTERM must not cut it short). Main thread only."""
@@ -439,6 +530,6 @@ def signals_held(deliver: bool = True, signums=(signal.SIGTERM, signal.SIGINT)):
 
 def exit_code(how: str, saved: bool) -> int:
     """The exit code of a training run that ended `how` (done | nonfinite | interrupted |
-    terminated): EXIT[how] when its last save succeeded, else NOT_SAVED (74), so the code
-    alone says whether the work is on disk."""
+    requeue | terminated): EXIT[how] when its last save succeeded, else NOT_SAVED (74), so the
+    code alone says whether the work is on disk."""
     return EXIT[how] if saved else NOT_SAVED

@@ -111,12 +111,13 @@ class ImageDataset:
             yield x
 
     def batches_with_tokens(self, batch_size: int, generator: torch.Generator, rank: int = 0,
-                            world: int = 1, drop_last: bool = False):
+                            world: int = 1, drop_last: bool = False, *, skip: int = 0):
         """As batches, with each batch's caption tokens (B, L) (None without captions).
         The epoch's order and flips go to the device once, at its start: no step waits for a
-        host-to-device copy (the disk path's batches come pinned, copied asynchronously)."""
+        host-to-device copy (the disk path's batches come pinned, copied asynchronously).
+        skip: the epoch's first batches not to yield (nor read): a resume in mid-epoch."""
         order, flips = epoch_plan(len(self), generator, self.hflip)  # (N,) on the CPU
-        shares = batch_shares(len(self), batch_size, rank, world, drop_last)
+        shares = batch_shares(len(self), batch_size, rank, world, drop_last)[skip:]
         on_device = [to_device(v, self.device) for v in (order, flips)]
         gathered = (self.read_ahead([order[s] for s in shares]) if self.mapped else
                     (self.images.index_select(0, on_device[0][s]) for s in shares))
@@ -167,7 +168,7 @@ class ImageDataset:
             self.mapped.release()
 
     def plain_batches(self, batch_size: int, generator: torch.Generator, rank: int = 0,
-                      world: int = 1, drop_last: bool = False):
+                      world: int = 1, drop_last: bool = False, *, skip: int = 0):
         """The same batches the per-image way (a DataLoader-style reference): one image at a time
         is converted and flipped on the CPU, then stacked and copied to the device. The images
         are read from a host copy made once (not the device's, every epoch)."""
@@ -175,7 +176,7 @@ class ImageDataset:
             self.host_images = self.images.cpu()
         images = self.host_images
         for idx, flip in batch_plan(len(self), batch_size, generator, rank=rank, world=world,
-                                    hflip=self.hflip, drop_last=drop_last):
+                                    hflip=self.hflip, drop_last=drop_last, skip=skip):
             items = [to_model(images[i]).flip(-1) if f else to_model(images[i])
                      for i, f in zip(idx.tolist(), flip.tolist())]
             yield (torch.stack(items).to(self.device),
@@ -200,11 +201,11 @@ def batch_shares(n: int, batch_size: int, rank: int = 0, world: int = 1,
 
 
 def batch_plan(n: int, batch_size: int, generator: torch.Generator, *, rank: int = 0,
-               world: int = 1, hflip: bool = True, drop_last: bool = False):
+               world: int = 1, hflip: bool = True, drop_last: bool = False, skip: int = 0):
     """An epoch's batches as (indices (B,), flip (B,) bool) on the CPU: epoch_plan cut into
-    batch_shares."""
+    batch_shares, the first `skip` left out."""
     order, flips = epoch_plan(n, generator, hflip)
-    for share in batch_shares(n, batch_size, rank, world, drop_last):
+    for share in batch_shares(n, batch_size, rank, world, drop_last)[skip:]:
         yield order[share], flips[share]
 
 

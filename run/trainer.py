@@ -135,7 +135,13 @@ def init_distributed(device: str) -> tuple[int, int, str]:
     # The first process alone measures FID after the others have drawn their share of the
     # samples; the first time it also extracts the training set's features (cached after),
     # which can take minutes while the others wait in the next step: wait up to 30 minutes.
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=30))
+    timeout = datetime.timedelta(minutes=30)
+    store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+    # Each launch of torchrun's --max-restarts its own keys in the rendezvous store: a restarted
+    # process must not find the addresses of the round before, whose processes are gone.
+    store = dist.PrefixStore(f"launch-{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}/", store)
+    dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world,
+                            timeout=timeout)
     return dist.get_rank(), world, f"cuda:{os.environ['LOCAL_RANK']}" if cuda else device
 
 
@@ -152,8 +158,9 @@ def shared_seed(seed: int | None, world: int) -> int:
 
 
 def seed_everything(seed: int) -> None:
+    """Python's, NumPy's (which takes 32 bits of the seed) and torch's generators."""
     random.seed(seed)
-    np.random.seed(seed)
+    np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 

@@ -113,7 +113,7 @@ def test_ctrl_c_saves_a_checkpoint_then_the_after_strip(tiny, tmp_path):
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err  # 128 + SIGINT, as shells report a Ctrl-C
-    assert "interrupted: saved" in out and "Traceback" not in err
+    assert "stopped by SIGINT: saved at epoch" in out and "Traceback" not in err
     assert (tmp_path / "out" / "run-after.png").exists()
     epochs = [torch.load(p, weights_only=True)["epoch"] for p in (tmp_path / "ckpt").glob("*.pth")]
     assert max(epochs) >= 2

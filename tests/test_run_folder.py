@@ -108,8 +108,8 @@ def test_the_lock_of_a_killed_run_is_free_at_once(tmp_path):
 
 @pytest.fixture
 def sigterm_raises():
-    """SIGTERM raises Stop in this process (as ddpm.py's handler raises Preempted), whatever
-    handler the test runner had; restored afterwards."""
+    """SIGTERM raises Stop in this process (a handler that acts at once), whatever handler the
+    test runner had; restored afterwards."""
     class Stop(BaseException):
         pass
 
@@ -153,7 +153,7 @@ def test_sigterms_during_the_last_save_of_a_stopping_run_are_dropped(tmp_path, s
 
 def test_the_exit_code_says_how_the_run_ended_and_whether_its_work_was_saved():
     assert [checkpoint.exit_code(how, True) for how in
-            ("done", "nonfinite", "interrupted", "terminated")] == [0, 1, 130, 143]
+            ("done", "nonfinite", "interrupted", "requeue", "terminated")] == [0, 1, 130, 138, 143]
     assert {checkpoint.exit_code(how, False) for how in checkpoint.EXIT} == {74}
 
 

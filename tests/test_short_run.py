@@ -63,7 +63,7 @@ def test_max_minutes_stops_the_run_with_a_checkpoint_and_a_resume_gets_as_long_a
     images, batch, minutes = 128, 8, 2.5
     flags = tiny(tmp_path, "--demo-images", str(images), "--epochs", "100", "--sample-every", "0",
                  "--max-minutes", str(minutes))
-    # ddpm.py reads the clock (read_clock) at each epoch's start and after steps 1, 11, 21, ...
+    # ddpm.py reads the clock (read_flags) at each epoch's start and after steps 1, 11, 21, ...
     # of an epoch: the deadline passes during step 3, the first read that sees it is after
     # step 11, in the middle of the first epoch (16 steps).
     read_after = [k for k in range(1, images // batch + 1) if k % 10 == 1]
@@ -75,11 +75,13 @@ def test_max_minutes_stops_the_run_with_a_checkpoint_and_a_resume_gets_as_long_a
     assert first == expected
     assert "--max-minutes 2.5 spent" in capsys.readouterr().out
     saved = torch.load(checkpoint.latest(str(tmp_path / "ckpt")), weights_only=True)
-    assert saved["step"] == first  # saved as at --max-steps
+    assert (saved["step"], saved["batch"]) == (first, first)  # where it stopped, in mid-epoch
     q = Program(*parse_args(flags + ["--loadckpt", "latest"]))
     q.clock = StepClock(q)
-    q.run()  # the resumed run starts a new epoch: the same reads
-    assert q.state.step == 2 * first  # the same budget again: it is this run's
+    q.run()
+    # The resumed run goes on in mid-epoch, with the same budget again (it is this run's): its
+    # clock reads after its first step (1 minute) and at the epoch's end, which sees it spent.
+    assert q.state.step == images // batch > first + minutes
 
 
 @pytest.mark.parametrize("minutes", ["0", "-1", "nan", "inf"])
