@@ -356,10 +356,13 @@ class Program:
                 f"--grad-clip, or look for broken images in the data, then resume with --loadckpt")
             return "nonfinite"
         finally:
-            for n, handler in previous.items():
-                signal.signal(n, handler)
-            if self.tensorboard:
-                self.tensorboard.close()
+            try:
+                self.writer.wait()  # the last save is on disk before the signals' handlers go
+            finally:
+                for n, handler in previous.items():
+                    signal.signal(n, handler)
+                if self.tensorboard:
+                    self.tensorboard.close()
         if self.stopping is not None:  # end_epoch saved where the run is
             how = checkpoint.STOPPED[self.stopping]
             self.console.print(f"stopped by {signal.Signals(self.stopping).name}: saved at "

@@ -155,3 +155,32 @@ def test_two_processes_on_one_node_decode_the_images_once(tmp_path, unused_port,
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "decodes").read_text() == "decode\n"  # one process decoded, for both
     assert final(tmp_path)["step"] == 1
+
+
+# ddpm.main(argv[1:]) where process 1 cannot read checkpoints (as on a node that does not see
+# the folder process 0 writes into).
+BLIND = """import os, sys
+import ddpm
+from run import checkpoint
+from ui import UserError
+real = checkpoint.read
+def read(path, ckpt_dir):
+    if os.environ["RANK"] == "1":
+        raise UserError(f"checkpoint not found: {path}")
+    return real(path, ckpt_dir)
+checkpoint.read = read
+sys.exit(ddpm.main(sys.argv[1:]))
+"""
+
+
+def test_a_checkpoint_one_process_cannot_read_stops_every_process_with_one_line(tmp_path):
+    assert main(flags(tmp_path) + ["--max-steps", "1"]) == 0  # a checkpoint to resume
+    blind = write(tmp_path / "blind.py", BLIND)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node", "2", blind, *flags(tmp_path)], capture_output=True,
+                       text=True, timeout=300, env=IN_ROOT, cwd=tmp_path)
+    assert r.returncode != 0
+    says = "cannot read " + str(tmp_path / "ckpt")
+    lines = [line for line in r.stderr.splitlines() if line.startswith("error: process 1 " + says)]
+    assert len(lines) == 2 and lines[0].endswith("must be a folder every node can read")
+    assert "[rank0]" not in r.stderr and "[rank1]" not in r.stderr  # no worker's traceback

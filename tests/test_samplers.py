@@ -250,7 +250,7 @@ def test_an_ema_checkpoint_round_trips(tmp_path):
     with torch.no_grad():
         for w in p.trainer.ema.parameters():
             w.normal_()
-    p.save_checkpoint(0)
+    p.save_checkpoint(wait=True)
     q = Program(*parse_args(flags + ["--loadckpt", str(tmp_path / "ckpt" / "ckpt-0.pth")]))
     for a, b in zip(p.trainer.ema.state_dict().values(), q.trainer.ema.state_dict().values()):
         assert torch.equal(a, b)

@@ -111,13 +111,14 @@ def test_a_second_sigterm_during_the_preemption_save_is_ignored(tmp_path, monkey
 
     monkeypatch.setattr(torch, "save", save_then_sigterm)
     assert exit_code_of(tiny(tmp_path, "--epochs", "1000")) == 143
-    assert len(saves) == 1 and steps_in(tmp_path / "ckpt") == {"ckpt-0.pth": 1}  # whole
+    # The step in progress (the 2nd) ends first, then the one save, whole.
+    assert len(saves) == 1 and steps_in(tmp_path / "ckpt") == {"ckpt-0.pth": 2}
 
 
 def test_ctrl_c_during_training_saves_and_exits_130(tmp_path, monkeypatch, sigint_raises):
     signal_at_call(monkeypatch, diffusion.GaussianDiffusion, "losses", 2, signal.SIGINT)
     assert exit_code_of(tiny(tmp_path, "--epochs", "1000")) == 130
-    assert steps_in(tmp_path / "ckpt") == {"ckpt-0.pth": 1}
+    assert steps_in(tmp_path / "ckpt") == {"ckpt-0.pth": 2}  # after the step in progress
 
 
 def test_ctrl_c_during_sampling_is_one_line_and_130(tmp_path, monkeypatch, capsys, sigint_raises):
