@@ -4,7 +4,7 @@ listed as not run, and no speed row starts after the deadline; a step ends, at i
 every process it started, even one in a session of its own that ignores SIGTERM, and a process
 out of reach does not keep it reading; a failing or hanging step fails its own line only; without
 a GPU it says so in one line. And the benchmark takes as many training steps as it divides its
-time by."""
+time by, and times what a checkpoint save costs it."""
 import json
 import os
 import re
@@ -319,3 +319,15 @@ def test_the_benchmark_takes_as_many_training_steps_as_it_times(tmp_path):
     prog = bench.build(b, gpu_check.TINY, str(tmp_path))
     bench.train_steps(prog, prog.data, 11, b.batch_size)
     assert len(prog.data) == 32 and prog.state.step == 11
+
+
+def test_the_save_benchmark_times_a_real_save_and_the_steps_its_write_runs_beside(tmp_path,
+                                                                                   capsys):
+    out_json = tmp_path / "save.json"
+    assert bench.main(["--save-speed", "--device", "cpu", "--batch-size", "4", "--warmup", "1",
+                       "--steps", "2", "--json", str(out_json), *gpu_check.TINY]) == 0
+    out = json.loads(out_json.read_text())
+    assert len(out["rounds"]) == 2 and out["mib"] > 0 and out["steps_beside"] >= 1
+    assert all(r[k] > 0 for r in out["rounds"] for k in ("step_s", "blocking_s", "write_s",
+                                                           "write_beside_s", "sync_s"))
+    assert "training time a save costs" in capsys.readouterr().out

@@ -91,6 +91,12 @@ def parse(argv=None) -> tuple[argparse.Namespace, list[str]]:
                         "on a synthetic 64x64 decode-cache file of GiB, and resident memory")
     p.add_argument("--data-batches", type=int, default=200,
                    help="batches timed per path with --data-speed")
+    p.add_argument("--save-speed", action="store_true",
+                   help="instead: what a checkpoint save costs training, for the model of the "
+                        "flags: the file's MiB, the part that blocks the loop (state dict and "
+                        "copy to the CPU), the write on the writer's thread, a step with and "
+                        "without a write running, and a save that waits for its write "
+                        "(on a CPU give a small --batch-size, e.g. 2)")
     p.add_argument("--gpu-check", action="store_true",
                    help="instead: does this setup work, and how fast? A probe (versions, "
                         "nvidia-smi), the speed rows (matmul peaks; training at two batch sizes in "
@@ -447,6 +453,73 @@ def data_speed(b, console: Console) -> None:
                           f"({free / 2**30:.1f} GiB)")
 
 
+def save_speed(b, rest: list[str]) -> dict:
+    """What a checkpoint save costs the training loop (Program.save_checkpoint, after --warmup
+    steps: Adam's state made), in --steps rounds of: a training step with no save; a save (the
+    part that blocks training: state dict and copy to the CPU), then steps until its write on
+    the writer's thread has ended; a synchronous save (the training thread waits for the write,
+    which runs alone) -> the file's MiB and each figure's median over the rounds, in seconds."""
+    with tempfile.TemporaryDirectory() as tmp:
+        prog = build(b, rest, tmp)
+        train_steps(prog, prog.data, b.warmup, b.batch_size)
+        rounds = []
+
+        def step():  # one, ended (on a GPU its kernels too, so the save's copy times no step)
+            train_steps(prog, prog.data, 1, b.batch_size)
+            if prog.device.type == "cuda":
+                torch.cuda.synchronize(prog.device)
+        for _ in range(b.steps):  # in turn, so that other processes' load hits all alike
+            done = []  # when each write ended (on the writer's thread)
+            saved = lambda p: done.append(time.perf_counter())  # noqa: E731
+            t0 = time.perf_counter()
+            step()
+            t1 = time.perf_counter()
+            prog.save_checkpoint("bench.pth", done=saved)
+            t2, k = time.perf_counter(), 0
+            while k == 0 or not done:  # the steps its write runs beside
+                step()
+                k += 1
+            t3 = time.perf_counter()
+            prog.writer.wait()
+            t4 = time.perf_counter()
+            path = prog.save_checkpoint("bench.pth", done=saved)
+            t5 = time.perf_counter()
+            prog.writer.wait()
+            rounds.append({"step_s": t1 - t0, "blocking_s": t2 - t1, "steps_beside": k,
+                           "write_beside_s": done[0] - t2, "step_beside_s": (t3 - t2) / k,
+                           "lost_s": t3 - t1 - k * (t1 - t0), "write_s": done[1] - t5,
+                           "sync_s": time.perf_counter() - t4})
+        out = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
+        out.update(mib=os.path.getsize(path) / 2**20, torch=torch.__version__,
+                   device=f"{os.cpu_count()}-core CPU, {torch.get_num_threads()} torch threads"
+                   if prog.device.type == "cpu" else torch.cuda.get_device_name(prog.device),
+                   params=sum(p.numel() for p in prog.trainer.model.parameters()),
+                   batch_size=b.batch_size, rounds=rounds)
+    return out
+
+
+def save_report(b, out: dict, console: Console) -> None:
+    """--save-speed's figures, one table."""
+    console.print(f"{out['device']}, torch {out['torch']}: {out['params'] / 1e6:.1f}M-param UNet, "
+                  f"batch {out['batch_size']}; medians of {b.steps} rounds after {b.warmup} "
+                  f"warm-up steps")
+    t = Table()
+    t.add_column("checkpoint save")
+    t.add_column("value", justify="right")
+    for label, value in [
+            ("checkpoint file (model, EMA, Adam state)", f"{out['mib']:,.0f} MiB"),
+            ("blocking: state dict + copy to the CPU", f"{out['blocking_s']:.2f} s"),
+            ("write on the writer's thread, alone", f"{out['write_s']:.2f} s"),
+            ("write on the writer's thread, beside training", f"{out['write_beside_s']:.2f} s"),
+            ("training step, no write", f"{out['step_s']:.2f} s"),
+            (f"training step, a write beside it ({out['steps_beside']:g} step(s))",
+             f"{out['step_beside_s']:.2f} s ({out['step_beside_s'] / out['step_s']:.2f}x)"),
+            ("training time a save costs (blocking + slower steps)", f"{out['lost_s']:.2f} s"),
+            ("synchronous save (copy + write, training waits)", f"{out['sync_s']:.2f} s")]:
+        t.add_row(label, value)
+    console.print(t)
+
+
 def main(argv=None) -> int:
     b, rest = parse(argv)
     console = make_console()
@@ -461,6 +534,17 @@ def main(argv=None) -> int:
         return 0
     if b.data_speed:
         data_speed(b, console)
+        return 0
+    if b.save_speed:
+        try:
+            out = save_speed(b, rest)
+        except (UserError, DataError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        save_report(b, out, console)
+        if b.json:
+            with open(b.json, "w") as f:
+                json.dump(out, f, indent=1)
         return 0
     variants = {v.strip(): set(v.strip().replace("+", "-").split("-"))
                 for v in b.variants.split(",") if v.strip()}
