@@ -212,7 +212,7 @@ def test_bad_flags_files_and_checkpoints_are_one_line_errors(tmp_path, monkeypat
 
 def test_eval_every_adds_fid_to_the_metrics_and_keeps_the_best_checkpoint(
         run_ddpm, png_size, trained, tmp_path):
-    evaluate = pytest.importorskip("evaluate")
+    evaluate = pytest.importorskip("features.evaluate")
     try:
         evaluate.inception_path()
     except evaluate.MissingNetwork as e:

@@ -134,7 +134,7 @@ def test_a_16x32_model_trains_samples_and_draws_strips_and_fid(
                  "--sample-steps", "3", "--save-dir", "s"]) == 0
     assert png_size("s/ddpm-0.png") == (32, 16)
     assert png_size("s/reverse-steps.png")[1] == 3 * 17 + 1
-    evaluate = pytest.importorskip("evaluate")
+    evaluate = pytest.importorskip("features.evaluate")
     try:
         evaluate.inception_path()
     except evaluate.MissingNetwork as e:
