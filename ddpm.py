@@ -204,7 +204,7 @@ class Program:
         every 10 steps, a progress grid every --sample-every steps, a checkpoint (and FID) at
         each epoch's end; --epochs, --max-steps or --max-minutes ends it."""
         t, s = self.cfg.train, self.state
-        start = self.clock()
+        start = self.last_save = self.clock()  # --save-every-minutes counts from here
         self.deadline = start + 60 * t.max_minutes if t.max_minutes else math.inf
         per_epoch = self.plan()
         self.run_length = RunLength(self.planned, clock=self.clock)

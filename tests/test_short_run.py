@@ -84,6 +84,19 @@ def test_max_minutes_stops_the_run_with_a_checkpoint_and_a_resume_gets_as_long_a
     assert q.state.step == images // batch > first + minutes
 
 
+def test_save_every_minutes_saves_where_the_clock_is_read_once_the_minutes_have_passed(
+        tiny, tmp_path):
+    flags = tiny(tmp_path, "--demo-images", "128", "--epochs", "1", "--sample-every", "0",
+                 "--save-every-minutes", "3", "--max-steps", "14")
+    p = Program(*parse_args(flags))
+    p.clock = StepClock(p)  # a minute a step; read after steps 1 and 11 of the 16-step epoch
+    p.clock.minutes = 1000  # the clock's zero is not the run's start
+    p.run()
+    saved = {torch.load(f, weights_only=True)["step"]: torch.load(f, weights_only=True)["batch"]
+             for f in (tmp_path / "ckpt").glob("ckpt-*.pth")}
+    assert saved == {11: 11, 14: 14}  # 11 minutes since the start at step 11, then the end
+
+
 @pytest.mark.parametrize("minutes", ["0", "-1", "nan", "inf"])
 def test_max_minutes_must_be_a_positive_number(tiny, tmp_path, minutes, settings):
     with pytest.raises(UserError, match="--max-minutes must be a positive number"):
