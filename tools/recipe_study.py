@@ -133,7 +133,7 @@ def main() -> None:
                       folder, "--start-over"] + budget + RECIPES[name])
             print(f"{run}: python ddpm.py {' '.join(flags)}", flush=True)
             prog, secs, extra = train(flags, a.emas)
-            prog.save_checkpoint(0, "final.pth")
+            prog.save_checkpoint("final.pth", wait=True)
             if ref is None:
                 ref = evaluate.reference_features([held_dir], prog.cfg.model.img_size, 3, net,
                                                   prog.cfg.data.cache_dir)[0]
