@@ -10,12 +10,10 @@ are saved in every checkpoint as one dict (`config`), and loading a checkpoint s
 `--help` and flag errors answer at once.
 """
 import argparse
-import dataclasses
 import sys
 
 from core import configs, spec
-from ui import NoCheckpoint, UserError
-from validation import validate
+from ui import UserError
 
 STORED_GROUPS = ("model", "diffusion", "conditioning")  # the groups of spec.ModelSpec's flags
 DEFAULT_STEPS = configs.DEFAULT_STEPS  # sampler steps; 0: all T
@@ -421,113 +419,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, set[s
     return args, {k for k, v in vars(typed).items() if v is not _UNSET}
 
 
-def resolve(args: argparse.Namespace, typed: set[str], read=None, *,
-            cascade: bool = False) -> tuple[configs.Settings, dict | None]:
-    """The run's Settings from the parsed flags: the one place where values are worked out,
-    in this order, into new objects (the namespace is left as parsed; nothing changes the
-    Settings after; the learning rate, when not given, waits for the network: with_lr).
-      1. --resume is --train --loadckpt latest; --train --demo sets the preset's untyped flags.
-      2. --img-size as stored (an int for a square); a super-resolution model of the residual
-         predicts x0 and one of uniform-t losses draws t uniformly, unless typed.
-      3. --loadckpt is read (read(path, ckpt_dir) -> (ckpt, its path)): its stored config
-         wins over the flags (a typed flag that contradicts it is an error), and a run goes on
-         with its recipe (checkpoint's `train`) unless typed again. --resume into a folder
-         without checkpoints (read raises NoCheckpoint) starts a new run there.
-      4. The sampler where none is typed (_default_sampler), the device where --device auto.
-      5. validation.validate: flags that cannot work are one-line errors.
-    -> (Settings, the checkpoint read or None). cascade: the super-resolution stage of a
-    cascade (validate)."""
-    v = dict(vars(args))
-    if v["resume"]:
-        v["train"], v["loadckpt"] = True, v["loadckpt"] or "latest"
-    if v["train"] and v["demo"]:
-        v.update({k: x for k, x in DEMO_PRESET.items() if k not in typed})
-    v["img_size"] = _img_size(v["img_size"])
-    if v["super_res"] and v["sr_target"] == "residual" and "prediction" not in typed:
-        v["prediction"] = "x0"  # zero-initialised output = zero residual = bicubic
-    if "t_sampling" not in typed and (v["super_res"] or v["learn_sigma"]
-                                      or v["importance_sampling"]):
-        v["t_sampling"] = "uniform"  # their losses are set up for uniform t, or draw t themselves
-    ckpt = None
-    if v["loadckpt"]:
-        try:
-            ckpt, v["loadckpt"] = read(v["loadckpt"], v["ckpt_save_dir"])
-        except NoCheckpoint:
-            if not v["resume"] or "loadckpt" in typed:
-                raise
-            v["loadckpt"] = None  # the first launch of a resumable command: a new run
-    if ckpt:
-        if v["train"] and "optimizer" not in ckpt:
-            raise UserError(f"{v['loadckpt']} holds exported weights without optimizer state: "
-                            f"it samples, but training resumes only from a .pth checkpoint")
-        _apply_stored(v, typed, spec.stored_dict(ckpt))
-        v.update(_recipe(ckpt, typed))
-    _default_sampler(v, typed)
-    v["device"] = device_of(v["device"])
-    validate(argparse.Namespace(**v), cascade=cascade)
-    return settings_of(v), ckpt
-
-
-def device_of(name: str) -> str:
-    """--device as given, with auto: cuda where a GPU is visible, else cpu."""
-    if name != "auto":
-        return name
-    import torch  # here, not at the top: --help and flag errors need no torch
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def settings_of(v: dict) -> configs.Settings:
-    """Every flag's value (a dict by flag name) -> the Settings, each group into its part."""
-    parts = {}
-    for g in build_parser().flag_groups:
-        parts.setdefault(g.part, {}).update({a.dest: v[a.dest] for a in g.actions})
-    return configs.Settings(**{name: configs.PART_TYPES[name](**fields)
-                               for name, fields in parts.items()})
-
-
-def flat(settings: configs.Settings) -> dict:
-    """Settings -> every flag's value by name (the inverse of settings_of)."""
-    return {k: x for f in dataclasses.fields(settings)
-            for k, x in dataclasses.asdict(getattr(settings, f.name)).items()}
-
-
-def with_lr(settings: configs.Settings, default: float) -> configs.Settings:
-    """The Settings with --lr `default` where none was given (nor by a resumed checkpoint): the
-    default depends on the network's size (trainer.default_lr)."""
-    if settings.train.lr is not None:
-        return settings
-    return dataclasses.replace(settings, train=dataclasses.replace(settings.train, lr=default))
-
-
-def cascade_args(settings: configs.Settings) -> argparse.Namespace:
-    """The flags of the cascade's second stage after a base model with these settings:
-    --sr-ckpt loaded, the sampler flags shared, nothing else asked of it (resolve it with no
-    flag typed)."""
-    return argparse.Namespace(**{**flat(settings), "loadckpt": settings.sample.sr_ckpt,
-                                 "sr_ckpt": None, "prompt": None, "eval_fid": 0, "eval_bpd": 0})
-
-
-# The training flags a resume goes on with (whatever the defaults are now), and the values of
-# those that older checkpoints do not store: the only way they trained then.
-RECIPE = ("lr", "lr_warmup", "lr_schedule", "hflip", "ema_decay", "min_snr_gamma", "t_sampling")
-RECIPE_NOT_STORED = {"min_snr_gamma": 0.0, "t_sampling": "uniform"}
-
-
-def _recipe(ckpt: dict, typed: set[str]) -> dict:
-    """A loaded run's recipe (learning rate, its warm-up and schedule, flips, EMA decay, loss
-    weighting and how t is drawn): what a resume goes on with, each unless typed again."""
-    train = {**RECIPE_NOT_STORED, **ckpt.get("train", {})}
-    return {k: train[k] for k in RECIPE if k in train and k not in typed}
-
-
-def _default_sampler(v: dict, typed: set[str]) -> None:
-    """Where no --sampler is typed: DPM-Solver++ (the flag's default), but the ancestral sampler
-    for eps models (their deterministic samples can turn to noise: see --prediction) and for
-    inpainting (it pastes the known region in after every step, which needs ddpm or ddim)."""
-    if "sampler" not in typed and (v["prediction"] == "eps" or v["mask_folder"] or v["mask_box"]):
-        v["sampler"] = "ddpm"
-
-
 def preset_flags(preset: dict) -> str:
     """{"img_size": 32, "has_attn": [False, True]} -> '--img-size 32 --has-attn f t'."""
     return " ".join(f"--{k.replace('_', '-')} {_words(v)}" for k, v in preset.items())
@@ -550,7 +441,7 @@ def check_command_line(argv: list[str] | None = None) -> None:
     the --demo preset is named while torch loads. Exits on a bad flag (code 2, one line)."""
     try:
         args, typed = parse_args(argv)
-        _img_size(args.img_size)
+        stored_img_size(args.img_size)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -559,35 +450,13 @@ def check_command_line(argv: list[str] | None = None) -> None:
         print(line, flush=True)
 
 
-def is_default_model(model: spec.ModelSpec) -> bool:
-    """Whether the model is the parser's default 64-px, 63 M-parameter UNet (its size flags)."""
-    size = ("img_size", "num_channels", "channel_multiples", "num_blocks")
-    return all(getattr(model, k) == getattr(spec.DEFAULTS, k) for k in size)
-
-
-def _img_size(v):
+def stored_img_size(v):
     """--img-size as typed -> an int for a square (as checkpoints have always stored it), [H, W]
     for a non-square size."""
     v = [v] if isinstance(v, int) else list(v)
     if len(v) not in (1, 2):
         raise UserError(f"--img-size takes one number (a square) or two (H W), got {len(v)}")
     return v[0] if len(set(v)) == 1 else v
-
-
-def _as_list(v):
-    """Tuples and lists compare equal as lists (checkpoint configs store lists)."""
-    return list(v) if isinstance(v, (list, tuple)) else v
-
-
-def _apply_stored(v: dict, typed: set[str], stored: dict) -> None:
-    """The checkpoint's architecture wins; a typed flag that disagrees with it is an error."""
-    for k in stored_keys():
-        if k == "augment" and k in typed and v[k] > 0 and stored[k] > 0:
-            continue  # the probability may change; on or off is the architecture
-        if k in typed and _as_list(v[k]) != _as_list(stored[k]):
-            raise UserError(f"--{k.replace('_', '-')} {v[k]} contradicts the "
-                            f"checkpoint ({stored[k]}); drop the flag")
-        v[k] = stored[k]
 
 
 def flag_reference() -> str:

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 import config
+import settings
 from data import DataError, to_model
 from features import edit, evaluate, prompts, superres
 from features.kinds import make_model
@@ -50,12 +51,12 @@ class Program:
             self.rank, self.world, self.console = parent.rank, parent.world, parent.console
             device = str(parent.device)
         else:
-            self.rank, self.world, device = init_distributed(config.device_of(args.device))
+            self.rank, self.world, device = init_distributed(settings.device_of(args.device))
             self.console = make_console(quiet=self.rank != 0)
         self.is_main = self.rank == 0  # only the first process writes files and prints
-        # The settings, worked out once (config.resolve; the checkpoint read and applied) and
+        # The settings, worked out once (settings.resolve; the checkpoint read and applied) and
         # then only read: each part goes to what uses it.
-        cfg, ckpt = config.resolve(args, typed, checkpoint.reader(self.rank, self.world),
+        cfg, ckpt = settings.resolve(args, typed, checkpoint.reader(self.rank, self.world),
                                    cascade=parent is not None)
         if ckpt:
             batch = f"batch {ckpt['batch']}, " if ckpt.get("batch") else ""  # in mid-epoch
@@ -80,7 +81,7 @@ class Program:
             preview_images=self.data.images[:8] if self.data else None)
         if cfg.train.lr is None:  # the last derived setting: the default follows the UNet's size
             params = sum(p.numel() for p in unet.parameters())
-            self.cfg = cfg = config.with_lr(cfg, default_lr(params))
+            self.cfg = cfg = settings.with_lr(cfg, default_lr(params))
         self.trainer = Trainer(unet, cfg.model, cfg.train, self.kind, self.device,
                                amp_dtype=amp_dtype, rank=self.rank, world=self.world)
         self.drawer = Drawer(cfg.model, cfg.sample, self.kind, self.trainer, self.console,
@@ -222,7 +223,7 @@ class Program:
     def note_long_run(self, seconds_per_step: float, total: float) -> None:
         """On a CPU, one line with the whole run's expected time when it is long (ui)."""
         c = self.cfg
-        default_64 = config.is_default_model(c.model)
+        default_64 = settings.is_default_model(c.model)
         steps = self.planned
         if c.train.max_minutes:  # at most what --max-minutes leaves room for
             steps = min(steps, math.ceil(60 * c.train.max_minutes / seconds_per_step))
@@ -448,7 +449,7 @@ class Program:
         sampler flags shared), checked to fit this base model."""
         if not self.cfg.sample.sr_ckpt:
             return None
-        sr = Program(config.cascade_args(self.cfg), set(), parent=self)
+        sr = Program(settings.cascade_args(self.cfg), set(), parent=self)
         superres.check_cascade(self.cfg.model, sr.cfg.model, self.cfg.sample.sr_ckpt)
         return sr.drawer
 
@@ -481,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.info:
             checkpoint.info(args.info, args.ckpt_save_dir)
         elif args.export:
-            cfg, ckpt = config.resolve(args, typed, checkpoint.read)
+            cfg, ckpt = settings.resolve(args, typed, checkpoint.read)
             checkpoint.export_weights(ckpt, cfg.sample.loadckpt, cfg.output.export)
         else:
             Program(args, typed).run()

@@ -1,4 +1,4 @@
-"""The settings of a run, as frozen records the command line builds once (config.resolve) and
+"""The settings of a run, as frozen records the command line builds once (settings.resolve) and
 hands down: each layer receives the part it uses, and nothing changes one after it is built.
 
     Settings
@@ -41,7 +41,7 @@ class TrainConfig:
     resume: bool
     batch_size: int  # the global batch; also the samples drawn at once when sampling
     grad_accum: int
-    lr: float | None  # None only until the network's size decides it (config.resolve_lr)
+    lr: float | None  # None only until the network's size decides it (settings.with_lr)
     grad_clip: float
     ema_decay: float
     min_snr_gamma: float

@@ -51,17 +51,18 @@ def run_ddpm():
 
 @pytest.fixture(scope="session")
 def settings():
-    """settings(argv, read=None): the run's Settings for a command line (config.resolve; read
+    """settings(argv, read=None): the run's Settings for a command line (settings.py's resolve; read
     reads a --loadckpt: (path, ckpt_dir) -> (ckpt, path)). A command line that asks for nothing
     trains on a folder (--train --data-folders faces), which validation needs."""
     import config
+    from settings import resolve
 
-    def resolve(argv, read=None):
+    def settings_of(argv, read=None):
         task = {"--train", "--resume", "--loadckpt"} & set(argv)
         args, typed = config.parse_args(argv if task else ["--train", "--data-folders", "faces",
                                                            *argv])
-        return config.resolve(args, typed, read)[0]
-    return resolve
+        return resolve(args, typed, read)[0]
+    return settings_of
 
 
 @pytest.fixture(scope="session")

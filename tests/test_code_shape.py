@@ -100,7 +100,7 @@ LAYERS = {"core": {"core"}, "shared": {"core", "shared"},
           "cli": {"core", "shared", "features", "run", "cli"},
           "tools": {"core", "shared", "features", "run", "cli", "tools"}}
 AT_ROOT = {"unet": "core", "data": "shared", "ui": "shared", "ddpm": "cli", "config": "cli",
-           "validation": "cli"}
+           "settings": "cli", "validation": "cli"}
 
 
 def layer_of(module: str) -> str:

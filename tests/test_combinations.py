@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 
 import config
+import settings
 from ui import UserError
 import ddpm
 from features import evaluate
@@ -77,7 +78,7 @@ KINDS = {kind_name(c): [w for f in c for w in on_flags(f)]
 def refusal(argv: list[str]) -> str | None:
     """validation's refusal of a command line without a checkpoint (None: admitted)."""
     try:
-        config.resolve(*config.parse_args(argv))
+        settings.resolve(*config.parse_args(argv))
     except UserError as e:
         return str(e)
     return None
@@ -185,7 +186,7 @@ def run(argv: list[str]) -> Outcome:
 
     out, err = io.StringIO(), io.StringIO()
     py_state, np_state = random.getstate(), np.random.get_state()
-    patched = [(config, "validate", spy), (evaluate, "InceptionFeatures", Features)]
+    patched = [(settings, "validate", spy), (evaluate, "InceptionFeatures", Features)]
     real = [getattr(m, name) for m, name, _ in patched]
     try:
         for m, name, stand_in in patched:
@@ -314,7 +315,7 @@ def test_every_kind_class_has_the_whole_interface_and_wrappers_pass_it_on():
     wrappers = 0
     for name, flags in KINDS.items():
         args, _ = config.parse_args(["--img-size", str(SIZE), *flags])
-        s = config.settings_of({**vars(args), "img_size": SIZE})  # not validated: every kind
+        s = settings.settings_of({**vars(args), "img_size": SIZE})  # not validated: every kind
         kind = kinds.make_kind(s.model, vocab if s.model.captions != "off" else None,
                                cond_drop=s.train.cond_drop, sr_noise_max=s.train.sr_noise_max,
                                sr_noise=s.sample.sr_noise, preview_images=preview_images)

@@ -12,6 +12,7 @@ import sys
 import pytest
 
 import config
+from settings import flat, is_default_model
 import ui
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -179,10 +180,10 @@ def test_rare_flags_are_marked_in_help():
 
 
 def test_train_demo_sets_the_preset_and_typed_flags_win(settings):
-    flat = config.flat(settings(["--train", "--demo"]))
+    values = flat(settings(["--train", "--demo"]))
     for k, v in config.DEMO_PRESET.items():
-        assert flat[k] == (tuple(v) if isinstance(v, list) else v), k
-    assert not config.is_default_model(settings(["--train", "--demo"]).model)
+        assert values[k] == (tuple(v) if isinstance(v, list) else v), k
+    assert not is_default_model(settings(["--train", "--demo"]).model)
     argv = ["--train", "--demo", "--epochs", "3", "--img-size", "16"]
     s = settings(argv)
     assert (s.train.epochs, s.model.img_size, s.model.num_channels) == (3, 16, 32)
@@ -191,7 +192,7 @@ def test_train_demo_sets_the_preset_and_typed_flags_win(settings):
     argv = ["--demo", "--loadckpt", "x.pth", "--eval-bpd", "4"]
     assert config.preset_line(*config.parse_args(argv)) is None  # not training: no preset
     s = settings(["--train", "--data-folders", "faces"])
-    assert s.model.img_size == 64 and config.is_default_model(s.model)
+    assert s.model.img_size == 64 and is_default_model(s.model)
 
 
 def test_the_start_up_line_names_the_demo_preset(tmp_path):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import config
+from settings import with_lr
 from core.diffusion import (cosine_betas, linear_betas, lognormal_t_probs, resolution_shift,
                        shifted_cosine_betas)
 
@@ -103,10 +104,10 @@ def test_the_default_learning_rate_follows_the_size_rule(settings):
     params = sum(p.numel() for p in UNet(3, 64, (1, 2, 4, 8), (False, False, True, True), 2).parameters())
     assert sum(p.numel() for p in make_model(s.model, None)[0].parameters()) == params
     assert s.train.lr is None  # until the network's size decides it
-    lr = config.with_lr(s, default_lr(params)).train.lr
+    lr = with_lr(s, default_lr(params)).train.lr
     assert lr == pytest.approx(1e-3 * math.sqrt(1e6 / params))
     typed = settings(["--lr", "3e-4"])
-    assert config.with_lr(typed, lr).train.lr == 3e-4  # a typed --lr is kept
+    assert with_lr(typed, lr).train.lr == 3e-4  # a typed --lr is kept
 
 
 def test_lognormal_t_is_the_default_where_the_loss_allows_it(settings):

@@ -6,6 +6,8 @@ import json
 import pytest
 
 import config
+import settings
+from settings import flat, resolve, settings_of
 from core import spec
 
 
@@ -19,7 +21,7 @@ def test_the_command_line_defaults_of_the_stored_flags_are_the_specs():
     """Every field is a flag whose default is the field's: a new field needs no other list."""
     parsed = vars(config.build_parser().parse_args([]))
     assert config.stored_keys() == spec.FIELDS
-    assert {k: config._as_list(parsed[k]) for k in spec.FIELDS} == spec.DEFAULTS.to_dict()
+    assert {k: settings._as_list(parsed[k]) for k in spec.FIELDS} == spec.DEFAULTS.to_dict()
 
 
 def _schema_3(**changes) -> dict:
@@ -103,14 +105,14 @@ def test_the_settings_are_frozen_and_hold_what_was_typed(settings):
     for part in (s, s.data, s.model, s.train, s.sample, s.edit, s.evaluation, s.output):
         with pytest.raises(dataclasses.FrozenInstanceError):
             setattr(part, dataclasses.fields(part)[0].name, None)
-    assert config.flat(config.settings_of(config.flat(s))) == config.flat(s)  # a round trip
+    assert flat(settings_of(flat(s))) == flat(s)  # a round trip
     assert json.loads(json.dumps(s.to_dict()))["train"]["batch_size"] == 6
 
 
 def test_resolve_works_values_out_into_new_objects_and_leaves_the_parsed_flags_alone():
     args, typed = config.parse_args(["--train", "--demo", "--super-res", "8", "--img-size", "16"])
     before = dict(vars(args))
-    s, ckpt = config.resolve(args, typed)
+    s, ckpt = resolve(args, typed)
     assert vars(args) == before and ckpt is None
     assert (s.model.num_channels, s.model.img_size, s.train.epochs) == (32, 16, 10)  # the preset
     assert (s.model.prediction, s.train.t_sampling) == ("x0", "uniform")  # an SR model's
