@@ -472,7 +472,8 @@ class Program:
                                                       ev.eval_bpd)),
             (True, lambda: monitor.write_samples(drawer, self.sr_stage()))]
         next(command for given, command in commands if given)()
-        if self.world > 1:
+        if self.world > 1:  # together: a process that leaves its group while another is still
+            dist.barrier()  # at work (the first one's pictures) can abort at exit in gloo
             dist.destroy_process_group()
 
 

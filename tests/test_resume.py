@@ -182,5 +182,8 @@ def test_a_checkpoint_one_process_cannot_read_stops_every_process_with_one_line(
     assert r.returncode != 0
     says = "cannot read " + str(tmp_path / "ckpt")
     lines = [line for line in r.stderr.splitlines() if line.startswith("error: process 1 " + says)]
-    assert len(lines) == 2 and lines[0].endswith("must be a folder every node can read")
+    # Both processes stop with this line; torchrun ends the other as soon as one exits, so the
+    # second may be gone before it prints its copy.
+    assert 1 <= len(lines) <= 2 and len(set(lines)) == 1
+    assert lines[0].endswith("must be a folder every node can read")
     assert "[rank0]" not in r.stderr and "[rank1]" not in r.stderr  # no worker's traceback
