@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="The usage guide by task is docs/usage.md; every flag, as a table, docs/flags.md.")
     p.flag_groups = []  # FlagGroup, in --help's order
     for add_group in (_data_flags, _model_flags, _diffusion_flags, _conditioning_flags,
-                      _training_flags, _run_flags, _sampling_flags, _editing_flags,
+                      _training_flags, _distill_flags, _run_flags, _sampling_flags, _editing_flags,
                       _evaluation_flags, _output_flags):
         add_group(p)
     return p
@@ -166,6 +166,10 @@ def _diffusion_flags(p: argparse.ArgumentParser) -> None:
                         "sqrt(ab_T) = 0.6%%, which a GroupNorm-ended UNet cannot: DDIM, "
                         "DPM-Solver++ and Heun then turn some seeds into noise, so eps models "
                         "sample with ddpm unless --sampler is given")
+    g.add_argument("--student-steps", type=int, default=MODEL.student_steps, metavar="N",
+                   help="a student of progressive distillation, made to draw in N steps (0: a "
+                        "diffusion model); with --distill: the steps to make it for (default "
+                        "half the teacher's, 2 from a diffusion model)")
 
 
 def _conditioning_flags(p: argparse.ArgumentParser) -> None:
@@ -248,6 +252,20 @@ def _training_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="auto: bf16 autocast on GPUs that have it, else fp16 with loss scaling; "
                         "fp32 on the CPU. fp32 is the fix when mixed-precision samples turn black")
+
+
+def _distill_flags(p: argparse.ArgumentParser) -> None:
+    g = FlagGroup(p, "distillation", "a few-step student from a trained model (progressive "
+                                     "distillation, Salimans & Ho 2022)", part="train")
+    g.add_argument("--distill", action="store_true",
+                   help="train a student that draws in --student-steps steps from the model of "
+                        "--loadckpt (the teacher), starting from its weights: each student step "
+                        "learns to land where the teacher's solve lands (docs/usage.md). A run "
+                        "like any other: --resume, --max-steps, --max-minutes, signals")
+    g.add_argument("--teacher-calls", type=int, default=4, metavar="K",
+                   help="the network calls a diffusion-model teacher takes for each student "
+                        "step (DPM-Solver++, Karras-spaced); a student teacher takes its own "
+                        "DDIM steps")
 
 
 def _run_flags(p: argparse.ArgumentParser) -> None:

@@ -25,6 +25,7 @@ from torch import Tensor
 
 import config
 import settings
+from core import spec
 from data import DataError, to_model
 from features import edit, evaluate, prompts, superres
 from features.kinds import make_model
@@ -58,7 +59,14 @@ class Program:
         # then only read: each part goes to what uses it.
         cfg, ckpt = settings.resolve(args, typed, checkpoint.reader(self.rank, self.world),
                                    cascade=parent is not None)
-        if ckpt:
+        # --distill from a teacher's checkpoint: a new run, of a student that starts as it.
+        self.new_student = bool(cfg.train.train and cfg.train.distill and ckpt and
+                                spec.read(ckpt).student_steps != cfg.model.student_steps)
+        if self.new_student:
+            self.console.print(f"teacher: {cfg.sample.loadckpt} (step {ckpt['step']}); a new "
+                               f"student for {cfg.model.student_steps} step(s) starts from its "
+                               f"EMA weights")
+        elif ckpt:
             batch = f"batch {ckpt['batch']}, " if ckpt.get("batch") else ""  # in mid-epoch
             self.console.print(f"loaded {cfg.sample.loadckpt} (epoch {ckpt['epoch']}, {batch}"
                                f"step {ckpt['step']})")
@@ -82,17 +90,23 @@ class Program:
         if cfg.train.lr is None:  # the last derived setting: the default follows the UNet's size
             params = sum(p.numel() for p in unet.parameters())
             self.cfg = cfg = settings.with_lr(cfg, default_lr(params))
+        teacher, teacher_steps = self.load_teacher(ckpt) if cfg.train.distill else (None, 0)
         self.trainer = Trainer(unet, cfg.model, cfg.train, self.kind, self.device,
-                               amp_dtype=amp_dtype, rank=self.rank, world=self.world)
+                               amp_dtype=amp_dtype, rank=self.rank, world=self.world,
+                               teacher=teacher, teacher_steps=teacher_steps)
         self.drawer = Drawer(cfg.model, cfg.sample, self.kind, self.trainer, self.console,
                              batch_size=cfg.train.batch_size, save_dir=cfg.output.save_dir,
                              vocab=self.vocab, quiet=not self.is_main)
         self.state = RunState()
         # A resumed run keeps its id (the folder's checkpoints are its own); a new run gets one.
-        self.run_id = (ckpt or {}).get("run_id") or checkpoint.new_run_id()
+        resumed = None if self.new_student else ckpt
+        self.run_id = (resumed or {}).get("run_id") or checkpoint.new_run_id()
         self.saved = True  # whether the last checkpoint save succeeded (the exit code says)
-        if ckpt:
-            self.restore(ckpt, typed)
+        if resumed:
+            self.restore(resumed, typed)
+        elif teacher is not None:
+            self.trainer.model.load_state_dict(teacher.state_dict())
+            self.trainer.ema.load_state_dict(teacher.state_dict())
         self.make_folders()
         self.grids = None  # monitor.ProgressGrids, made at the first progress grid
         self.clock = time.monotonic  # what --max-minutes is measured with (seconds)
@@ -110,6 +124,22 @@ class Program:
             params = sum(p.numel() for p in self.trainer.model.parameters())
             monitor.summary(self.drawer, cfg, params=params, n_images=len(self.data or ()),
                             amp_dtype=amp_dtype, world=self.world, write=self.is_main)
+
+    def load_teacher(self, ckpt: dict) -> tuple[torch.nn.Module, int]:
+        """A distillation's teacher -> (its network, its steps: 0 for a diffusion model): the
+        loaded checkpoint's EMA weights for a new student, else the teacher the run's
+        checkpoints hold. The same UNet as the student's (the spec differs in student_steps
+        only)."""
+        unet, _ = make_model(self.cfg.model, self.vocab)
+        weights, steps = ((ckpt.get("ema", ckpt["model"]), spec.read(ckpt).student_steps)
+                          if self.new_student else
+                          (ckpt["teacher"]["ema"], ckpt["teacher"]["student_steps"]))
+        try:
+            unet.load_state_dict(weights)
+        except RuntimeError as e:
+            raise UserError(f"the teacher's weights in {self.cfg.sample.loadckpt} do not fit its "
+                            f"config: {str(e).strip().splitlines()[0][:120]}") from None
+        return unet, steps
 
     def restore(self, ckpt: dict, typed: set[str]) -> None:
         """Weights, optimizer and counters from ckpt; for training also the RNG states."""
@@ -320,8 +350,9 @@ class Program:
         says how it ended and whether its last save succeeded (checkpoint.exit_code;
         docs/safety.md)."""
         c = self.cfg
-        lock = (checkpoint.claim_folder(c.output.ckpt_save_dir, self.run_id,
-                                        bool(c.sample.loadckpt), c.train.start_over)
+        resuming = bool(c.sample.loadckpt) and not self.new_student
+        lock = (checkpoint.claim_folder(c.output.ckpt_save_dir, self.run_id, resuming,
+                                        c.train.start_over)
                 if self.is_main else None)
         try:
             how = self.train_run()

@@ -29,8 +29,12 @@ def resolve(args: argparse.Namespace, typed: set[str], read=None, *,
     -> (Settings, the checkpoint read or None). cascade: the super-resolution stage of a
     cascade (validate)."""
     v = dict(vars(args))
+    # --distill --loadckpt names the teacher; with --resume the folder's run is tried first.
+    teacher = v["loadckpt"] if v["distill"] and "loadckpt" in typed else None
+    if v["resume"] or v["distill"]:
+        v["train"] = True
     if v["resume"]:
-        v["train"], v["loadckpt"] = True, v["loadckpt"] or "latest"
+        v["loadckpt"] = "latest" if teacher else v["loadckpt"] or "latest"
     if v["train"] and v["demo"]:
         v.update({k: x for k, x in DEMO_PRESET.items() if k not in typed})
     v["img_size"] = stored_img_size(v["img_size"])
@@ -43,11 +47,23 @@ def resolve(args: argparse.Namespace, typed: set[str], read=None, *,
     if v["loadckpt"]:
         try:
             ckpt, v["loadckpt"] = read(v["loadckpt"], v["ckpt_save_dir"])
+            teacher = None if v["resume"] else teacher  # the folder's run goes on
         except NoCheckpoint:
-            if not v["resume"] or "loadckpt" in typed:
+            if not v["resume"] or "loadckpt" in typed and not teacher:
                 raise
             v["loadckpt"] = None  # the first launch of a resumable command: a new run
-    if ckpt:
+            if teacher:  # ... a new student, of this teacher
+                ckpt, v["loadckpt"] = read(teacher, v["ckpt_save_dir"])
+    if ckpt and teacher:
+        _apply_stored(v, typed, _student_spec(v, typed, spec.stored_dict(ckpt), v["loadckpt"]))
+        v.update({k: x for k, x in _recipe(ckpt, typed).items() if k == "hflip"})  # the data's
+    elif ckpt:
+        if "teacher" in ckpt and v["train"]:  # a distillation run goes on as one
+            v["distill"] = True
+        elif v["distill"]:
+            raise UserError(f"{v['loadckpt']} is a diffusion model's run, not a distillation: "
+                            f"to distil it, give --loadckpt {v['loadckpt']} without --resume "
+                            f"and a --ckpt-save-dir of its own")
         if v["train"] and "optimizer" not in ckpt:
             raise UserError(f"{v['loadckpt']} holds exported weights without optimizer state: "
                             f"it samples, but training resumes only from a .pth checkpoint")
@@ -57,6 +73,19 @@ def resolve(args: argparse.Namespace, typed: set[str], read=None, *,
     v["device"] = device_of(v["device"])
     validate(argparse.Namespace(**v), cascade=cascade)
     return settings_of(v), ckpt
+
+
+def _student_spec(v: dict, typed: set[str], teacher: dict, path: str) -> dict:
+    """The spec of a new student of the teacher (its stored spec): the teacher's, made for
+    --student-steps (default: half the teacher's steps, 2 from a diffusion model), or UserError
+    where it cannot be (which kinds of model can be distilled: validation)."""
+    k = teacher["student_steps"]
+    n = v["student_steps"] if "student_steps" in typed else k // 2 if k else 2
+    if n < 1 or k and (n >= k or k % n):
+        raise UserError(f"--student-steps {n}: a student of {path}, a student of {k} steps, "
+                        f"takes fewer steps that divide {k} (e.g. {k // 2})" if k else
+                        f"--student-steps must be at least 1, got {n}")
+    return {**teacher, "student_steps": n}
 
 
 def device_of(name: str) -> str:
@@ -100,7 +129,8 @@ def cascade_args(settings: configs.Settings) -> argparse.Namespace:
 
 # The training flags a resume goes on with (whatever the defaults are now), and the values of
 # those that older checkpoints do not store: the only way they trained then.
-RECIPE = ("lr", "lr_warmup", "lr_schedule", "hflip", "ema_decay", "min_snr_gamma", "t_sampling")
+RECIPE = ("lr", "lr_warmup", "lr_schedule", "hflip", "ema_decay", "min_snr_gamma", "t_sampling",
+          "teacher_calls")
 RECIPE_NOT_STORED = {"min_snr_gamma": 0.0, "t_sampling": "uniform"}
 
 
@@ -114,7 +144,13 @@ def _recipe(ckpt: dict, typed: set[str]) -> dict:
 def _default_sampler(v: dict, typed: set[str]) -> None:
     """Where no --sampler is typed: DPM-Solver++ (the flag's default), but the ancestral sampler
     for eps models (their deterministic samples can turn to noise: see --prediction) and for
-    inpainting (it pastes the known region in after every step, which needs ddpm or ddim)."""
+    inpainting (it pastes the known region in after every step, which needs ddpm or ddim).
+    A student of distillation draws with DDIM in the steps it was made for, its x0 unclipped
+    (its step lands where the teacher's solve did only with the x0 it learned), unless typed."""
+    if v["student_steps"]:
+        defaults = {"sampler": "ddim", "sample_steps": v["student_steps"], "clip_x0": False}
+        v.update({k: x for k, x in defaults.items() if k not in typed})
+        return
     if "sampler" not in typed and (v["prediction"] == "eps" or v["mask_folder"] or v["mask_box"]):
         v["sampler"] = "ddpm"
 

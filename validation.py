@@ -44,6 +44,8 @@ def _check_values(a: argparse.Namespace) -> None:
         raise UserError(f"--augment is a probability in [0, 1], got {a.augment}")
     if not 0 <= a.dropout < 1:
         raise UserError(f"--dropout must be in [0, 1), got {a.dropout}")
+    if a.teacher_calls < 1:
+        raise UserError(f"--teacher-calls must be at least 1, got {a.teacher_calls}")
     if a.sample_steps is not None and a.sample_steps <= 0:
         raise UserError(f"--sample-steps must be positive, got {a.sample_steps}")
     if a.sampler == "ddpm" and (a.sample_steps or a.spacing != "uniform"):
@@ -120,6 +122,8 @@ def _check_task(a: argparse.Namespace, cascade: bool) -> None:
         if a.start_over and a.resume:
             raise UserError("--start-over begins a new run, --resume continues the folder's: "
                             "give one of them")
+        if a.distill:
+            _check_distill(a)
         if not a.demo and not a.data_folders:
             raise UserError("--train needs --data-folders DIR (or --demo for built-in faces)"
                             if not a.loadckpt else "resuming with --loadckpt needs the "
@@ -154,6 +158,26 @@ def _check_task(a: argparse.Namespace, cascade: bool) -> None:
     if a.eval_prompts and min(hw(a.img_size)) < TAG_MIN_SIDE:
         raise UserError(f"{name} draws {size_name(a.img_size)} px images; the colour classifier "
                         f"of --eval-prompts needs {TAG_MIN_SIDE} px and up")
+
+
+def _check_distill(a: argparse.Namespace) -> None:
+    """--distill: a teacher, of a kind progressive distillation makes students of."""
+    if not a.loadckpt:
+        raise UserError("--distill makes a student of a trained model: give --loadckpt TEACHER "
+                        "(a checkpoint, or an exported .safetensors)")
+    if a.prediction == "eps":
+        raise UserError(f"--distill: {a.loadckpt} predicts eps; a student needs a v model (the "
+                        f"default) or an x0 one: at pure noise an eps model's x0 is its error "
+                        f"times 1 / sqrt(ab_T)")
+    if a.captions != "off" or a.super_res:
+        what = ("text-conditioned (its student would need guidance distilled too)"
+                if a.captions != "off" else "a super-resolution model (its steps start from "
+                "a low-res image, not from noise)")
+        raise UserError(f"--distill makes students of models that draw from noise alone; "
+                        f"{a.loadckpt} is {what}")
+    if a.importance_sampling:
+        raise UserError("--importance-sampling draws the timesteps of diffusion training; a "
+                        "student trains on its own steps: drop it")
 
 
 def _check_edit(a: argparse.Namespace, name: str) -> None:

@@ -55,6 +55,9 @@ class TrainConfig:
     seed: int | None
     device: str  # cpu, cuda or cuda:N ("auto" resolved)
     precision: str  # auto | bf16 | fp16 | fp32
+    # distillation
+    distill: bool
+    teacher_calls: int
     # the run's length, schedule and monitoring
     epochs: int
     max_steps: int

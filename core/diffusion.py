@@ -114,11 +114,21 @@ def karras_timesteps(alpha_bars: Tensor, n: int, rho: float = 7.0) -> list[int]:
     sigma_i = (sigma_max^(1/rho) + i / (n - 1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho,
     each taken to the timestep of nearest log sigma (so the solvers keep the trained t's);
     steps crowd towards low noise. Fewer than n where two sigma_i round to one t."""
+    return karras_between(alpha_bars, len(alpha_bars) - 1, -1, n, rho)
+
+
+def karras_between(alpha_bars: Tensor, t: int, s: int, n: int, rho: float = 7.0) -> list[int]:
+    """n indices from t down, spaced evenly in sigma^(1/rho) as karras_timesteps, towards s:
+    s = -1 is the clean end, and the last index is 0 (sigma_min); else the last is short of s,
+    where the step after it lands (sigma_i at i / n of the way from sigma_t to sigma_s).
+    Fewer than n where two sigma_i round to one t."""
     ln_sigma = log_sigma(alpha_bars)  # (T,), increasing
     if n == 1:
-        return [len(alpha_bars) - 1]
-    lo, hi = ln_sigma[0].exp() ** (1 / rho), ln_sigma[-1].exp() ** (1 / rho)
-    sigmas = (hi + torch.arange(n, dtype=torch.float64) / (n - 1) * (lo - hi)) ** rho  # (n,)
+        return [t]
+    lo = ln_sigma[max(s, 0)].exp() ** (1 / rho)
+    hi = ln_sigma[t].exp() ** (1 / rho)
+    u = torch.arange(n, dtype=torch.float64) / (n - 1 if s < 0 else n)  # (n,) in [0, 1]
+    sigmas = (hi + u * (lo - hi)) ** rho  # (n,)
     ts = (sigmas.log()[:, None] - ln_sigma[None]).abs().argmin(1).tolist()
     return sorted(set(ts), reverse=True)
 
@@ -428,15 +438,20 @@ class GaussianDiffusion(nn.Module):
     def sample(self, net: nn.Module, x_T: Tensor, sampler: str = "ddpm", steps: int = 0, *,
                eta: float = 0.0, spacing: str = "uniform", start: int | None = None,
                clip_x0: bool = True, cond: dict | None = None, guidance: float = 1.0,
-               strips: int = 0, track=iter) -> tuple[Tensor, list[Tensor]]:
+               strips: int = 0, track=iter, ts: list[int] | None = None,
+               stop: int = -1) -> tuple[Tensor, list[Tensor]]:
         """x_T: (B, C, H, W) noise -> x_0 with the ancestral sampler (all T steps, Algorithm 2),
         DDIM, DPM-Solver++(2M) or EDM's Heun on `steps` timesteps (see tau), using the network
         `net`, conditioned on cond (a caption, guided with scale `guidance`, or a
         low-res image). Heun evaluates the network twice a step but the last (2 steps - 1).
         Also returns the frames [x_T, ..., x_0]: about `strips` evenly spaced states of the chain.
-        start: x_T is x_start instead, at that timestep (image-to-image).
+        start: x_T is x_start instead, at that timestep (image-to-image). ts: these timesteps
+        instead of tau's, ending at timestep `stop` instead of the clean end (-1): part of the
+        way (a teacher's solve in distillation).
         """
-        ts = self.tau(sampler, steps, spacing, start)
+        assert stop < 0 or sampler in ("ddim", "dpm++"), "a solve part of the way: ddim, dpm++"
+        ts = ts or self.tau(sampler, steps, spacing, start)
+        ab_stop = 1.0 if stop < 0 else self.ab64[stop].item()
         every = max(1, len(ts) // strips) if strips else 0
         x, frames, x0_prev, h_prev = x_T, [x_T], None, None
         for i, t in enumerate(track(ts)):
@@ -444,7 +459,7 @@ class GaussianDiffusion(nn.Module):
             tt = torch.full((len(x),), t, device=x.device, dtype=torch.long)
             eps_hat, x0, var_out = self.denoise(net, x, tt, cond, guidance, clip_x0)
             ab_t = self.ab64[t].item()
-            ab_s = self.ab64[ts[i + 1]].item() if i + 1 < len(ts) else 1.0
+            ab_s = self.ab64[ts[i + 1]].item() if i + 1 < len(ts) else ab_stop
             # One step of the chosen sampler.
             if sampler == "ddpm":
                 logvar = None if var_out is None else self.model_logvar(tt, var_out)

@@ -10,12 +10,13 @@ other list names it.
     schema 1: three dicts (model_config, diffusion_config, cond_config), "format": 1
     schema 2: one "config" dict, "format": 2 (early ones lack augment and sr_target)
     schema 3: the same, with "schema": 3; every field of its time present
+    schema 4: the same, with student_steps (a student of distillation)
 Nothing here imports torch.
 """
 import dataclasses
 from dataclasses import dataclass, field
 
-SCHEMA = 3  # what this program writes
+SCHEMA = 4  # what this program writes
 
 
 def as_tuples(record) -> None:
@@ -62,6 +63,8 @@ class ModelSpec:
     super_res: int = field(default=0, metadata=_since(2))
     augment: float = field(default=0.0, metadata=_since(3))
     sr_target: str = field(default="residual", metadata=_since(3))
+    # a student of progressive distillation: the steps it draws in (0: a diffusion model)
+    student_steps: int = field(default=0, metadata=_since(4))
 
     __post_init__ = as_tuples  # lists (a checkpoint's, the command line's) held as tuples
 
@@ -128,7 +131,7 @@ def _read_3(ckpt: dict) -> dict:
     return dict(ckpt["config"])
 
 
-READERS = {1: _read_1, 2: _read_2, 3: _read_3}
+READERS = {1: _read_1, 2: _read_2, 3: _read_3, 4: _read_3}
 
 
 def stored_dict(ckpt: dict) -> dict:

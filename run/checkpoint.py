@@ -131,11 +131,14 @@ def check(ckpt: dict, path: str) -> None:
     if text is not None and not (isinstance(text, dict) and isinstance(text.get("words"), list)
                                  and isinstance(text.get("max_len"), int)):
         raise UserError(f"{what}: its vocabulary is not a word list and a caption length")
-    for part in ("model", "ema"):
-        weights = ckpt.get(part, {} if part == "ema" else None)
+    teacher = ckpt.get("teacher", {"ema": {}, "student_steps": 0})
+    for part, weights in [("model", ckpt.get("model")), ("ema", ckpt.get("ema", {})),
+                          ("teacher's", teacher.get("ema") if isinstance(teacher, dict) else None)]:
         if not (isinstance(weights, dict) and all(isinstance(v, torch.Tensor)
                                                   for v in weights.values())):
             raise UserError(f"{what}: its {part} weights are not a dict of tensors")
+    if not isinstance(teacher.get("student_steps"), int):
+        raise UserError(f"{what}: its teacher's steps are not recorded")
 
 
 def check_fit(ckpt: dict, path: str) -> None:
@@ -197,7 +200,7 @@ def state(model: ModelSpec, train: TrainConfig, run_id: str, run: RunState, weig
               "lr_warmup": train.lr_warmup, "lr_schedule": train.lr_schedule,
               "hflip": train.hflip, "schedule_steps": run.schedule_steps,
               "ema_decay": train.ema_decay, "min_snr_gamma": train.min_snr_gamma,
-              "t_sampling": train.t_sampling,
+              "t_sampling": train.t_sampling, "teacher_calls": train.teacher_calls,
               "images_seen": run.images_seen}  # the recipe and length (--info, resume)
     return {"format": FORMAT, "schema": spec.SCHEMA, "run_id": run_id, "config": model.to_dict(),
             "train": recipe,
@@ -362,6 +365,12 @@ def describe(ckpt: dict, path: str) -> list[str]:
                      f"{train.get('t_sampling', 'not recorded')}")
     best = ckpt.get("best_fid", math.inf)
     lines.append(f"  best FID: {best:.2f}" if math.isfinite(best) else "  best FID: not measured")
+    if c["student_steps"]:
+        teacher = ckpt.get("teacher")
+        of = ("" if not teacher else " of a diffusion model" if not teacher["student_steps"]
+              else f" of a student of {teacher['student_steps']} steps")
+        lines.append(f"  a student of distillation{of}: draws in {c['student_steps']} step(s) "
+                     f"(DDIM; --sample-steps changes it)")
     if ckpt.get("text"):
         lines.append(f"  vocabulary: {len(ckpt['text']['words'])} words, captions of up to "
                      f"{ckpt['text']['max_len']} tokens")

@@ -57,7 +57,8 @@ def summary(drawer, settings: Settings, *, params: int, n_images: int, amp_dtype
     say = drawer.console.print
     say(f"model: {drawer.kind.name}{diffused}, {params / 1e6:.2f} M parameters, {size} px, "
         f"{m.img_channels} channel(s), T = {m.timesteps} ({m.schedule}, predicts {m.prediction}"
-        f"{', learned variance' if m.learn_sigma else ''})")
+        f"{', learned variance' if m.learn_sigma else ''})"
+        + (f", a student for {m.student_steps} step(s)" if m.student_steps else ""))
     precision = {None: "fp32", torch.bfloat16: "bf16 autocast",
                  torch.float16: "fp16 autocast"}[amp_dtype]
     processes = f" x {world} processes" if world > 1 else ""
@@ -66,7 +67,7 @@ def summary(drawer, settings: Settings, *, params: int, n_images: int, amp_dtype
         until = f" or {t.max_steps} steps in all" if t.max_steps else ""
         until += f" or {t.max_minutes:g} minutes" if t.max_minutes else ""
         augmented = f" (augmented, p {m.augment})" if m.augment else ""
-        what = (f"training on {n_images} images{augmented}, batch {t.batch_size}{accum}, "
+        what = (f"{'distilling' if t.distill else 'training'} on {n_images} images{augmented}, batch {t.batch_size}{accum}, "
                 f"{t.epochs} epoch(s){until}, lr {t.lr} ({t.lr_schedule}, warm-up {t.lr_warmup}); "
                 f"checkpoints in {out.ckpt_save_dir}/")
         if world > 1:
@@ -91,12 +92,15 @@ def summary(drawer, settings: Settings, *, params: int, n_images: int, amp_dtype
 
 
 class ProgressGrids:
-    """The same n noise images x_T, drawn with the EMA weights at each call: a row of n samples
+    """The same n noise images x_T, drawn with the EMA weights at each call (DDIM: 25 steps, a
+    student's own steps): a row of n samples
     saved as progress/step-<step>.png, and progress.png with every row so far, oldest on top."""
 
     def __init__(self, model: ModelSpec, save_dir: str, n: int = 8, seed: int = 0):
         g = torch.Generator().manual_seed(seed)  # its own generator: fixed whatever the run does
         self.x_T = torch.randn(n, model.img_channels, *hw(model.img_size), generator=g)
+        # a student draws in the steps it is made for
+        self.sampler = ("ddim", model.student_steps) if model.student_steps else PROGRESS_SAMPLER
         self.folder = os.path.join(save_dir, "progress")
         os.makedirs(self.folder, exist_ok=True)
 
@@ -105,7 +109,7 @@ class ProgressGrids:
         with drawer.side_rng():
             cond, base = drawer.kind.preview(len(self.x_T), drawer.device)
             x0, _ = drawer.draw(len(self.x_T), f"progress grid at step {step}", cond, base=base,
-                                x_T=self.x_T.to(drawer.device), sampler=PROGRESS_SAMPLER)
+                                x_T=self.x_T.to(drawer.device), sampler=self.sampler)
         path = os.path.join(self.folder, f"step-{step}.png")
         drawer.save_grid(x0, os.path.relpath(path, drawer.save_dir), nrow=len(x0))
         self.compose(os.path.join(drawer.save_dir, "progress.png"))

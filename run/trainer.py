@@ -22,6 +22,7 @@ from torch import Tensor
 
 from core.configs import TrainConfig
 from core.diffusion import GaussianDiffusion, ImportanceSampler, lognormal_t_probs
+from core.distill import Distillation
 from core.spec import ModelSpec, hw
 from features.kinds import ModelKind
 from ui import UserError
@@ -169,11 +170,14 @@ class Trainer:
     the loss calls, the model itself or its DDP wrapper when world > 1 (compiled with
     --compile); ema: the model's EMA copy, the weights we sample with; diffusion: the forward
     process and the losses, given net; amp_dtype: autocast dtype or None (fp32). unet and
-    kind: what kinds.make_model built from model_spec; train: the step's settings (lr set)."""
+    kind: what kinds.make_model built from model_spec; train: the step's settings (lr set).
+    teacher: with --distill, the frozen network the student (unet) learns from, a student of
+    teacher_steps steps or a diffusion model (0); the step's loss is then distill's."""
 
     def __init__(self, unet: nn.Module, model_spec: ModelSpec, train: TrainConfig,
                  kind: ModelKind, device: torch.device, *, amp_dtype: torch.dtype | None,
-                 rank: int = 0, world: int = 1):
+                 rank: int = 0, world: int = 1, teacher: nn.Module | None = None,
+                 teacher_steps: int = 0):
         a, m = train, model_spec
         self.train, self.kind, self.device, self.amp_dtype = train, kind, device, amp_dtype
         self.rank, self.world = rank, world
@@ -188,6 +192,12 @@ class Trainer:
         # --t-sampling lognormal: t = the first index whose cumulative probability passes u ~ U(0, 1)
         self.t_cdf = (lognormal_t_probs(self.diffusion.ab64).cumsum(0).float().to(device)
                       if a.t_sampling == "lognormal" else None)  # (T,)
+        self.teacher, self.teacher_steps, self.distill = teacher, teacher_steps, None
+        if teacher is not None:  # a diffusion teacher's solves clip x0 as its sampling does
+            teacher.to(device).eval().requires_grad_(False)
+            self.distill = Distillation(self.diffusion, teacher, m.student_steps,
+                                        teacher_steps=teacher_steps, calls=a.teacher_calls,
+                                        clip_x0=not teacher_steps)
         self.net = self.model
         if world > 1:  # training goes through DDP (gradients averaged); sampling does not
             self.net = nn.parallel.DistributedDataParallel(
@@ -197,6 +207,8 @@ class Trainer:
             # the compiler can overlap its gradient buckets with the backward pass
             self.net.compile()
             self.ema.compile()
+            if teacher is not None:
+                teacher.compile()
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
         # Skipped steps, counted on the device and read by the host in `check` (no sync a step).
         zero = lambda: torch.zeros((), dtype=torch.long, device=device)  # noqa: E731
@@ -230,7 +242,7 @@ class Trainer:
         n, share = len(x0) * world, slice(self.rank, None, world)
         target, cond = self.kind.train_batch(x0, tokens, n, share)
         t_all, w_all = (self.importance.sample(n, dev) if self.importance
-                        else (self.draw_t(n), None))
+                        else (self.distill.draw(n, dev) if self.distill else self.draw_t(n), None))
         t, eps = t_all[share], torch.randn(n, *target.shape[1:], device=dev)[share]
         w = torch.ones_like(t, dtype=torch.float) if w_all is None else w_all[share]
         for group in self.optimizer.param_groups:
@@ -284,12 +296,13 @@ class Trainer:
         all-reduces after the last one only) -> (mean loss, per-image losses (B,)), detached."""
         parts = micro_batches(len(x0), self.train.grad_accum)
         per_image, loss = [], torch.zeros((), device=self.device)
+        losses_of = self.distill.losses if self.distill else self.diffusion.losses
         for k, part in enumerate(parts):
             sync = k == len(parts) - 1 or self.world == 1
             with contextlib.nullcontext() if sync else self.net.no_sync(), \
                     self.autocast():
-                losses = self.diffusion.losses(self.net, x0[part], t[part], eps[part],
-                                               {c: v[part] for c, v in cond.items()})
+                losses = losses_of(self.net, x0[part], t[part], eps[part],
+                                   {c: v[part] for c, v in cond.items()})
                 part_loss = (losses * w[part]).sum() / len(x0)  # -> the batch mean
             self.scaler.scale(part_loss).backward()
             per_image, loss = per_image + [losses.detach()], loss + part_loss.detach()
@@ -305,10 +318,14 @@ class Trainer:
         return torch.stack(parts, 1).flatten().cpu()
 
     def state_dict(self) -> dict:
-        """The weights, EMA, optimizer and timestep sampler, as a checkpoint stores them."""
+        """The weights, EMA, optimizer and timestep sampler (and a student's teacher), as a
+        checkpoint stores them."""
+        teacher = ({"teacher": {"ema": self.teacher.state_dict(), "student_steps":
+                                self.teacher_steps}} if self.teacher is not None else {})
         return {"model": self.model.state_dict(), "ema": self.ema.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
-                "importance": self.importance.state_dict() if self.importance else None}
+                "importance": self.importance.state_dict() if self.importance else None,
+                **teacher}
 
     def load_state_dict(self, ckpt: dict, lr: float) -> None:
         """A checkpoint's weights (its model as EMA if it has none), and its optimizer state if

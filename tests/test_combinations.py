@@ -229,6 +229,10 @@ ACTIONS = {
                           p.m.copy(p.kind, p.ckpt), "--save-dir", p.out, "--cache-dir",
                           str(p.m.root / "cache"), *RUN],
                saved("ckpt-1.pth")),
+    "distill": (lambda p: ["--distill", "--loadckpt", p.m.checkpoint(p.kind), "--data-folders",
+                           p.m.data, "--ckpt-save-dir", p.ckpt, "--save-dir", p.out,
+                           "--cache-dir", str(p.m.root / "cache"), *RUN],
+                saved("ckpt-0.pth")),
     **{f"sample-{s}": (lambda p, s=s: p.load("--sampler", s), wrote("ddpm-all.png"))
        for s in SAMPLERS},
     "eval-fid": (lambda p: p.load("--eval-fid", "2", "--data-folders", p.m.data),

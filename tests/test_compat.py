@@ -65,6 +65,6 @@ def test_the_old_checkpoint_resumes_training_and_is_saved_in_the_new_layout(tmp_
                  "--save-dir", str(tmp_path / "out")]) == 0
     old = torch.load(FIXTURE, weights_only=True)
     new = torch.load(tmp_path / "ckpt" / "ckpt-1.pth", weights_only=True)
-    assert new["format"] == 2 and new["schema"] == 3 and new["config"] == spec.stored_dict(old)
+    assert new["format"] == 2 and new["schema"] == spec.SCHEMA and new["config"] == spec.stored_dict(old)
     assert new["step"] == old["step"] + 2 and new["epoch"] == old["epoch"] + 1
     assert new["text"] == old["text"]
