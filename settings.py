@@ -5,6 +5,7 @@ themselves, their defaults and help, are config.py's.
 """
 import argparse
 import dataclasses
+import os
 
 from config import DEMO_PRESET, stored_img_size, build_parser, stored_keys
 from core import configs, spec
@@ -55,6 +56,11 @@ def resolve(args: argparse.Namespace, typed: set[str], read=None, *,
             if teacher:  # ... a new student, of this teacher
                 ckpt, v["loadckpt"] = read(teacher, v["ckpt_save_dir"])
     if ckpt and teacher:
+        folder = os.path.dirname(os.path.abspath(v["loadckpt"]))  # the teacher's
+        if os.path.isdir(v["ckpt_save_dir"]) and os.path.samefile(folder, v["ckpt_save_dir"]):
+            raise UserError(f"--distill: {v['ckpt_save_dir']}/ holds the teacher's run; give the "
+                            f"student a --ckpt-save-dir of its own (e.g. "
+                            f"{v['ckpt_save_dir'].rstrip('/')}-student)")
         _apply_stored(v, typed, _student_spec(v, typed, spec.stored_dict(ckpt), v["loadckpt"]))
         v.update({k: x for k, x in _recipe(ckpt, typed).items() if k == "hflip"})  # the data's
     elif ckpt:

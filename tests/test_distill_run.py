@@ -139,3 +139,12 @@ def test_a_checkpoint_from_before_students_samples_as_a_diffusion_model_does(tmp
                      str(out)]) == 0
         pictures.append((out / "ddpm-all.png").read_bytes())
     assert pictures[0] == pictures[1]
+
+
+def test_a_student_is_not_written_among_its_teachers_checkpoints(tmp_path, teacher, capsys):
+    folder = os.path.dirname(teacher)
+    before = sorted(os.listdir(folder))
+    assert main(["--distill", "--loadckpt", teacher, *MODEL, "--ckpt-save-dir", folder]) == 2
+    assert "holds the teacher's run; give the student a --ckpt-save-dir of its own" in \
+        capsys.readouterr().err
+    assert sorted(os.listdir(folder)) == before
