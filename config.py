@@ -323,7 +323,8 @@ def _sampling_flags(p: argparse.ArgumentParser) -> None:
                         "network calls a step)")
     g.add_argument("--sample-steps", type=int, default=None,
                    help="timesteps for ddim / dpm++ / heun (default 50 / 20 / 18); ddpm always "
-                        "takes all T")
+                        "takes all T. A student of --distill draws with ddim in the steps it was "
+                        "made for unless --sampler or this is typed")
     g.add_argument("--spacing", default="uniform", choices=["uniform", "karras"],
                    help="the timesteps of ddim / dpm++ / heun: evenly spaced, or crowded towards "
                         "low noise as in Karras et al. 2022 (rho = 7)")

@@ -1,4 +1,5 @@
-"""The core: the diffusion maths and samplers (diffusion.py), what a model is (spec.py: the
+"""The core: the diffusion maths and samplers (diffusion.py), a distilled student's targets and
+loss (distill.py), what a model is (spec.py: the
 ModelSpec a checkpoint stores, one reader per schema) and the caption tokens the network reads
 (tokens.py). The network itself is unet.py at the repository root, and belongs to this layer.
 

@@ -6,7 +6,10 @@ line per row in WORK/results.jsonl (rows already there are skipped); the table i
 WORK/table.md; 64 samples of the teacher at 20 calls and of the students at 2 and 1 step, side
 by side, in WORK/side-by-side-s<seed>.png (pictures of the data: not for the repository).
 
-    python -m tools.distill_study --faces anime-faces-64/ --seeds 0 1
+    python -m tools.distill_study --faces anime-faces-64/ --seeds 0
+    python -m tools.distill_study --faces anime-faces-64/ --seeds 1 --rows \
+        "teacher dpm++ 20 uniform" "teacher dpm++ 20 karras" "teacher dpm++ 10 karras" \
+        "teacher dpm++ 200 uniform" "2-step student at 2" "1-step from 2 student at 1"
 
 A student is made in rounds (STUDENTS): from the teacher, with --teacher-calls calls of
 DPM-Solver++ a student step, then from that student with its own DDIM steps (the paper's
@@ -19,7 +22,6 @@ import os
 import time
 
 import numpy as np
-import torch
 from PIL import Image
 
 import config
@@ -56,6 +58,9 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--samples", type=int, default=1000, help="samples per FID")
     p.add_argument("--steps", type=int, help="every run's steps (a rehearsal)")
+    p.add_argument("--rows", nargs="+", metavar="NAME",
+                   help="score only the rows named (e.g. 'teacher dpm++ 20 karras' '2-step "
+                        "student at 2'): a second seed for the rows that decide a default")
     a = p.parse_args()
     train_dir, held_dir = split(a.faces, a.work)
     out = os.path.join(a.work, "results.jsonl")
@@ -102,6 +107,8 @@ def main() -> None:
                  for name, _, _ in STUDENTS for k in STUDENT_STEPS[name]]
         for ckpt, what, flags in rows:
             key = f"s{seed} {what}"
+            if a.rows and what not in a.rows:
+                continue
             picture = what in ("teacher dpm++ 20 karras", "2-step student at 2",
                                "1-step from 2 student at 1")
             if key in done and not picture:
@@ -113,7 +120,8 @@ def main() -> None:
                 grids[what] = samples[:64]
             if key not in done:
                 record({"row": key, "seed": seed, **row, "eval_s": round(time.time() - t0, 1)})
-        side_by_side(grids, os.path.join(a.work, f"side-by-side-s{seed}.png"))
+        if grids:
+            side_by_side(grids, os.path.join(a.work, f"side-by-side-s{seed}.png"))
     table(done, os.path.join(a.work, "table.md"))
 
 
