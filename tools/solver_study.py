@@ -1,12 +1,14 @@
 """Solvers at few network calls (docs/results/distillation.md): DPM-Solver++(3M), the
 third-order multistep solver of Lu et al. 2022 ("DPM-Solver++", Sec. 4 and Appendix; the form
 of diffusers' DPMSolverMultistepScheduler), against the program's DPM-Solver++(2M), both on
-Karras-spaced timesteps, at 5, 10 and 20 calls, by FID and KID of 1,000 samples of a checkpoint
-against held-out faces. Only a solver that wins would join the program's samplers; this one is
-here to be measured. One JSON line per row in WORK/solvers.jsonl.
+Karras-spaced timesteps, and UniPC as diffusers implements it, at 5, 10 and 20 calls, by FID and
+KID of 1,000 samples of a checkpoint against held-out faces (the noise of the distillation
+study's rows). Only a solver that wins would join the program's samplers; these are here to be
+measured. One JSON line per row in WORK/solvers.jsonl.
 
-    python -m tools.solver_study --loadckpt .cache/distill-study/s0/teacher/final.pth \\
-        --held-out .cache/distill-study/held-out --work .cache/distill-study
+    PYTHONPATH=.:/tmp/diffusers python -m tools.solver_study --loadckpt \\
+        .cache/distill-study/s0/teacher/final.pth --held-out .cache/distill-study/held-out \\
+        --work .cache/distill-study --solvers dpm++2m dpm++3m unipc --calls 5 10 20
 """
 import argparse
 import json
@@ -72,6 +74,22 @@ def sample_3m(d: GaussianDiffusion, net, x_T: Tensor, ts: list[int], *, clip_x0:
     return x
 
 
+@torch.no_grad()
+def sample_unipc(d: GaussianDiffusion, net, x_T: Tensor, calls: int) -> Tensor:
+    """x_T -> x_0 with diffusers' UniPC (bh2, order 2, Karras sigmas, to sigma 0) in `calls`
+    network calls, on our schedule and network (a v model)."""
+    from diffusers import UniPCMultistepScheduler
+    scheduler = UniPCMultistepScheduler(
+        num_train_timesteps=d.T, trained_betas=d.betas.double().cpu().numpy(),
+        prediction_type="v_prediction", solver_type="bh2", solver_order=2,
+        use_karras_sigmas=True, final_sigmas_type="zero")
+    scheduler.set_timesteps(calls)
+    x = x_T
+    for t in scheduler.timesteps:
+        x = scheduler.step(net(x, torch.full((len(x),), int(t))).float(), t, x).prev_sample
+    return x.clamp(-1, 1)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--loadckpt", required=True)
@@ -79,6 +97,11 @@ def main() -> None:
     p.add_argument("--work", default=".cache/distill-study")
     p.add_argument("--samples", type=int, default=1000)
     p.add_argument("--calls", type=int, nargs="+", default=[5, 10, 20])
+    p.add_argument("--solvers", nargs="+", default=["dpm++3m"],
+                   choices=["dpm++2m", "dpm++3m", "unipc"],
+                   help="unipc: UniPC (Zhao et al. 2023; bh2, order 2, Karras sigmas) as diffusers' "
+                        "UniPCMultistepScheduler implements it (diffusers on PYTHONPATH; x0 not "
+                        "clipped)")
     a = p.parse_args()
     args, typed = config.parse_args(["--loadckpt", a.loadckpt, "--device", "cpu",
                                      "--save-dir", os.path.join(a.work, "draw")])
@@ -88,16 +111,20 @@ def main() -> None:
     ref = evaluate.reference_features([a.held_out], prog.cfg.model.img_size, 3, inception,
                                       os.path.join(a.work, "cache"))[0]
     shape = (prog.cfg.model.img_channels, prog.cfg.model.img_size, prog.cfg.model.img_size)
+    karras = lambda calls: d.tau("dpm++", calls, "karras")  # noqa: E731
+    solvers = {"dpm++2m": lambda x_T, calls: sample_3m(d, net, x_T, karras(calls), order=2),
+               "dpm++3m": lambda x_T, calls: sample_3m(d, net, x_T, karras(calls)),
+               "unipc": lambda x_T, calls: sample_unipc(d, net, x_T, calls)}
+    solvers = {name: solvers[name] for name in a.solvers}
     for calls in a.calls:
-        ts = d.tau("dpm++", calls, "karras")
-        for order in (3,):
+        for name, solve in solvers.items():
             t0, out = time.time(), []
             for k, i in enumerate(range(0, a.samples, 250)):  # the noise of draw_many(seed=0)
                 torch.manual_seed(k)
                 x_T = torch.randn(min(250, a.samples - i), *shape)
-                out.append(to_uint8(sample_3m(d, net, x_T, ts, order=order)))
+                out.append(to_uint8(solve(x_T, calls)))
             row = evaluate.score(evaluate.extract(torch.cat(out), inception, 250), ref)
-            row.update(row=f"{a.loadckpt} dpm++3m {calls} karras", calls=calls,
+            row.update(row=f"{a.loadckpt} {name} {calls} karras", calls=calls,
                        secs=round(time.time() - t0, 1))
             print(json.dumps(row), flush=True)
             with open(os.path.join(a.work, "solvers.jsonl"), "a") as f:
