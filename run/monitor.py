@@ -85,6 +85,10 @@ def summary(drawer, settings: Settings, *, params: int, n_images: int, amp_dtype
         say(f"warning: {s.loadckpt} predicts eps; with --sampler {s.sampler} (deterministic) "
             f"some seeds can come out as noise. Use --sampler ddpm or --eta 1, or train with "
             f"--prediction v (the default)")
+    if not t.train and m.student_steps and (s.sampler, s.steps) != ("ddim", m.student_steps):
+        say(f"warning: {s.loadckpt} is a student made to draw in {m.student_steps} DDIM step(s); "
+            f"with --sampler {s.sampler} in {s.steps} its samples come out worse (for another "
+            f"count, distil a student of it: docs/usage.md)")
     ab_T = drawer.diffusion.alpha_bars[-1].item()
     if ab_T > 1e-3:
         say(f"warning: alpha_bar_T = {ab_T:.3g}, so x_T is not pure noise and samples will be "

@@ -56,7 +56,8 @@ def test_a_student_starts_as_its_teacher_and_says_what_it_is(tmp_path, teacher, 
         capsys.readouterr().out
 
 
-def test_a_student_draws_with_ddim_in_its_steps_unless_told_otherwise(tmp_path, teacher):
+def test_a_student_draws_with_ddim_in_its_steps_unless_told_otherwise(tmp_path, teacher,
+                                                                      capsys):
     assert main(distill(tmp_path, teacher)) == 0
     ckpt = str(tmp_path / "student" / "ckpt-0.pth")
     cfg = Program(*parse_args(["--loadckpt", ckpt, "--save-dir", str(tmp_path / "a")])).cfg
@@ -69,6 +70,8 @@ def test_a_student_draws_with_ddim_in_its_steps_unless_told_otherwise(tmp_path, 
         assert main(["--loadckpt", ckpt, "--sample-steps", steps, "--batch-size", "4",
                      "--save-dir", str(out)]) == 0
         assert os.path.isfile(out / "ddpm-all.png")
+        warned = "is a student made to draw in 2 DDIM step(s); with --sampler ddim in"
+        assert (warned in capsys.readouterr().out) == (steps != "2")
 
 
 def test_a_student_of_a_student_halves_its_steps_and_learns_from_its_ddim_steps(tmp_path,
