@@ -33,11 +33,16 @@ from tools.recipe_study import BUDGETS, quality, split, train
 STUDENTS = [
     ("2-step", "teacher", ["--student-steps", "2", "--teacher-calls", "4", "--max-steps", "400"]),
     ("1-step from 2", "2-step", ["--student-steps", "1", "--max-steps", "300"]),
+    # the same with 2.5 times the first round's steps: both rounds in the teacher's time
+    ("2-step long", "teacher", ["--student-steps", "2", "--teacher-calls", "4",
+                                "--max-steps", "1000"]),
+    ("1-step from 2 long", "2-step long", ["--student-steps", "1", "--max-steps", "300"]),
 ]
 # (sampler, calls, spacing) of the teacher; dpm++ 200 uniform is the finely solved ODE.
 TEACHER_ROWS = [("dpm++", n, "karras") for n in (1, 2, 4, 10, 20)] + \
     [("dpm++", 20, "uniform"), ("dpm++", 200, "uniform")]
-STUDENT_STEPS = {"2-step": (1, 2, 4), "1-step from 2": (1,)}  # the steps each is drawn with
+STUDENT_STEPS = {"2-step": (1, 2, 4), "1-step from 2": (1,), "2-step long": (2,),
+                 "1-step from 2 long": (1,)}  # the steps each is drawn with
 
 
 def sampler_flags(sampler: str, calls: int, spacing: str) -> list[str]:
@@ -89,9 +94,14 @@ def main() -> None:
             prog.save_checkpoint("final.pth", wait=True)
             record({"row": f"s{seed} teacher training", "seed": seed, "train_s": round(secs, 1),
                     "steps": prog.state.step})
+        wanted = {n for n, _, _ in STUDENTS if not a.rows or any(r.startswith(n + " student")
+                                                                for r in a.rows)}
+        for name, teacher, _ in reversed(STUDENTS):  # a wanted student's teacher is wanted
+            if name in wanted and teacher != "teacher":
+                wanted.add(teacher)
         for name, teacher, flags in STUDENTS:
             ckpts[name] = os.path.join(folder, name, "final.pth")
-            if os.path.exists(ckpts[name]):
+            if os.path.exists(ckpts[name]) or name not in wanted:
                 continue
             flags = (["--distill", "--loadckpt", ckpts[teacher], *common, "--start-over",
                       "--ckpt-save-dir", os.path.join(folder, name), "--save-dir",
@@ -109,16 +119,16 @@ def main() -> None:
             key = f"s{seed} {what}"
             if a.rows and what not in a.rows:
                 continue
-            picture = what in ("teacher dpm++ 20 karras", "2-step student at 2",
-                               "1-step from 2 student at 1")
+            picture = what in ("teacher dpm++ 20 uniform", "2-step long student at 2",
+                               "1-step from 2 long student at 1")
             if key in done and not picture:
                 continue
             prog = sampling(ckpts[ckpt], folder, *flags)
-            t0 = time.time()
-            row, samples = quality(prog, a.samples, ref, net)
-            if picture:
-                grids[what] = samples[:64]
+            if picture:  # the same 64 noise images for each
+                grids[what] = prog.drawer.draw_many(64, "side by side", seed=0)
             if key not in done:
+                t0 = time.time()
+                row, _ = quality(prog, a.samples, ref, net)
                 record({"row": key, "seed": seed, **row, "eval_s": round(time.time() - t0, 1)})
         if grids:
             side_by_side(grids, os.path.join(a.work, f"side-by-side-s{seed}.png"))
