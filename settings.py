@@ -19,12 +19,16 @@ def resolve(args: argparse.Namespace, typed: set[str], read=None, *,
     in this order, into new objects (the namespace is left as parsed; nothing changes the
     Settings after; the learning rate, when not given, waits for the network: with_lr).
       1. --resume is --train --loadckpt latest; --train --demo sets the preset's untyped flags.
+         --distill trains; its --loadckpt is the teacher (with --resume: when the folder holds
+         no checkpoint of its own).
       2. --img-size as stored (an int for a square); a super-resolution model of the residual
          predicts x0 and one of uniform-t losses draws t uniformly, unless typed.
       3. --loadckpt is read (read(path, ckpt_dir) -> (ckpt, its path)): its stored config
          wins over the flags (a typed flag that contradicts it is an error), and a run goes on
          with its recipe (checkpoint's `train`) unless typed again. --resume into a folder
-         without checkpoints (read raises NoCheckpoint) starts a new run there.
+         without checkpoints (read raises NoCheckpoint) starts a new run there. A new
+         student takes the teacher's spec, made for --student-steps (_student_spec), and
+         its hflip; a checkpoint with a teacher in it goes on distilling.
       4. The sampler where none is typed (_default_sampler), the device where --device auto.
       5. validation.validate: flags that cannot work are one-line errors.
     -> (Settings, the checkpoint read or None). cascade: the super-resolution stage of a
