@@ -55,6 +55,7 @@ class Program:
             self.rank, self.world, device = init_distributed(settings.device_of(args.device))
             self.console = make_console(quiet=self.rank != 0)
         self.is_main = self.rank == 0  # only the first process writes files and prints
+        self.typed = frozenset(typed)  # the flags given on the command line (a cascade's stage)
         # The settings, worked out once (settings.resolve; the checkpoint read and applied) and
         # then only read: each part goes to what uses it.
         cfg, ckpt = settings.resolve(args, typed, checkpoint.reader(self.rank, self.world),
@@ -480,7 +481,8 @@ class Program:
         sampler flags shared), checked to fit this base model."""
         if not self.cfg.sample.sr_ckpt:
             return None
-        sr = Program(settings.cascade_args(self.cfg), set(), parent=self)
+        sr = Program(settings.cascade_args(self.cfg, self.typed),
+                     self.typed & settings.CASCADE_TYPED, parent=self)
         superres.check_cascade(self.cfg.model, sr.cfg.model, self.cfg.sample.sr_ckpt)
         return sr.drawer
 

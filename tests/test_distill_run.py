@@ -125,7 +125,7 @@ def test_distill_needs_a_teacher_and_resume_of_a_diffusion_run_is_not_a_distilla
 
 def test_a_checkpoint_from_before_students_samples_as_a_diffusion_model_does(tmp_path, teacher):
     """Schema 3 had no student_steps: such a checkpoint is a diffusion model, drawn with
-    DPM-Solver++ (20 steps, x0 clipped) as before, to the same pixels as when stored anew."""
+    DPM-Solver++ (10 Karras-spaced steps, x0 clipped) as one stored anew, to the same pixels."""
     old = load(teacher)
     del old["config"]["student_steps"], old["train"]["teacher_calls"]
     old["schema"] = 3
@@ -137,7 +137,8 @@ def test_a_checkpoint_from_before_students_samples_as_a_diffusion_model_does(tmp
         args, typed = parse_args(["--loadckpt", path, "--batch-size", "4", "--seed", "1",
                                   "--save-dir", str(out)])
         cfg = Program(args, typed).cfg
-        assert (cfg.sample.sampler, cfg.sample.steps, cfg.sample.clip_x0) == ("dpm++", 20, True)
+        assert (cfg.sample.sampler, cfg.sample.steps, cfg.sample.spacing,
+                cfg.sample.clip_x0) == ("dpm++", 10, "karras", True)
         assert main(["--loadckpt", path, "--batch-size", "4", "--seed", "1", "--save-dir",
                      str(out)]) == 0
         pictures.append((out / "ddpm-all.png").read_bytes())

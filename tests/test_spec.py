@@ -117,3 +117,30 @@ def test_resolve_works_values_out_into_new_objects_and_leaves_the_parsed_flags_a
     assert (s.model.num_channels, s.model.img_size, s.train.epochs) == (32, 16, 10)  # the preset
     assert (s.model.prediction, s.train.t_sampling) == ("x0", "uniform")  # an SR model's
     assert s.train.device in ("cpu", "cuda") and s.train.lr == 1e-3  # the preset's lr
+
+
+@pytest.mark.parametrize("flags,drawn", [
+    ([], ("dpm++", 10, "karras")),  # the default recipe's model: 10 Karras-spaced steps
+    (["--sample-steps", "20"], ("dpm++", 20, "karras")),
+    (["--spacing", "uniform"], ("dpm++", 20, "uniform")),  # spacing typed: the flags' defaults
+    (["--spacing", "karras"], ("dpm++", 10, "karras")),
+    (["--sampler", "ddim"], ("ddim", 50, "uniform")),
+    (["--t-sampling", "uniform"], ("dpm++", 20, "uniform")),  # not what was measured
+    (["--captions", "folders"], ("dpm++", 20, "uniform")),
+    (["--prediction", "x0"], ("dpm++", 20, "uniform")),
+    (["--prediction", "eps"], ("ddpm", 0, "uniform")),
+])
+def test_dpm_solver_takes_ten_karras_steps_only_on_the_models_it_was_measured_on(flags, drawn):
+    s, _ = resolve(*config.parse_args(["--train", "--data-folders", "faces", *flags]))
+    assert (s.sample.sampler, s.sample.steps, s.sample.spacing) == drawn
+
+
+def test_a_cascade_stage_chooses_its_own_steps_and_spacing_unless_they_were_typed():
+    base, _ = resolve(*config.parse_args(["--train", "--data-folders", "faces"]))
+    assert (base.sample.steps, base.sample.spacing) == (10, "karras")
+    stage = settings.cascade_args(base, set())
+    assert (stage.sample_steps, stage.spacing) == (None, "uniform")  # the parser's defaults
+    typed, _ = resolve(*config.parse_args(["--train", "--data-folders", "faces",
+                                           "--sample-steps", "7"]))
+    stage = settings.cascade_args(typed, {"sample_steps"})
+    assert (stage.sample_steps, stage.spacing) == (7, "uniform")

@@ -37,12 +37,15 @@ STUDENTS = [
     ("2-step long", "teacher", ["--student-steps", "2", "--teacher-calls", "4",
                                 "--max-steps", "1000"]),
     ("1-step from 2 long", "2-step long", ["--student-steps", "1", "--max-steps", "300"]),
+    # a 2-step student alone, with the first round given the whole of the teacher's time
+    ("2-step 600", "teacher", ["--student-steps", "2", "--teacher-calls", "4",
+                               "--max-steps", "600"]),
 ]
 # (sampler, calls, spacing) of the teacher; dpm++ 200 uniform is the finely solved ODE.
 TEACHER_ROWS = [("dpm++", n, "karras") for n in (1, 2, 4, 10, 20)] + \
     [("dpm++", 20, "uniform"), ("dpm++", 200, "uniform")]
 STUDENT_STEPS = {"2-step": (1, 2, 4), "1-step from 2": (1,), "2-step long": (2,),
-                 "1-step from 2 long": (1,)}  # the steps each is drawn with
+                 "1-step from 2 long": (1,), "2-step 600": (2,)}  # the steps each is drawn with
 
 
 def sampler_flags(sampler: str, calls: int, spacing: str) -> list[str]:

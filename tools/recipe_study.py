@@ -1,6 +1,6 @@
 """The training-recipe study (docs/results/recipe.md): small models trained on a folder of faces
 minus a fixed held-out split, each recipe for the same number of steps, then FID and KID of
-samples (the default sampler) against the held-out faces. One JSON line per run in
+samples (DPM-Solver++, 20 evenly spaced steps: SCORED_WITH) against the held-out faces. One JSON line per run in
 WORK/results.jsonl; the table in WORK/table.md; each run's 64 samples in WORK/<run>/samples.png.
 
     python -m tools.recipe_study --faces anime-faces-64/ --budget 16 --recipes today min-snr
@@ -75,6 +75,11 @@ def split(faces: str, work: str) -> tuple[str, str]:
     return dirs
 
 
+# The sampler every row is scored with, typed: the default differs between recipes (10 Karras-
+# spaced steps for log-normal t, 20 even ones for uniform t), and a row compares recipes only.
+SCORED_WITH = ["--sampler", "dpm++", "--sample-steps", "20", "--spacing", "uniform"]
+
+
 def train(flags: list[str], emas: list[float]) -> tuple[ddpm.Program, float, dict]:
     """A run of --max-steps steps through Program.train_step -> the program, the seconds the
     steps took, and the extra EMA copies {decay: module}."""
@@ -98,7 +103,7 @@ def train(flags: list[str], emas: list[float]) -> tuple[ddpm.Program, float, dic
 
 
 def quality(prog: ddpm.Program, n: int, ref: np.ndarray, net) -> tuple[dict, torch.Tensor]:
-    """FID and KID of n samples (seed 0, the default sampler, the program's sampling weights)."""
+    """FID and KID of n samples (seed 0, the program's sampler and sampling weights)."""
     samples = prog.drawer.draw_many(n, "samples", seed=0)
     return evaluate.score(evaluate.extract(samples, net, 250), ref), samples
 
@@ -130,7 +135,7 @@ def main() -> None:
             folder = os.path.join(a.work, run)
             flags = (["--train", "--data-folders", train_dir, "--seed", str(seed), "--device",
                       "cpu", "--ckpt-save-dir", os.path.join(folder, "ckpt"), "--save-dir",
-                      folder, "--start-over"] + budget + RECIPES[name])
+                      folder, "--start-over"] + budget + SCORED_WITH + RECIPES[name])
             print(f"{run}: python ddpm.py {' '.join(flags)}", flush=True)
             prog, secs, extra = train(flags, a.emas)
             prog.save_checkpoint("final.pth", wait=True)
