@@ -8,8 +8,7 @@ by side, in WORK/side-by-side-s<seed>.png (pictures of the data: not for the rep
 
     python -m tools.distill_study --faces anime-faces-64/ --seeds 0
     python -m tools.distill_study --faces anime-faces-64/ --seeds 1 --rows \
-        "teacher dpm++ 20 uniform" "teacher dpm++ 20 karras" "teacher dpm++ 10 karras" \
-        "teacher dpm++ 200 uniform" "2-step student at 2" "1-step from 2 student at 1"
+        "teacher dpm++ 20 uniform" "teacher dpm++ 10 karras"
 
 A student is made in rounds (STUDENTS): from the teacher, with --teacher-calls calls of
 DPM-Solver++ a student step, then from that student with its own DDIM steps (the paper's
