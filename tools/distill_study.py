@@ -39,12 +39,16 @@ STUDENTS = [
     # a 2-step student alone, with the first round given the whole of the teacher's time
     ("2-step 600", "teacher", ["--student-steps", "2", "--teacher-calls", "4",
                                "--max-steps", "600"]),
+    # ... with the learning rate decayed (cosine, to 0.1 x) over the round
+    ("2-step 600 cosine", "teacher", ["--student-steps", "2", "--teacher-calls", "4",
+                                      "--max-steps", "600", "--lr-schedule", "cosine"]),
 ]
 # (sampler, calls, spacing) of the teacher; dpm++ 200 uniform is the finely solved ODE.
 TEACHER_ROWS = [("dpm++", n, "karras") for n in (1, 2, 4, 10, 20)] + \
     [("dpm++", 20, "uniform"), ("dpm++", 200, "uniform")]
 STUDENT_STEPS = {"2-step": (1, 2, 4), "1-step from 2": (1,), "2-step long": (2,),
-                 "1-step from 2 long": (1,), "2-step 600": (2,)}  # the steps each is drawn with
+                 "1-step from 2 long": (1,), "2-step 600": (2,),
+                 "2-step 600 cosine": (2,)}  # the steps each is drawn with
 
 
 def sampler_flags(sampler: str, calls: int, spacing: str) -> list[str]:
