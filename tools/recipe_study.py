@@ -80,11 +80,15 @@ def split(faces: str, work: str) -> tuple[str, str]:
 SCORED_WITH = ["--sampler", "dpm++", "--sample-steps", "20", "--spacing", "uniform"]
 
 
-def train(flags: list[str], emas: list[float]) -> tuple[ddpm.Program, float, dict]:
+def train(flags: list[str], emas: list[float],
+          setup=None) -> tuple[ddpm.Program, float, dict]:
     """A run of --max-steps steps through Program.train_step -> the program, the seconds the
-    steps took, and the extra EMA copies {decay: module}."""
+    steps took, and the extra EMA copies {decay: module}. setup(program), if given, runs before
+    the first step (a study's change to the run, e.g. its loss)."""
     args, typed = config.parse_args(flags)
     prog = ddpm.Program(args, typed)
+    if setup:
+        setup(prog)
     extra = {d: copy.deepcopy(prog.trainer.ema) for d in emas}
     prog.plan()  # --lr-schedule's length: --max-steps, as in train_loop
     t0, step = time.time(), 0
