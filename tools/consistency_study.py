@@ -24,7 +24,9 @@ and scoring are reused:
     python -m tools.distill_study --faces anime-faces-64/ --seeds 0      # the teacher first
     python -m tools.consistency_study --work .cache/distill-study --seeds 0 --max-steps 900
 
-One JSON line per row in WORK/results.jsonl, beside the distillation study's rows.
+One JSON line per row in WORK/results.jsonl, beside the distillation study's rows; 64 samples
+in 1 and in 2 steps side by side in WORK/<row> s<seed>.png (pictures of the data: not for the
+repository).
 """
 import argparse
 import json
@@ -36,6 +38,7 @@ from torch import Tensor, nn
 
 from core.diffusion import GaussianDiffusion, gather
 from features import evaluate
+from tools.distill_study import side_by_side
 from tools.recipe_study import train
 
 
@@ -101,6 +104,7 @@ def main() -> None:
     p.add_argument("--max-steps", type=int, default=900, help="the student's training steps")
     p.add_argument("--intervals", type=int, default=18, help="N, the ODE's discretisation")
     p.add_argument("--samples", type=int, default=1000, help="samples per FID")
+    p.add_argument("--lr", type=float, help="the student's learning rate (default: the program's)")
     a = p.parse_args()
     net = evaluate.InceptionFeatures("cpu")
     ref = evaluate.reference_features([os.path.join(a.work, "held-out")], 16, 3, net,
@@ -108,28 +112,31 @@ def main() -> None:
     out = os.path.join(a.work, "results.jsonl")
     for seed in a.seeds:
         folder = os.path.join(a.work, f"s{seed}")
-        name = f"consistency {a.max_steps} N{a.intervals}"
+        name = f"consistency {a.max_steps} N{a.intervals}" + (f" lr{a.lr:g}" if a.lr else "")
         flags = ["--distill", "--loadckpt", os.path.join(folder, "teacher", "final.pth"),
                  "--data-folders", os.path.join(a.work, "train"), "--seed", str(seed),
                  "--device", "cpu", "--cache-dir", os.path.join(a.work, "cache"),
                  "--sample-every", "0", "--start-over", "--ckpt-save-dir",
                  os.path.join(folder, name), "--save-dir", os.path.join(folder, name),
                  "--batch-size", "64", "--student-steps", "1", "--max-steps", str(a.max_steps)]
+        flags += ["--lr", str(a.lr)] if a.lr else []
         prog, secs, _ = train(flags, [], setup=lambda pr: setattr(  # the trainer's loss and t
             pr.trainer, "distill", Consistency(pr.trainer.diffusion, pr.trainer.teacher,
                                                a.intervals)))
         rows = [{"row": f"s{seed} {name} distillation", "seed": seed, "train_s": round(secs, 1),
                  "steps": prog.state.step}]
-        cd = prog.trainer.distill
+        cd, grids = prog.trainer.distill, {}
         for steps in (1, 2):
             t0, gen = time.time(), torch.Generator().manual_seed(0)
             x_T = torch.randn(a.samples, 3, 16, 16, generator=gen)
             x0 = torch.cat([cd.draw_samples(prog.trainer.ema, x, steps, gen)
                             for x in x_T.split(250)])
             pixels = ((x0 + 1) * 127.5).round().to(torch.uint8)  # (n, 3, 16, 16)
+            grids[f"{steps} step(s)"] = pixels[:64]
             score = evaluate.score(evaluate.extract(pixels, net, 250), ref)
             rows.append({"row": f"s{seed} {name} student at {steps}", "seed": seed, **score,
                          "eval_s": round(time.time() - t0, 1)})
+        side_by_side(grids, os.path.join(a.work, f"{name} s{seed}.png"))
         with open(out, "a") as f:
             for row in rows:
                 print(json.dumps(row), flush=True)
