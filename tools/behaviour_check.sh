@@ -3,7 +3,8 @@
 #   bash tools/behaviour_check.sh REV        (PY=python to use another Python than .venv's)
 # Both trees (REV, in a temporary worktree, and this working tree) sample every checkpoint of
 # tests/fixtures with seed 0 (DDIM, 5 steps; the SR one from 4 generated 8-px images) and train
-# a seeded 2-epoch demo run (16 px, T = 50). Every picture must be the same bytes, and the run's
+# a seeded 2-epoch demo run (16 px, T = 50; its end-of-run pictures with the sampler typed, as
+# the default may differ between the trees). Every picture must be the same bytes, and the run's
 # losses, weights, EMA and optimizer state equal. Exit code 1 names what differs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,6 +32,7 @@ for tree in base head; do
   (cd "$dir" && OMP_NUM_THREADS=1 "$PY" ddpm.py --train --demo --demo-images 256 --img-size 16 \
     --num-channels 16 --channel-multiples 1 2 --has-attn f t --num-blocks 1 --timesteps 50 \
     --epochs 2 --seed 3 --device cpu --sample-every 0 \
+    --sampler dpm++ --sample-steps 20 --spacing uniform \
     --ckpt-save-dir "$work/out/$tree/run/ckpt" \
     --save-dir "$work/out/$tree/run/out" > "$work/$tree-run.log" 2>&1)
 done
