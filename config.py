@@ -319,15 +319,15 @@ def _sampling_flags(p: argparse.ArgumentParser) -> None:
                         "log-normal t, no captions) 10 Karras-spaced steps, as good as the "
                         "finely solved ODE (FID 70.0 against 70.7) and better than 20 even ones "
                         "(77.2); on other models 20 even steps, as good as the ancestral sampler "
-                        "(102 against 107) at 1/50 of the network calls. ddpm: the ancestral sampler, all T steps (Algorithm 2; "
-                        "the default for eps models, whose deterministic samples can turn to "
+                        "(102 against 107) at 1/50 of the network calls. ddpm: the ancestral "
+                        "sampler, all T steps (Algorithm 2; the default for eps models, whose deterministic samples can turn to "
                         "noise, and for inpainting); ddim; heun: EDM's 2nd-order sampler (2 "
                         "network calls a step)")
     g.add_argument("--sample-steps", type=int, default=None,
                    help="timesteps for ddim / dpm++ / heun (default 50 / 20 / 18, and 10 for "
                         "dpm++ with Karras spacing on a model of the default recipe); ddpm "
-                        "always takes all T. A student of --distill draws with ddim in the steps it was "
-                        "made for unless --sampler or this is typed")
+                        "always takes all T. A student of --distill draws with ddim in the "
+                        "steps it was made for unless --sampler or this is typed")
     g.add_argument("--spacing", default="uniform", choices=["uniform", "karras"],
                    help="the timesteps of ddim / dpm++ / heun: evenly spaced, or crowded towards "
                         "low noise as in Karras et al. 2022 (rho = 7); karras is dpm++'s default "

@@ -67,7 +67,8 @@ def summary(drawer, settings: Settings, *, params: int, n_images: int, amp_dtype
         until = f" or {t.max_steps} steps in all" if t.max_steps else ""
         until += f" or {t.max_minutes:g} minutes" if t.max_minutes else ""
         augmented = f" (augmented, p {m.augment})" if m.augment else ""
-        what = (f"{'distilling' if t.distill else 'training'} on {n_images} images{augmented}, batch {t.batch_size}{accum}, "
+        doing = "distilling" if t.distill else "training"
+        what = (f"{doing} on {n_images} images{augmented}, batch {t.batch_size}{accum}, "
                 f"{t.epochs} epoch(s){until}, lr {t.lr} ({t.lr_schedule}, warm-up {t.lr_warmup}); "
                 f"checkpoints in {out.ckpt_save_dir}/")
         if world > 1:

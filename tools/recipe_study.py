@@ -1,7 +1,8 @@
 """The training-recipe study (docs/results/recipe.md): small models trained on a folder of faces
 minus a fixed held-out split, each recipe for the same number of steps, then FID and KID of
-samples (DPM-Solver++, 20 evenly spaced steps: SCORED_WITH) against the held-out faces. One JSON line per run in
-WORK/results.jsonl; the table in WORK/table.md; each run's 64 samples in WORK/<run>/samples.png.
+samples (DPM-Solver++, 20 evenly spaced steps: SCORED_WITH) against the held-out faces. One JSON
+line per run in WORK/results.jsonl; the table in WORK/table.md; each run's 64 samples in
+WORK/<run>/samples.png.
 
     python -m tools.recipe_study --faces anime-faces-64/ --budget 16 --recipes today min-snr
     python -m tools.recipe_study --faces anime-faces-64/ --budget 16 --recipes today --seeds 0 1
